@@ -1,0 +1,31 @@
+# tcmlab: two commands on a fresh machine — `make demo` and `make test`. Both create .venv on first use.
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.tcmlab-installed
+RUNS   ?= runs
+PRESET ?= digits
+
+.PHONY: setup demo test bench clean
+
+setup: $(STAMP)
+
+# The venv gets its own pip.conf with an empty `constraint`, so a machine-wide pip constraint that caps torch below
+# the pinned release (seen on some build machines) cannot make the install unsolvable. Nothing outside .venv changes.
+$(STAMP): pyproject.toml
+	python3 -m venv $(VENV)
+	printf '[global]\nconstraint =\n' > $(VENV)/pip.conf
+	$(PY) -m pip install --upgrade --quiet pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $@
+
+demo: $(STAMP)
+	$(PY) -m tcmlab demo --preset $(PRESET) --out $(RUNS)/demo
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+bench: $(STAMP)
+	$(PY) -m tcmlab.bench
+
+clean:
+	rm -rf $(RUNS)

@@ -1,0 +1,259 @@
+"""Configs: small frozen dataclasses whose defaults cite their source, and named presets for each scale.
+
+A `RunConfig` describes one training stage: data, network, optimisation, and the stage's loss config
+(`EDMConfig` = stage 0, `ECTConfig` = stage 1, `TCMConfig` = stage 2). `preset(name, stage)` returns the named
+preset; vary it with `dataclasses.replace`. Every value is checked on construction; a bad value raises ValueError
+naming the field and its valid range.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Union
+
+
+def _require(ok: bool, name: str, rule: str, value) -> None:
+    if not ok:
+        raise ValueError(f"{name} must be {rule}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    name: str = "digits"  # 'digits' (embedded default) | 'toy2d' | 'cifar10' | 'synthetic'
+    toy: str = "moons"  # toy2d only: 'moons' | 'gaussians8'
+    root: str = "data/downloads"  # cifar10 only: folder holding cifar-10-batches-py/
+    synthetic_n: int = 4096  # synthetic only: number of random CIFAR-shaped images
+
+    def __post_init__(self):
+        _require(self.name in ("digits", "toy2d", "cifar10", "synthetic"), "data.name",
+                 "one of 'digits', 'toy2d', 'cifar10', 'synthetic'", self.name)
+        _require(self.toy in ("moons", "gaussians8"), "data.toy", "'moons' or 'gaussians8'", self.toy)
+        _require(self.synthetic_n >= 2, "data.synthetic_n", ">= 2", self.synthetic_n)
+
+
+@dataclass(frozen=True)
+class NetConfig:
+    arch: str = "ddpmpp"  # 'mlp' | 'ddpmpp' (EDM SongUNet, TCM App. E for CIFAR-10)
+    channels: int = 128  # DDPM++ model_channels (EDM train.py --arch=ddpmpp); MLP hidden width
+    depth: int = 4  # DDPM++ num_blocks per resolution (EDM); MLP residual blocks
+    channel_mult: tuple[int, ...] = (2, 2, 2)  # DDPM++ (EDM --arch=ddpmpp)
+    attn_resolutions: tuple[int, ...] = (16,)  # DDPM++ (EDM)
+    emb_channels: int = 64  # MLP only: width of the time embedding
+    dropout: float = 0.2  # TCM/ECT CIFAR-10 (reference-code.md §1.7)
+
+    def __post_init__(self):
+        _require(self.arch in ("mlp", "ddpmpp"), "net.arch", "'mlp' or 'ddpmpp'", self.arch)
+        _require(self.channels >= 1, "net.channels", ">= 1", self.channels)
+        _require(self.depth >= 1, "net.depth", ">= 1", self.depth)
+        _require(self.emb_channels >= 2 and self.emb_channels % 2 == 0, "net.emb_channels", "an even number >= 2",
+                 self.emb_channels)
+        _require(0 <= self.dropout < 1, "net.dropout", "in [0, 1)", self.dropout)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 250_000  # TCM App. E, CIFAR-10 stage 1
+    batch: int = 512  # global batch; TCM CIFAR-10 stage 1 (official README)
+    batch_gpu: int = 0  # rows per forward pass on one device (gradient accumulation); 0 = batch / world size
+    optimizer: str = "radam"  # TCM/ECT CIFAR-10: RAdam
+    lr: float = 1e-4  # TCM CIFAR-10 stage 1 (official README)
+    betas: tuple[float, float] = (0.9, 0.999)  # ECT code, RAdam
+    lr_t_ref: int = 0  # inverse-sqrt decay reference (TCM App. E, ImageNet); 0 = constant lr (CIFAR-10)
+    ema: str = "const"  # 'const' (CIFAR-10) | 'power' (EDM2 power-function EMA, ImageNet)
+    ema_beta: float = 0.9999  # TCM/ECT CIFAR-10
+    ema_gamma: float = 6.94  # TCM App. E power-EMA γ (official README uses 16.97)
+    precision: str = "fp32"  # 'fp32' (ECT/TCM CIFAR-10) | 'bf16' | 'fp16' (with a gradient scaler)
+    seed: int = 0
+    log_every: int = 100  # steps between metrics.jsonl rows (official code: 1 tick = 100 iterations)
+    ckpt_every: int = 5000  # steps between checkpoints (also written at the end)
+
+    def __post_init__(self):
+        _require(self.steps >= 1, "train.steps", ">= 1", self.steps)
+        _require(self.batch >= 2, "train.batch", ">= 2", self.batch)
+        _require(self.batch_gpu >= 0, "train.batch_gpu", ">= 0", self.batch_gpu)
+        _require(self.optimizer in ("radam", "adam"), "train.optimizer", "'radam' or 'adam'", self.optimizer)
+        _require(self.lr > 0, "train.lr", "> 0", self.lr)
+        _require(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "train.betas", "two values in [0, 1)",
+                 self.betas)
+        _require(self.lr_t_ref >= 0, "train.lr_t_ref", ">= 0", self.lr_t_ref)
+        _require(self.ema in ("const", "power"), "train.ema", "'const' or 'power'", self.ema)
+        _require(0 <= self.ema_beta < 1, "train.ema_beta", "in [0, 1)", self.ema_beta)
+        _require(self.ema_gamma > 0, "train.ema_gamma", "> 0", self.ema_gamma)
+        _require(self.precision in ("fp32", "bf16", "fp16"), "train.precision", "'fp32', 'bf16' or 'fp16'",
+                 self.precision)
+        _require(self.log_every >= 1, "train.log_every", ">= 1", self.log_every)
+        _require(self.ckpt_every >= 1, "train.ckpt_every", ">= 1", self.ckpt_every)
+
+
+@dataclass(frozen=True)
+class EDMConfig:
+    """Stage 0: EDM diffusion pretraining (Karras et al. 2022)."""
+
+    P_mean: float = -1.2  # EDM
+    P_std: float = 1.2  # EDM
+
+    def __post_init__(self):
+        _require(self.P_std > 0, "loss.P_std", "> 0", self.P_std)
+
+
+@dataclass(frozen=True)
+class ECTConfig:
+    """Stage 1: ECT consistency training (TCM Eq. 4, App. E)."""
+
+    P_mean: float = -1.1  # TCM App. E, CIFAR-10
+    P_std: float = 2.0  # TCM App. E, CIFAR-10
+    t_min: float = 0.002  # official TCM code (t_lower)
+    t_max: float = 80.0  # T, TCM App. E
+    q: float = 2.0  # TCM App. E, CIFAR-10
+    d: int = 25_000  # TCM App. E, doubling period in iterations
+    ratio_max: float = 0.999  # TCM App. E, CIFAR-10
+    c: float = 1e-8  # pseudo-Huber c, TCM App. E, CIFAR-10
+    weighting: str = "inv_dt"  # ω(t)/Δt: 'inv_dt' (ω = 1, CIFAR-10) | 'cout_sq' (ImageNet)
+
+    def __post_init__(self):
+        _require(self.P_std > 0, "loss.P_std", "> 0", self.P_std)
+        _require(0 < self.t_min < self.t_max, "loss.t_min", f"in (0, t_max={self.t_max})", self.t_min)
+        _require(self.q > 1, "loss.q", "> 1", self.q)
+        _require(self.d >= 1, "loss.d", ">= 1", self.d)
+        _require(0 < self.ratio_max < 1, "loss.ratio_max", "in (0, 1)", self.ratio_max)
+        _require(self.c >= 0, "loss.c", ">= 0", self.c)
+        _require(self.weighting in ("inv_dt", "cout_sq"), "loss.weighting", "'inv_dt' or 'cout_sq'", self.weighting)
+
+
+@dataclass(frozen=True)
+class TCMConfig:
+    """Stage 2: truncated consistency training (TCM §3, Eq. 7–11, Algorithm 1; SPEC §2)."""
+
+    t_prime: float = 1.0  # dividing time t′, TCM §4 (CIFAR-10, ImageNet)
+    w_b: float = 0.1  # boundary weight, TCM §4 / official README
+    rho: float = 0.25  # boundary share of the batch, N_B = ⌊B·ρ⌋, TCM §4 / official README
+    psi_scale: float = 0.2  # log-Student-t scale of ψ̄_t, TCM App. E
+    psi_nu: float = 0.01  # log-Student-t degrees of freedom ν, TCM App. E
+    t_max: float = 80.0  # T
+    ratio: float = 0.999  # held at ratio_max for all of stage 2, TCM App. E
+    c: float = 1e-8  # pseudo-Huber c, as stage 1
+    weighting: str = "inv_dt"  # as stage 1
+    teacher_dropout: bool = True  # θ0 with dropout and the student's mask (official code); False = eval mode (paper)
+    teacher_passes: str = "routed"  # 'routed' (ours, SPEC §2) | 'full' (official code: θ0 and θ⁻ on the whole batch)
+
+    def __post_init__(self):
+        _require(0 < self.t_prime < self.t_max, "tprime (loss.t_prime)", f"in (0, T={self.t_max:g})", self.t_prime)
+        _require(self.w_b >= 0, "w_b (loss.w_b)", ">= 0", self.w_b)
+        _require(0 < self.rho < 1, "rho (loss.rho)", "in (0, 1)", self.rho)
+        _require(self.psi_scale > 0, "psi_scale (loss.psi_scale)", "> 0", self.psi_scale)
+        _require(self.psi_nu > 0, "psi_nu (loss.psi_nu)", "> 0", self.psi_nu)
+        _require(0 < self.ratio < 1, "loss.ratio", "in (0, 1)", self.ratio)
+        _require(self.c >= 0, "loss.c", ">= 0", self.c)
+        _require(self.weighting in ("inv_dt", "cout_sq"), "loss.weighting", "'inv_dt' or 'cout_sq'", self.weighting)
+        _require(self.teacher_passes in ("routed", "full"), "loss.teacher_passes", "'routed' or 'full'",
+                 self.teacher_passes)
+
+
+LossConfig = Union[EDMConfig, ECTConfig, TCMConfig]
+STAGE_OF = {EDMConfig: 0, ECTConfig: 1, TCMConfig: 2}
+LOSS_OF_STAGE = {v: k for k, v in STAGE_OF.items()}
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """One training stage. `init_from`: run directory (or checkpoint file) of the previous stage, or None."""
+
+    name: str
+    data: DataConfig
+    net: NetConfig
+    train: TrainConfig
+    loss: LossConfig = field(default_factory=ECTConfig)
+    init_from: str | None = None
+
+    def __post_init__(self):
+        _require(type(self.loss) in STAGE_OF, "loss", "an EDMConfig, ECTConfig or TCMConfig", self.loss)
+        if self.stage == 2:
+            _require(self.init_from is not None, "init_from", "the stage-1 run directory for stage 2", None)
+            _require(self.train.batch - int(self.train.batch * self.loss.rho) >= 1, "rho",
+                     "small enough to leave consistency rows in the batch", self.loss.rho)
+
+    @property
+    def stage(self) -> int:
+        return STAGE_OF[type(self.loss)]
+
+
+def to_dict(cfg: RunConfig) -> dict:
+    d = dataclasses.asdict(cfg)
+    d["stage"] = cfg.stage
+    return d
+
+
+def from_dict(d: dict) -> RunConfig:
+    d = dict(d)
+    stage = d.pop("stage")
+
+    def build(cls, values):
+        kw = {}
+        for f in dataclasses.fields(cls):
+            if f.name in values:
+                v = values[f.name]
+                kw[f.name] = tuple(v) if isinstance(v, list) else v
+        return cls(**kw)
+
+    return RunConfig(name=d["name"], data=build(DataConfig, d["data"]), net=build(NetConfig, d["net"]),
+                     train=build(TrainConfig, d["train"]), loss=build(LOSS_OF_STAGE[stage], d["loss"]),
+                     init_from=d.get("init_from"))
+
+
+def to_json(cfg: RunConfig) -> str:
+    return json.dumps(to_dict(cfg), indent=2, sort_keys=True)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Presets. Each is (stage 0, stage 1, stage 2); `init_from` is filled in by the caller (the run directories).
+
+def _small(name, data, net, train, edm_steps, ect_steps, tcm_steps, d, ratio_max, lr2):
+    ect = ECTConfig(d=d, ratio_max=ratio_max)
+    return (
+        RunConfig(name, data, net, dataclasses.replace(train, steps=edm_steps, lr=train.lr), EDMConfig()),
+        RunConfig(name, data, net, dataclasses.replace(train, steps=ect_steps), ect),
+        RunConfig(name, data, net, dataclasses.replace(train, steps=tcm_steps, lr=lr2),
+                  TCMConfig(ratio=ratio_max), init_from="<stage-1 run>"),
+    )
+
+
+_DIGITS_NET = NetConfig(arch="mlp", channels=512, depth=4, emb_channels=64, dropout=0.1)
+_DIGITS_TRAIN = TrainConfig(steps=1, batch=256, optimizer="radam", lr=1e-3, ema="const", ema_beta=0.999,
+                            log_every=50, ckpt_every=1000)
+
+PRESETS: dict[str, tuple[RunConfig | None, RunConfig, RunConfig]] = {
+    # ci: every stage in seconds on a CPU (tests, nbval).
+    "ci": _small("ci", DataConfig("digits"), NetConfig(arch="mlp", channels=64, depth=2, emb_channels=32, dropout=0.1),
+                 TrainConfig(steps=1, batch=64, lr=1e-3, ema_beta=0.9, log_every=5, ckpt_every=20),
+                 edm_steps=20, ect_steps=20, tcm_steps=20, d=5, ratio_max=0.99, lr2=5e-4),
+    # digits: the embedded default, CPU minutes (sklearn's 1,797 8×8 digits).
+    "digits": _small("digits", DataConfig("digits"), _DIGITS_NET, _DIGITS_TRAIN,
+                     edm_steps=3000, ect_steps=4000, tcm_steps=2000, d=500, ratio_max=0.99, lr2=5e-4),
+    # toy2d: two moons, CPU seconds to minutes.
+    "toy2d": _small("toy2d", DataConfig("toy2d"), NetConfig(arch="mlp", channels=128, depth=3, dropout=0.0),
+                    TrainConfig(steps=1, batch=512, lr=1e-3, ema_beta=0.999, log_every=50, ckpt_every=1000),
+                    edm_steps=2000, ect_steps=3000, tcm_steps=1500, d=375, ratio_max=0.99, lr2=5e-4),
+    # cifar10: TCM App. E and the official README (SPEC §4). Stage 1 starts from the EDM checkpoint (no stage 0).
+    "cifar10": (
+        None,
+        RunConfig("cifar10", DataConfig("cifar10"), NetConfig(),
+                  TrainConfig(steps=250_000, batch=512, lr=1e-4, ema_beta=0.9999), ECTConfig()),
+        RunConfig("cifar10", DataConfig("cifar10"), NetConfig(),
+                  TrainConfig(steps=200_000, batch=1024, lr=5e-5, ema_beta=0.9999), TCMConfig(),
+                  init_from="<stage-1 run>"),
+    ),
+}
+
+
+def preset(name: str, stage: int, **overrides) -> RunConfig:
+    """The named preset for one stage (0, 1 or 2); keyword overrides replace top-level RunConfig fields."""
+    if name not in PRESETS:
+        raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {name!r}")
+    if stage not in (0, 1, 2):
+        raise ValueError(f"stage must be 0, 1 or 2, got {stage!r}")
+    cfg = PRESETS[name][stage]
+    if cfg is None:
+        raise ValueError(f"preset {name!r} has no stage {stage}: stage 1 starts from the official EDM checkpoint")
+    return dataclasses.replace(cfg, **overrides) if overrides else cfg

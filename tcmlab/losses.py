@@ -1,0 +1,123 @@
+"""Training losses of the three stages, as pure functions of explicit inputs (x, ε, t, ratio, ...).
+
+- `edm_loss`: stage 0, EDM denoising loss (Karras et al. 2022, Eq. 2 with λ(σ) = (σ²+σ_d²)/(σ·σ_d)²).
+- `ect_loss`: stage 1, consistency training, TCM Eq. (4) with ECT's shared ε and shared dropout mask.
+- `tcm_loss`: stage 2, TCM Eq. (10)/(11): w_b·mean(boundary) + mean(consistency), targets from θ0 where r < t′.
+
+Each returns a `LossOut` with the scalar to back-propagate and per-sample values with their t (for loss-by-t plots).
+`n_total`-style arguments let a data-parallel rank normalise by the global count, so that DDP's gradient average
+equals the single-process gradient of the global batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .nets.dropout import dropout_rows, get_rng_state, set_rng_state
+from .precond import SIGMA_DATA, append_dims, edm_scalings
+from .schedules import ect_r
+
+
+@dataclass
+class LossOut:
+    loss: torch.Tensor  # scalar to back-propagate
+    per_sample: torch.Tensor  # [B] weighted per-sample losses (detached)
+    t: torch.Tensor  # [B] noise level of the student input
+    r: torch.Tensor | None = None  # [B] noise level of the target input (stages 1, 2)
+    is_boundary: torch.Tensor | None = None  # [B] bool, stage 2 only
+    teacher_rows: int = 0  # number of rows whose target came from θ0 (stage 2)
+
+
+def pseudo_huber(a: torch.Tensor, b: torch.Tensor, c: float) -> torch.Tensor:
+    """TCM App. E: d(a, b) = √(‖a − b‖₂² + c²) − c per sample, the L2 norm over all non-batch dims (c unscaled)."""
+    sq = (a - b).float().pow(2).flatten(1).sum(1)
+    return (sq + c * c).sqrt() - c
+
+
+def consistency_weight(t: torch.Tensor, r: torch.Tensor, weighting: str, sigma_data: float = SIGMA_DATA):
+    """ω(t)/Δt of TCM Eq. (4): 'inv_dt' = 1/Δt (ω = 1, CIFAR-10); 'cout_sq' = 1/c_out(t)² (ω = Δt/c_out², ImageNet)."""
+    if weighting == "inv_dt":
+        return 1.0 / (t - r)
+    if weighting == "cout_sq":
+        return 1.0 / edm_scalings(t, sigma_data)[1] ** 2
+    raise ValueError(f"weighting must be 'inv_dt' or 'cout_sq', got {weighting!r}")
+
+
+def _mean(values: torch.Tensor, n_total: int | None) -> torch.Tensor:
+    n = values.numel() if n_total is None else n_total
+    return values.sum() / max(n, 1)
+
+
+def edm_loss(f, x: torch.Tensor, eps: torch.Tensor, t: torch.Tensor, sigma_data: float = SIGMA_DATA,
+             n_total: int | None = None) -> LossOut:
+    """Stage 0 (EDM): λ(t)·‖f(x + tε, t) − x‖² with λ(t) = (t² + σ_d²)/(t·σ_d)², summed over pixels as in EDM."""
+    D = f(x + append_dims(t, x.ndim) * eps, t)
+    weight = (t**2 + sigma_data**2) / (t * sigma_data) ** 2
+    per = weight * (D - x).float().pow(2).flatten(1).sum(1)
+    return LossOut(_mean(per, n_total), per.detach(), t)
+
+
+def ect_loss(f, x: torch.Tensor, eps: torch.Tensor, t: torch.Tensor, ratio: float, c: float, weighting: str,
+             n_total: int | None = None, f_minus=None) -> LossOut:
+    """Stage 1 (ECT), TCM Eq. (4): ω(t)/Δt · d(f_θ(x + tε, t), f_θ⁻(x + rε, r)), r = t − Δt.
+
+    One ε for both inputs; θ⁻ = stopgrad(θ) (the online weights); the target pass replays the RNG state of the
+    student pass, so both see the same dropout mask on whatever device runs them. `f_minus` is the same network
+    unwrapped (e.g. the module inside DDP); it defaults to `f`.
+    """
+    f_minus = f if f_minus is None else f_minus
+    r = ect_r(t, ratio)
+    state = get_rng_state(x.device)
+    D_yt = f(x + append_dims(t, x.ndim) * eps, t)
+    with torch.no_grad():
+        set_rng_state(x.device, state)
+        D_yr = f_minus(x + append_dims(r, x.ndim) * eps, r)
+    per = pseudo_huber(D_yt, D_yr, c) * consistency_weight(t, r, weighting)
+    return LossOut(_mean(per, n_total), per.detach(), t, r)
+
+
+def tcm_targets(f, f0, y_r: torch.Tensor, r: torch.Tensor, t_prime: float, rng_state, teacher_passes: str):
+    """Targets of TCM Eq. (5)/(6): f_θ0(y_r, r) where r < t′, else f_θ⁻(y_r, r); no gradient flows.
+
+    teacher_passes='routed' (ours): θ0 runs only on its rows and θ⁻ only on the rest, so the teacher work is B rows.
+    teacher_passes='full' (official TCM code): each network runs on the whole batch and unused rows are dropped.
+    Both replay the student's RNG state, and `dropout_rows` gives every row the student's dropout mask, so the two
+    strategies return the same targets.
+    """
+    B = y_r.shape[0]
+    use_f0 = r < t_prime
+    target = torch.empty_like(y_r, dtype=torch.float32)
+    with torch.no_grad():
+        for net, rows in ((f0, use_f0), (f, ~use_f0)):
+            if not bool(rows.any()):
+                continue
+            set_rng_state(y_r.device, rng_state)
+            if teacher_passes == "routed":
+                idx = rows.nonzero().flatten()
+                with dropout_rows(idx, B):
+                    target[idx] = net(y_r[idx], r[idx])
+            elif teacher_passes == "full":
+                target[rows] = net(y_r, r)[rows]
+            else:
+                raise ValueError(f"teacher_passes must be 'routed' or 'full', got {teacher_passes!r}")
+    return target, int(use_f0.sum())
+
+
+def tcm_loss(f, f0, x: torch.Tensor, eps: torch.Tensor, t: torch.Tensor, is_boundary: torch.Tensor, t_prime: float,
+             ratio: float, c: float, weighting: str, w_b: float, teacher_passes: str = "routed",
+             n_boundary_total: int | None = None, n_consistency_total: int | None = None, f_minus=None) -> LossOut:
+    """Stage 2 (TCM), Eq. (10)/(11): w_b·(1/N_B)·Σ L_B + (1/(B − N_B))·Σ L_C.
+
+    All t ≥ t′, so the student f_θ runs on every row (with gradient). Boundary rows (t = t′) and consistency rows
+    with r < t′ take their target from the frozen θ0 (`f0`, requires_grad False), the rest from stopgrad(θ).
+    Boundary and consistency rows share d and the weighting (official code). `f_minus` as in `ect_loss`.
+    """
+    r = ect_r(t, ratio)
+    state = get_rng_state(x.device)
+    D_yt = f(x + append_dims(t, x.ndim) * eps, t)
+    D_yr, n_teacher = tcm_targets(f if f_minus is None else f_minus, f0, x + append_dims(r, x.ndim) * eps, r, t_prime, state, teacher_passes)
+    per = pseudo_huber(D_yt, D_yr, c) * consistency_weight(t, r, weighting)
+    loss = w_b * _mean(per[is_boundary], n_boundary_total) + _mean(per[~is_boundary], n_consistency_total)
+    return LossOut(loss, per.detach(), t, r, is_boundary, n_teacher)

@@ -1,0 +1,69 @@
+"""Shared dropout: the same mask in the student pass and in the teacher (target) passes.
+
+ECT/TCM draw the target with the dropout mask of the student pass ("shared dropout mask", ECT loss). The official
+code saves and restores the CUDA RNG state, which only works on CUDA. Here the state of the generator of the device
+that runs the network is saved and restored (`get_rng_state`/`set_rng_state`), so it works on CPU and GPU alike.
+
+TCM stage 2 runs the teachers on row subsets (θ0 on rows with r < t′, θ⁻ on the rest). A mask drawn for a subset
+would differ from the student's mask for those rows, so inside `dropout_rows(rows, batch)` every `RowDropout` draws
+the mask for the whole batch and keeps `rows`: each row sees exactly the mask it saw in the student pass.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from contextvars import ContextVar
+
+import torch
+from torch import nn
+
+_ROWS: ContextVar[tuple[torch.Tensor, int] | None] = ContextVar("tcmlab_dropout_rows", default=None)
+
+
+@contextmanager
+def dropout_rows(rows: torch.Tensor, batch: int):
+    """Within this block, `RowDropout` draws masks for `batch` rows and applies the masks of `rows` only."""
+    token = _ROWS.set((rows, batch))
+    try:
+        yield
+    finally:
+        _ROWS.reset(token)
+
+
+class RowDropout(nn.Module):
+    """Inverted dropout whose mask depends only on the RNG state and the full-batch shape (see module doc)."""
+
+    def __init__(self, p: float):
+        super().__init__()
+        if not 0 <= p < 1:
+            raise ValueError(f"dropout must be in [0, 1), got {p}")
+        self.p = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0:
+            return x
+        sel = _ROWS.get()
+        shape = x.shape if sel is None else (sel[1],) + tuple(x.shape[1:])
+        keep = torch.rand(shape, device=x.device) >= self.p
+        if sel is not None:
+            keep = keep[sel[0]]
+        return x * keep.to(x.dtype) / (1 - self.p)
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
+
+
+def get_rng_state(device: torch.device | str):
+    """RNG state of the generator that dropout on `device` draws from (CPU or CUDA)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_rng_state(device)
+    return torch.get_rng_state()
+
+
+def set_rng_state(device: torch.device | str, state) -> None:
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.set_rng_state(state, device)
+    else:
+        torch.set_rng_state(state)

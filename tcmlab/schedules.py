@@ -1,0 +1,164 @@
+"""Schedules and time distributions, all pure functions of explicit inputs (the iteration `i` is an argument).
+
+- `ect_ratio(i, q, d, ratio_max)`: the ECT/TCM curriculum (TCM App. E, official-code form).
+- `ect_r(t, ratio)` / `delta_t(t, ratio)`: r and Δt = (1 + 8·sigmoid(−t))·(1 − ratio)·t with r = t − Δt clamped at ≥ 1e-6 (TCM App. E).
+- `LogNormal`: stage-0/1 time distribution, log-normal truncated to [t_min, t_max] by inverse CDF.
+- `TruncatedLogStudentT`: stage-2 ψ̄_t, ln t = ln t′ + s·Z with Z ~ Student-t(ν), truncated to [t′, T].
+- `tcm_times`: TCM Eq. (7) / Algorithm 1 batch partition: ⌊B·ρ⌋ boundary rows at t′, the rest from ψ̄_t.
+- `inverse_sqrt_lr`: α_ref / √max(i / t_ref, 1) (TCM App. E, EDM2).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from scipy import stats
+
+R_MIN = 1e-6  # official TCM code: r = t − Δt is clamped at 1e-6 (never 0)
+
+
+def ect_ratio(i: int, q: float, d: int, ratio_max: float) -> float:
+    """TCM App. E: ratio(i) = min(1 − 1/q^(⌊i/d⌋+1), ratio_max).
+
+    The paper prints `max{1 − 1/q^⌈i/d⌉, ratio_max}`; the official code uses min and ⌊i/d⌋+1, so training starts at
+    1 − 1/q (0.5 for q = 2), not at 0 (SPEC §2).
+    """
+    if i < 0:
+        raise ValueError(f"iteration i must be >= 0, got {i}")
+    return min(1.0 - 1.0 / q ** (i // d + 1), ratio_max)
+
+
+def ect_r(t: torch.Tensor, ratio: float) -> torch.Tensor:
+    """TCM App. E: r = t − (1 + 8·sigmoid(−t))·(1 − ratio)·t, clamped at ≥ 1e-6 (official `delta_sigmoid`)."""
+    t = torch.as_tensor(t)
+    return (t - (1 + 8 * torch.sigmoid(-t)) * (1 - ratio) * t).clamp(min=R_MIN)
+
+
+def delta_t(t: torch.Tensor, ratio: float) -> torch.Tensor:
+    """TCM App. E: Δt = (1 + 8·sigmoid(−t))·(1 − ratio)·t, i.e. t − r with r clamped at ≥ 1e-6 (official code)."""
+    t = torch.as_tensor(t)
+    return t - ect_r(t, ratio)
+
+
+def inverse_sqrt_lr(i: int, lr_ref: float, t_ref: int) -> float:
+    """TCM App. E / EDM2: α(i) = α_ref / √max(i / t_ref, 1); t_ref = 0 means a constant rate."""
+    if t_ref <= 0:
+        return lr_ref
+    return lr_ref / math.sqrt(max(i / t_ref, 1.0))
+
+
+def _uniform(n: int, lo: float, hi: float, generator: torch.Generator | None) -> np.ndarray:
+    u = torch.rand(n, generator=generator, dtype=torch.float64).numpy()
+    return lo + (hi - lo) * u
+
+
+@dataclass(frozen=True)
+class LogNormal:
+    """ln t ~ N(mean, std²) truncated to [t_min, t_max] by inverse CDF (TCM App. E; TCM code truncates, ECT doesn't)."""
+
+    mean: float = -1.1  # TCM App. E, CIFAR-10
+    std: float = 2.0  # TCM App. E, CIFAR-10
+    t_min: float = 0.002  # official TCM code (t_lower)
+    t_max: float = 80.0  # T, TCM App. E
+
+    def __post_init__(self):
+        if not self.std > 0:
+            raise ValueError(f"LogNormal.std must be > 0, got {self.std}")
+        if not 0 < self.t_min < self.t_max:
+            raise ValueError(f"LogNormal needs 0 < t_min < t_max, got t_min={self.t_min}, t_max={self.t_max}")
+
+    def _z(self, t):
+        return (np.log(t) - self.mean) / self.std
+
+    def _mass(self):
+        a, b = stats.norm.cdf(self._z(self.t_min)), stats.norm.cdf(self._z(self.t_max))
+        return a, b
+
+    def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        a, b = self._mass()
+        z = stats.norm.ppf(_uniform(n, a, b, generator))
+        return torch.from_numpy(np.exp(self.mean + self.std * z)).clamp(self.t_min, self.t_max).float()
+
+    def pdf(self, t) -> np.ndarray:
+        """Density in t (not ln t), zero outside [t_min, t_max]."""
+        t = np.asarray(t, dtype=np.float64)
+        a, b = self._mass()
+        inside = (t >= self.t_min) & (t <= self.t_max)
+        p = stats.norm.pdf(self._z(np.clip(t, self.t_min, self.t_max))) / (self.std * t * (b - a))
+        return np.where(inside, p, 0.0)
+
+    def cdf(self, t) -> np.ndarray:
+        t = np.clip(np.asarray(t, dtype=np.float64), self.t_min, self.t_max)
+        a, b = self._mass()
+        return (stats.norm.cdf(self._z(t)) - a) / (b - a)
+
+
+@dataclass(frozen=True)
+class TruncatedLogStudentT:
+    """ψ̄_t of TCM Eq. (7): ln t = ln t′ + scale·Z, Z ~ Student-t(ν), truncated to [t′, t_max] by inverse CDF.
+
+    Location ln t′ as in the official code (the paper does not state it). For t′ = 1, scale 0.2, ν = 0.01:
+    median ≈ 1.22, P(t < 2) ≈ 0.70, 90th percentile ≈ 10.5 (reference-code.md §2).
+    """
+
+    t_prime: float = 1.0  # TCM §4, CIFAR-10
+    t_max: float = 80.0  # T
+    scale: float = 0.2  # TCM §4.4 / App. E
+    nu: float = 0.01  # TCM §4.4 / App. E
+
+    def __post_init__(self):
+        if not 0 < self.t_prime < self.t_max:
+            raise ValueError(f"t_prime must lie in (0, t_max={self.t_max}), got {self.t_prime}")
+        if not self.scale > 0:
+            raise ValueError(f"psi scale must be > 0, got {self.scale}")
+        if not self.nu > 0:
+            raise ValueError(f"psi nu must be > 0, got {self.nu}")
+
+    def _z(self, t):
+        return (np.log(t) - math.log(self.t_prime)) / self.scale
+
+    def _mass(self):
+        return stats.t.cdf(self._z(self.t_prime), self.nu), stats.t.cdf(self._z(self.t_max), self.nu)
+
+    def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        a, b = self._mass()
+        z = stats.t.ppf(_uniform(n, a, b, generator), self.nu)
+        t = np.exp(math.log(self.t_prime) + self.scale * z)
+        return torch.from_numpy(t).clamp(self.t_prime, self.t_max).float()
+
+    def pdf(self, t) -> np.ndarray:
+        t = np.asarray(t, dtype=np.float64)
+        a, b = self._mass()
+        inside = (t >= self.t_prime) & (t <= self.t_max)
+        p = stats.t.pdf(self._z(np.clip(t, self.t_prime, self.t_max)), self.nu) / (self.scale * t * (b - a))
+        return np.where(inside, p, 0.0)
+
+    def cdf(self, t) -> np.ndarray:
+        t = np.clip(np.asarray(t, dtype=np.float64), self.t_prime, self.t_max)
+        a, b = self._mass()
+        return (stats.t.cdf(self._z(t), self.nu) - a) / (b - a)
+
+    def quantile(self, p) -> np.ndarray:
+        a, b = self._mass()
+        z = stats.t.ppf(a + (b - a) * np.asarray(p, dtype=np.float64), self.nu)
+        return np.exp(math.log(self.t_prime) + self.scale * z)
+
+
+def n_boundary(batch: int, rho: float) -> int:
+    """TCM Algorithm 1, line 4: N_B = ⌊B·ρ⌋ boundary samples per (global) batch."""
+    return int(math.floor(batch * rho + 1e-9))
+
+
+def tcm_times(batch: int, t_prime: float, rho: float, psi_bar: TruncatedLogStudentT,
+              generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """TCM Eq. (7) / Algorithm 1, lines 6–7: t_1..t_{N_B} = t′ (boundary), t_{N_B+1}..t_B ~ ψ̄_t.
+
+    Returns (t [B], is_boundary [B] bool). Rows are i.i.d., so the boundary rows are simply the first N_B.
+    """
+    nb = n_boundary(batch, rho)
+    t = torch.cat([torch.full((nb,), float(t_prime)), psi_bar.sample(batch - nb, generator)])
+    is_boundary = torch.arange(batch) < nb
+    return t, is_boundary

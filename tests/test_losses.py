@@ -1,0 +1,144 @@
+import pytest
+import torch
+from torch import nn
+
+from tcmlab.losses import ect_loss, edm_loss, pseudo_huber, tcm_loss, tcm_targets
+from tcmlab.nets import MLP, dropout_rows, get_rng_state, set_rng_state
+from tcmlab.precond import Precond
+from tcmlab.schedules import ect_r
+
+
+def oracle(x0):
+    """The exact consistency function of a one-point data set {x0}: f(x + tε, t) = x0 for every input."""
+    return lambda y, t: x0.expand_as(y).clone()
+
+
+def batch(B=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(B, 1, 8, 8, generator=g), torch.randn(B, 1, 8, 8, generator=g)
+
+
+def test_pseudo_huber_per_sample_l2():
+    a, b = torch.zeros(2, 3, 4), torch.ones(2, 3, 4)
+    assert torch.allclose(pseudo_huber(a, b, 0.0), torch.full((2,), 12**0.5))
+    c = 0.06
+    assert torch.allclose(pseudo_huber(a, b, c), torch.full((2,), (12 + c * c) ** 0.5 - c))
+    assert torch.all(pseudo_huber(a, a, 1e-8) == 0)
+
+
+def test_losses_are_zero_for_an_oracle():
+    _, eps = batch()
+    x0 = torch.randn(1, 1, 8, 8)
+    x = x0.expand(16, -1, -1, -1)
+    t = torch.linspace(1.0, 80.0, 16)
+    assert float(ect_loss(oracle(x0), x, eps, torch.linspace(0.002, 80, 16), 0.999, 1e-8, "inv_dt").loss) == 0
+    assert float(edm_loss(oracle(x0), x, eps, t).loss) == 0
+    is_b = torch.arange(16) < 4
+    out = tcm_loss(oracle(x0), oracle(x0), x, eps, t, is_b, 1.0, 0.999, 1e-8, "inv_dt", 0.1)
+    assert float(out.loss) == 0 and torch.isfinite(out.per_sample).all()
+
+
+class Marker(nn.Module):
+    """f(x, t) = value + 0·x (+ a parameter so gradients can be checked)."""
+
+    def __init__(self, value, trainable):
+        super().__init__()
+        self.w = nn.Parameter(torch.tensor(float(value)), requires_grad=trainable)
+
+    def forward(self, x, t):
+        return torch.zeros_like(x) + self.w
+
+
+@pytest.mark.parametrize("passes", ["routed", "full"])
+def test_tcm_routing_rows_below_t_prime_take_theta0(passes):
+    x, eps = batch()
+    t = torch.tensor([1.0] * 4 + [1.0001, 1.002, 1.5, 3.0, 10.0, 80.0] + [2.0] * 6)
+    r = ect_r(t, 0.999)
+    student, theta0 = Marker(2.0, True), Marker(1.0, False)
+    target, n0 = tcm_targets(student, theta0, x, r, 1.0, get_rng_state("cpu"), passes)
+    below = r < 1.0
+    assert below[:4].all() and n0 == int(below.sum()) and 4 < n0 < 16  # boundary rows and t < t'+Δt rows
+    assert torch.all(target[below] == 1.0) and torch.all(target[~below] == 2.0)
+    out = tcm_loss(student, theta0, x, eps, t, torch.arange(16) < 4, 1.0, 0.999, 1e-8, "inv_dt", 0.1,
+                   teacher_passes=passes)
+    out.loss.backward()
+    assert theta0.w.grad is None  # θ0 is frozen: no gradient reaches it
+    assert student.w.grad is not None and student.w.grad != 0
+
+
+def test_tcm_boundary_weight_and_means():
+    x, eps = batch()
+    t = torch.tensor([1.0] * 4 + [5.0] * 12)
+    is_b = torch.arange(16) < 4
+    f, f0 = Marker(0.0, True), Marker(1.0, False)
+    out = tcm_loss(f, f0, x, eps, t, is_b, 1.0, 0.999, 1e-8, "inv_dt", w_b=0.5)
+    per = out.per_sample
+    assert out.loss.item() == pytest.approx(0.5 * float(per[:4].mean()) + float(per[4:].mean()), rel=1e-6)
+    out2 = tcm_loss(f, f0, x, eps, t, is_b, 1.0, 0.999, 1e-8, "inv_dt", w_b=0.5, n_boundary_total=8,
+                    n_consistency_total=24)  # global normalisers for data-parallel ranks
+    assert float(out2.loss) == pytest.approx(0.5 * float(per[:4].sum()) / 8 + float(per[4:].sum()) / 24, rel=1e-6)
+
+
+def dropout_net(seed=0):
+    torch.manual_seed(seed)
+    return Precond(MLP((1, 8, 8), hidden=64, depth=2, dropout=0.5)).train()
+
+
+def test_shared_dropout_mask_replays_on_cpu_and_for_row_subsets():
+    f = dropout_net()
+    x, _ = batch()
+    t = torch.full((16,), 2.0)
+    state = get_rng_state(x.device)
+    out1 = f(x, t)
+    set_rng_state(x.device, state)
+    out2 = f(x, t)
+    assert torch.equal(out1, out2)
+    out3 = f(x, t)  # a fresh mask differs, so the equalities above are not vacuous
+    assert not torch.allclose(out1, out3)
+    rows = torch.tensor([1, 5, 6, 12])
+    set_rng_state(x.device, state)
+    with dropout_rows(rows, 16):
+        sub = f(x[rows], t[rows])
+    assert torch.allclose(sub, out1[rows], atol=1e-6)
+
+
+def test_ect_loss_uses_the_student_mask_for_the_target():
+    f = dropout_net()
+    x, eps = batch()
+    t = torch.full((16,), 0.5)
+    state = get_rng_state("cpu")
+    out = ect_loss(f, x, eps, t, 0.999, 1e-8, "inv_dt")
+    r = ect_r(t, 0.999)
+    set_rng_state("cpu", state)
+    with torch.no_grad():
+        D_yt = f(x + t[:, None, None, None] * eps, t)
+        set_rng_state("cpu", state)
+        D_yr = f(x + r[:, None, None, None] * eps, r)
+        fresh = f(x + r[:, None, None, None] * eps, r)
+    expected = pseudo_huber(D_yt, D_yr, 1e-8) / (t - r)
+    assert torch.allclose(out.per_sample, expected, rtol=1e-5)
+    assert not torch.allclose(out.per_sample, pseudo_huber(D_yt, fresh, 1e-8) / (t - r), rtol=1e-3)
+
+
+def test_routed_and_full_teacher_passes_agree_with_dropout():
+    f, f0 = dropout_net(0), dropout_net(1).requires_grad_(False)
+    x, eps = batch()
+    t = torch.tensor([1.0] * 4 + [1.001] * 4 + [3.0] * 8)
+    is_b = torch.arange(16) < 4
+    outs = []
+    for passes in ("routed", "full"):
+        torch.manual_seed(123)
+        outs.append(tcm_loss(f, f0, x, eps, t, is_b, 1.0, 0.999, 1e-8, "inv_dt", 0.1, teacher_passes=passes))
+    assert torch.allclose(outs[0].per_sample, outs[1].per_sample, rtol=1e-5, atol=1e-6)
+    assert outs[0].teacher_rows == outs[1].teacher_rows >= 4
+
+
+def test_weighting_cout_sq():
+    x, eps = batch(4)
+    f = Marker(0.0, True)
+    t = torch.full((4,), 2.0)
+    out = ect_loss(f, x, eps, t, 0.999, 0.06, "cout_sq")
+    c_out = 2.0 * 0.5 / (4.25**0.5)
+    assert torch.allclose(out.per_sample, pseudo_huber(torch.zeros_like(x), torch.zeros_like(x), 0.06) / c_out**2 + 0)
+    with pytest.raises(ValueError, match="weighting"):
+        ect_loss(f, x, eps, t, 0.999, 0.06, "nope")

@@ -1,0 +1,85 @@
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from tcmlab.schedules import (LogNormal, TruncatedLogStudentT, delta_t, ect_r, ect_ratio, inverse_sqrt_lr, n_boundary,
+                              tcm_times)
+
+
+@pytest.mark.parametrize("i, expected", [(0, 0.5), (24_999, 0.5), (25_000, 0.75), (50_000, 0.875),
+                                         (225_000, 0.999), (250_000, 0.999)])
+def test_ect_ratio_cifar(i, expected):
+    # TCM App. E with the official code's min / floor(i/d)+1: starts at 1 - 1/q, capped at 0.999.
+    assert ect_ratio(i, q=2, d=25_000, ratio_max=0.999) == pytest.approx(expected)
+
+
+def test_ect_ratio_imagenet_cap():
+    assert ect_ratio(0, q=4, d=25_000, ratio_max=0.9961) == pytest.approx(0.75)
+    assert ect_ratio(100_000, q=4, d=25_000, ratio_max=0.9961) == pytest.approx(0.9961)
+
+
+def test_delta_t_values():
+    # Δt = (1 + 8·sigmoid(-t))·(1 - ratio)·t ; at t' = 1, ratio 0.999: 0.00315 (reference-code.md §1.3)
+    dt = delta_t(torch.tensor([1.0]), 0.999)
+    assert float(dt) == pytest.approx((1 + 8 / (1 + math.e)) * 0.001, rel=1e-5)
+    assert float(dt) == pytest.approx(0.00315, abs=1e-5)
+    dt_in = delta_t(torch.tensor([1.0]), 0.9961)
+    assert 1 - float(dt_in) == pytest.approx(0.98771, abs=1e-5)
+
+
+def test_delta_t_clamps_r():
+    t = torch.tensor([0.002, 0.01, 0.1])
+    r = ect_r(t, 0.5)  # at ratio 0.5 and small t, (1+8σ(-t))·0.5 > 1, so r would be negative
+    assert torch.all(r >= 1e-6) and torch.all(r < t)
+    assert torch.all(delta_t(t, 0.5) > 0)
+
+
+def test_log_student_t_quantiles_match_reference():
+    psi = TruncatedLogStudentT(t_prime=1.0, t_max=80.0, scale=0.2, nu=0.01)
+    assert psi.quantile(0.5) == pytest.approx(1.22, abs=0.01)
+    assert psi.quantile(0.9) == pytest.approx(10.5, rel=0.03)
+    assert psi.quantile(0.99) == pytest.approx(61.3, rel=0.03)
+    assert psi.cdf(2.0) == pytest.approx(0.70, abs=0.01)
+    t = psi.sample(200_000, torch.Generator().manual_seed(0))
+    assert float(t.min()) >= 1.0 and float(t.max()) <= 80.0
+    assert float(t.median()) == pytest.approx(1.22, abs=0.02)
+    assert float((t < 2).float().mean()) == pytest.approx(0.70, abs=0.01)
+
+
+@pytest.mark.parametrize("dist", [TruncatedLogStudentT(), TruncatedLogStudentT(1.5, 80.0, 0.5, 2.0),
+                                  LogNormal(), LogNormal(-1.2, 1.2)])
+def test_pdf_integrates_to_one_and_matches_cdf(dist):
+    lo = getattr(dist, "t_min", getattr(dist, "t_prime", None))
+    t = np.geomspace(lo, dist.t_max, 200_001)
+    p = dist.pdf(t)
+    assert np.trapezoid(p, t) == pytest.approx(1.0, abs=2e-3)
+    mid = t[100_000]
+    assert np.trapezoid(p[:100_001], t[:100_001]) == pytest.approx(float(dist.cdf(mid)), abs=2e-3)
+    assert dist.pdf(dist.t_max * 1.01) == 0
+
+
+def test_lognormal_truncated_support():
+    t = LogNormal(-1.1, 2.0, 0.002, 80.0).sample(100_000, torch.Generator().manual_seed(1))
+    assert float(t.min()) >= 0.002 and float(t.max()) <= 80.0
+    assert float(torch.log(t).mean()) == pytest.approx(-1.1, abs=0.05)
+
+
+def test_tcm_times_partition():
+    assert n_boundary(1024, 0.25) == 256 and n_boundary(10, 0.25) == 2
+    t, b = tcm_times(10, 1.0, 0.25, TruncatedLogStudentT(), torch.Generator().manual_seed(0))
+    assert b.sum() == 2 and torch.all(t[b] == 1.0) and torch.all(t[~b] >= 1.0)
+
+
+def test_inverse_sqrt_lr():
+    assert inverse_sqrt_lr(0, 5e-4, 8000) == 5e-4
+    assert inverse_sqrt_lr(32_000, 5e-4, 8000) == pytest.approx(2.5e-4)
+    assert inverse_sqrt_lr(10**6, 1e-4, 0) == 1e-4
+
+
+@pytest.mark.parametrize("kw, field", [(dict(t_prime=0.0), "t_prime"), (dict(t_prime=80.0), "t_prime"),
+                                       (dict(scale=0.0), "scale"), (dict(nu=-1.0), "nu")])
+def test_psi_rejects_bad_values(kw, field):
+    with pytest.raises(ValueError, match=field):
+        TruncatedLogStudentT(**kw)

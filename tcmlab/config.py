@@ -170,7 +170,6 @@ class RunConfig:
     def __post_init__(self):
         _require(type(self.loss) in STAGE_OF, "loss", "an EDMConfig, ECTConfig or TCMConfig", self.loss)
         if self.stage == 2:
-            _require(self.init_from is not None, "init_from", "the stage-1 run directory for stage 2", None)
             _require(self.train.batch - int(self.train.batch * self.loss.rho) >= 1, "rho",
                      "small enough to leave consistency rows in the batch", self.loss.rho)
 
@@ -207,15 +206,16 @@ def to_json(cfg: RunConfig) -> str:
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# Presets. Each is (stage 0, stage 1, stage 2); `init_from` is filled in by the caller (the run directories).
+# Presets. Each is (stage 0, stage 1, stage 2); `init_from` (the previous stage's run directory) is given by the
+# caller: `preset("digits", 2, init_from="runs/s1")`. Stage 2 refuses to train without it.
 
 def _small(name, data, net, train, edm_steps, ect_steps, tcm_steps, d, ratio_max, lr2):
     ect = ECTConfig(d=d, ratio_max=ratio_max)
     return (
-        RunConfig(name, data, net, dataclasses.replace(train, steps=edm_steps, lr=train.lr), EDMConfig()),
+        RunConfig(name, data, net, dataclasses.replace(train, steps=edm_steps), EDMConfig()),
         RunConfig(name, data, net, dataclasses.replace(train, steps=ect_steps), ect),
         RunConfig(name, data, net, dataclasses.replace(train, steps=tcm_steps, lr=lr2),
-                  TCMConfig(ratio=ratio_max), init_from="<stage-1 run>"),
+                  TCMConfig(ratio=ratio_max)),
     )
 
 
@@ -241,8 +241,7 @@ PRESETS: dict[str, tuple[RunConfig | None, RunConfig, RunConfig]] = {
         RunConfig("cifar10", DataConfig("cifar10"), NetConfig(),
                   TrainConfig(steps=250_000, batch=512, lr=1e-4, ema_beta=0.9999), ECTConfig()),
         RunConfig("cifar10", DataConfig("cifar10"), NetConfig(),
-                  TrainConfig(steps=200_000, batch=1024, lr=5e-5, ema_beta=0.9999), TCMConfig(),
-                  init_from="<stage-1 run>"),
+                  TrainConfig(steps=200_000, batch=1024, lr=5e-5, ema_beta=0.9999), TCMConfig()),
     ),
 }
 

@@ -119,6 +119,9 @@ def train(cfg: RunConfig, run_dir: str | Path, *, steps: int | None = None, devi
     the end; its results are logged as rows with kind='eval'.
     """
     run_dir = Path(run_dir)
+    if cfg.stage == 2 and cfg.init_from is None:
+        raise ValueError("stage 2 needs init_from: the stage-1 run directory (or its latest.safetensors) whose EMA "
+                         "weights become θ0 and the student's initialisation")
     rank, world = _world()
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     tc = cfg.train
@@ -221,7 +224,11 @@ def train(cfg: RunConfig, run_dir: str | Path, *, steps: int | None = None, devi
         else:
             t = t_dist.sample(tc.batch, gen)
         lo, hi = rank * b_rank, (rank + 1) * b_rank
-        ratio = ect_ratio(i, loss.q, loss.d, loss.ratio_max) if cfg.stage == 1 else getattr(loss, "ratio", None)
+        ratio = None
+        if cfg.stage == 1:
+            ratio = ect_ratio(i, loss.q, loss.d, loss.ratio_max)
+        elif cfg.stage == 2:
+            ratio = loss.ratio  # held at ratio_max for all of stage 2 (TCM App. E)
         opt.zero_grad(set_to_none=True)
         outs = []
         for k, a in enumerate(range(lo, hi, b_gpu)):

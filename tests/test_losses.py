@@ -76,7 +76,7 @@ def test_tcm_boundary_weight_and_means():
     assert out.loss.item() == pytest.approx(0.5 * float(per[:4].mean()) + float(per[4:].mean()), rel=1e-6)
     out2 = tcm_loss(f, f0, x, eps, t, is_b, 1.0, 0.999, 1e-8, "inv_dt", w_b=0.5, n_boundary_total=8,
                     n_consistency_total=24)  # global normalisers for data-parallel ranks
-    assert float(out2.loss) == pytest.approx(0.5 * float(per[:4].sum()) / 8 + float(per[4:].sum()) / 24, rel=1e-6)
+    assert out2.loss.item() == pytest.approx(0.5 * float(per[:4].sum()) / 8 + float(per[4:].sum()) / 24, rel=1e-6)
 
 
 def dropout_net(seed=0):

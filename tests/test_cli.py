@@ -1,0 +1,14 @@
+from tcmlab.__main__ import main
+
+
+def test_tiny_end_to_end_demo(tmp_path, capsys):
+    assert main(["demo", "--preset", "ci", "--out", str(tmp_path)]) == 0
+    for stage in ("stage1", "stage2"):
+        for steps in ("1step", "2step"):
+            assert (tmp_path / stage / f"samples_{steps}.png").stat().st_size > 100
+    assert str(tmp_path) in capsys.readouterr().out
+
+
+def test_cli_reports_bad_input(tmp_path, capsys):
+    assert main(["train", "--preset", "ci", "--stage", "2", "--run", str(tmp_path / "r")]) == 2
+    assert "init_from" in capsys.readouterr().err

@@ -1,0 +1,63 @@
+import dataclasses
+import re
+from pathlib import Path
+
+import pytest
+
+from tcmlab.config import (DataConfig, ECTConfig, EDMConfig, NetConfig, RunConfig, TCMConfig, TrainConfig, from_dict,
+                           preset, to_dict, PRESETS)
+
+
+def test_cifar10_preset_matches_paper_row_by_row():
+    s1, s2 = preset("cifar10", 1), preset("cifar10", 2)
+    # SPEC §4 / TCM App. E / official README
+    assert (s1.net.arch, s1.net.channels, s1.net.channel_mult, s1.net.depth, s1.net.attn_resolutions) == \
+        ("ddpmpp", 128, (2, 2, 2), 4, (16,))
+    assert (s1.train.batch, s1.train.steps, s2.train.batch, s2.train.steps) == (512, 250_000, 1024, 200_000)
+    assert (s1.train.optimizer, s1.train.lr, s2.train.optimizer, s2.train.lr) == ("radam", 1e-4, "radam", 5e-5)
+    assert s1.train.ema == s2.train.ema == "const" and s1.train.ema_beta == s2.train.ema_beta == 0.9999
+    assert s1.net.dropout == s2.net.dropout == 0.2
+    assert (s1.loss.P_mean, s1.loss.P_std, s1.loss.t_min, s1.loss.t_max) == (-1.1, 2.0, 0.002, 80.0)
+    assert (s2.loss.t_prime, s2.loss.psi_scale, s2.loss.psi_nu, s2.loss.t_max) == (1.0, 0.2, 0.01, 80.0)
+    assert (s1.loss.c, s1.loss.weighting, s2.loss.c, s2.loss.weighting) == (1e-8, "inv_dt", 1e-8, "inv_dt")
+    assert (s1.loss.q, s1.loss.d, s1.loss.ratio_max, s2.loss.ratio) == (2.0, 25_000, 0.999, 0.999)
+    assert (s2.loss.w_b, s2.loss.rho) == (0.1, 0.25)
+    assert s1.train.precision == "fp32"
+    with pytest.raises(ValueError, match="EDM checkpoint"):
+        preset("cifar10", 0)
+
+
+@pytest.mark.parametrize("cls, kw, name", [
+    (TCMConfig, dict(t_prime=0.0), "tprime"), (TCMConfig, dict(t_prime=80.0), "tprime"),
+    (TCMConfig, dict(rho=1.0), "rho"), (TCMConfig, dict(rho=0.0), "rho"), (TCMConfig, dict(w_b=-0.1), "w_b"),
+    (TCMConfig, dict(psi_nu=0.0), "psi_nu"), (TCMConfig, dict(psi_scale=-1.0), "psi_scale"),
+    (TCMConfig, dict(teacher_passes="half"), "teacher_passes"), (TrainConfig, dict(batch=1), "train.batch"),
+    (TrainConfig, dict(lr=0.0), "train.lr"), (TrainConfig, dict(precision="fp8"), "train.precision"),
+    (ECTConfig, dict(ratio_max=1.0), "ratio_max"), (ECTConfig, dict(q=1.0), "loss.q"),
+    (NetConfig, dict(dropout=1.0), "net.dropout"), (DataConfig, dict(name="mnist"), "data.name"),
+    (EDMConfig, dict(P_std=0.0), "P_std"),
+])
+def test_validation_names_the_field(cls, kw, name):
+    with pytest.raises(ValueError, match=re.escape(name)):
+        cls(**kw)
+
+
+def test_stage2_needs_init_from(tmp_path):
+    from tcmlab.train import train
+    with pytest.raises(ValueError, match="stage 2 needs init_from"):
+        train(preset("ci", 2), tmp_path / "r", progress=False)
+    assert not (tmp_path / "r").exists()  # refused before anything was written
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_json_roundtrip(name):
+    for c in PRESETS[name]:
+        if c is not None:
+            assert from_dict(to_dict(c)) == c
+
+
+def test_every_config_field_is_read_somewhere():
+    src = "\n".join(p.read_text() for p in Path("tcmlab").rglob("*.py") if p.name != "config.py")
+    for cls in (DataConfig, NetConfig, TrainConfig, EDMConfig, ECTConfig, TCMConfig, RunConfig):
+        for f in dataclasses.fields(cls):
+            assert re.search(rf"\.{f.name}\b", src), f"{cls.__name__}.{f.name} is never read"

@@ -1,0 +1,133 @@
+import dataclasses
+import json
+
+import pytest
+import torch
+
+from tcmlab import checkpoint
+from tcmlab.config import NetConfig, TrainConfig, preset
+from tcmlab.model import load_model, load_state
+from tcmlab.train import NonFiniteError, train
+
+
+def states_equal(a, b):
+    return all(torch.equal(a[k], b[k]) for k in a) and a.keys() == b.keys()
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_resume_equals_uninterrupted(tmp_path, ci_runs, stage):
+    init = {1: ci_runs / "s0", 2: ci_runs / "s1"}[stage]
+    cfg = preset("ci", stage, init_from=str(init))
+    train(cfg, tmp_path / "full", progress=False)
+    train(cfg, tmp_path / "split", steps=7, progress=False)  # interrupted after 7 steps (checkpoint at the end)
+    assert load_state(tmp_path / "split")[0]["step"] == 7
+    train(cfg, tmp_path / "split", progress=False)  # resumed
+    a, _ = load_state(tmp_path / "full")
+    b, _ = load_state(tmp_path / "split")
+    assert a["step"] == b["step"] == cfg.train.steps
+    assert states_equal(a["model"], b["model"]) and states_equal(a["ema"], b["ema"])
+    rows = [json.loads(l) for l in (tmp_path / "split" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if r["kind"] == "train"] == sorted({r["step"] for r in rows})
+
+
+def test_stage2_theta0_is_stage1_ema_and_stays_frozen(ci_runs):
+    s1, _ = load_state(ci_runs / "s1")
+    s2, cfg2 = load_state(ci_runs / "s2")
+    assert cfg2.stage == 2 and s2["step"] == cfg2.train.steps
+    assert not states_equal(s1["ema"], s2["model"])  # the student moved away from its stage-1 initialisation
+    rows = [json.loads(l) for l in (ci_runs / "s2" / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["teacher_rows"] >= 16 for r in rows if r["kind"] == "train")  # ⌊64·0.25⌋ boundary rows at least
+
+
+def test_stage2_refuses_incompatible_init(tmp_path, ci_runs):
+    with pytest.raises(ValueError, match="stage-0 run"):
+        train(preset("ci", 2, init_from=str(ci_runs / "s0")), tmp_path / "a", progress=False)
+    other = dataclasses.replace(preset("ci", 2, init_from=str(ci_runs / "s1")), net=NetConfig(arch="mlp", channels=32,
+                                depth=2, emb_channels=32, dropout=0.1))
+    with pytest.raises(ValueError, match="incompatible network"):
+        train(other, tmp_path / "b", progress=False)
+    with pytest.raises(FileNotFoundError, match="train that stage first|no checkpoint"):
+        train(preset("ci", 2, init_from=str(tmp_path / "missing")), tmp_path / "c", progress=False)
+
+
+def test_run_dir_with_other_config_is_refused(tmp_path, ci_runs):
+    cfg = preset("ci", 1, init_from=str(ci_runs / "s0"))
+    train(cfg, tmp_path / "r", steps=2, progress=False)
+    other = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, lr=5e-3))
+    with pytest.raises(ValueError, match="train.lr"):
+        train(other, tmp_path / "r", progress=False)
+    longer = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, steps=25))  # extending is allowed
+    assert train(longer, tmp_path / "r", progress=False).step == 25
+
+
+def test_nonfinite_loss_stops_and_keeps_checkpoint(tmp_path, ci_runs, monkeypatch):
+    cfg = preset("ci", 1, init_from=str(ci_runs / "s0"))
+    train(cfg, tmp_path / "r", steps=5, progress=False)
+    before = load_state(tmp_path / "r")[0]
+    import tcmlab.train as tr
+    real = tr.ect_loss
+
+    def poisoned(*a, **k):
+        out = real(*a, **k)
+        out.loss = out.loss * float("nan")
+        return out
+
+    monkeypatch.setattr(tr, "ect_loss", poisoned)
+    with pytest.raises(NonFiniteError, match="step 5"):
+        train(cfg, tmp_path / "r", progress=False)
+    after = load_state(tmp_path / "r")[0]
+    assert after["step"] == 5 and states_equal(before["model"], after["model"])
+    rows = [json.loads(l) for l in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["kind"] == "nonfinite" and rows[-1]["nonfinite"] == 1
+
+
+def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
+    path = tmp_path / "latest.safetensors"
+    checkpoint.save(path, {"w": torch.ones(3), "step": 1})
+    import tcmlab.checkpoint as ck
+
+    def crash(tensors, filename, metadata=None):
+        with open(filename, "wb") as fh:
+            fh.write(b"partial")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ck, "save_file", crash)
+    with pytest.raises(KeyboardInterrupt):
+        checkpoint.save(path, {"w": torch.zeros(3), "step": 2})
+    state = checkpoint.load(path)
+    assert state["step"] == 1 and torch.equal(state["w"], torch.ones(3))
+
+
+def test_damaged_checkpoint_gives_clear_error(tmp_path):
+    path = tmp_path / "latest.safetensors"
+    path.write_bytes(b"\x00" * 20)
+    with pytest.raises(ValueError, match="damaged"):
+        checkpoint.load(path)
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        checkpoint.load(tmp_path / "nope.safetensors")
+
+
+def test_checkpoint_roundtrip_nested_state():
+    state = {"a": [torch.arange(3), {"b": 1.5, "c": None}], "s": "x", 3: torch.zeros(2, dtype=torch.uint8)}
+    tensors = {}
+    skel = checkpoint.flatten(state, "s", tensors)
+    back = checkpoint.unflatten(json.loads(json.dumps(skel)), tensors)
+    assert torch.equal(back["a"][0], torch.arange(3)) and back["a"][1] == {"b": 1.5, "c": None}
+
+
+def test_bf16_autocast_trains_on_cpu(tmp_path, ci_runs):
+    cfg = preset("ci", 1, init_from=str(ci_runs / "s0"))
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, precision="bf16", steps=5))
+    r = train(cfg, tmp_path / "bf16", progress=False)
+    assert r.step == 5 and r.last["nonfinite"] == 0
+    m = load_model(tmp_path / "bf16")
+    assert all(p.dtype == torch.float32 for p in m.f.parameters())  # weights and EMA stay fp32
+
+
+def test_power_ema_and_adam_with_lr_decay(tmp_path, ci_runs):
+    cfg = preset("ci", 1, init_from=str(ci_runs / "s0"))
+    tc = dataclasses.replace(cfg.train, optimizer="adam", ema="power", ema_gamma=6.94, lr_t_ref=4, steps=10,
+                             betas=(0.9, 0.99))
+    r = train(dataclasses.replace(cfg, train=tc), tmp_path / "p", progress=False)
+    assert r.last["lr"] == pytest.approx(1e-3 / (9 / 4) ** 0.5)
+    assert r.last["ema_beta"] == pytest.approx((1 - 1 / 10) ** 7.94)

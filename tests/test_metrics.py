@@ -1,0 +1,106 @@
+import importlib
+
+import pytest
+import torch
+
+from tcmlab import digits_classifier, metrics
+from tcmlab.metrics import EvalCard, check_comparable
+from tcmlab.viz import to_uint8
+
+
+@pytest.fixture(scope="module")
+def es():
+    return metrics.digits_eval_set()
+
+
+def test_shipped_extractor_loads_and_reproduces_its_card():
+    card = (digits_classifier.WEIGHTS.with_suffix(".md")).read_text()
+    assert digits_classifier.sha256(digits_classifier.WEIGHTS) in card
+    acc = digits_classifier.accuracy(digits_classifier.load())
+    assert f"{acc:.4f}" in card and acc > 0.95
+
+
+def test_reregistering_is_harmless():
+    metrics.register()
+    metrics.register()
+    importlib.reload(metrics)  # a re-run notebook cell that imports and registers again
+    metrics.register()
+
+
+def test_real_vs_itself_zero_vs_noise_large_and_floor(es):
+    same = metrics.fid_kid(es.reference, es)
+    assert abs(same["fid"]) < 1e-3 and "kid_mean" in same
+    fl = metrics.floor(es)
+    noise = metrics.fid_kid(torch.randint(0, 256, es.reference.shape, dtype=torch.uint8), es)
+    assert 0 < fl < noise["fid"] / 5
+    assert abs(same["kid_mean"]) < 0.05 * noise["kid_mean"]  # KID is unbiased: ≈ 0 (±) for identical sets
+
+
+def test_dfid_of_identity_like_model_is_the_floor_at_tiny_t(es):
+    identity = lambda x, t: x  # denoises nothing; at tiny t it returns the clean query half
+    scores = metrics.dfid(identity, es, ts=(1e-4, 1.0), generator=torch.Generator().manual_seed(0), progress=False)
+    fl = metrics.floor(es)
+    assert scores[1e-4] == pytest.approx(fl, rel=0.02)
+    assert scores[1.0] > 2 * fl
+
+
+def test_dfid_at_T_equals_one_step_fid(ci_runs, es):
+    from tcmlab.model import load_model
+    from tcmlab.samplers import generate
+    m = load_model(ci_runs / "s1")
+    d = metrics.dfid(m.f, es, ts=(80.0,), generator=torch.Generator().manual_seed(0), progress=False)[80.0]
+    x = generate(m.f, len(es.query), m.shape, (80.0,), generator=torch.Generator().manual_seed(1))
+    fid = metrics.fid_kid(to_uint8(x), es, kid=False)["fid"]
+    assert d == pytest.approx(fid, rel=0.1)
+
+
+def test_sample_quality_cards_and_comparison(ci_runs, es):
+    from tcmlab.model import load_model
+    rows1 = metrics.sample_quality(load_model(ci_runs / "s1"), es, n=200)
+    rows2 = metrics.sample_quality(load_model(ci_runs / "s2"), es, n=200)
+    assert [r["card"]["steps"] for r in rows1] == [(80.0,), (80.0, 1.0)]
+    assert all(r["floor"] > 0 and r["fid"] > 0 and "kid_mean" in r for r in rows1)
+    c1, c2 = EvalCard(**rows1[0]["card"]), EvalCard(**rows2[0]["card"])
+    check_comparable(c1, c2)  # same protocol, different checkpoints: comparable
+    with pytest.raises(ValueError, match="steps"):
+        check_comparable(c1, EvalCard(**rows2[1]["card"]))
+    with pytest.raises(ValueError, match="n"):
+        check_comparable(c1, EvalCard(**{**rows2[0]["card"], "n": 50000}))
+
+
+def test_dfid_callback_logs_to_metrics(tmp_path, ci_runs, es):
+    import json
+    from tcmlab.config import preset
+    from tcmlab.train import train
+    cb = metrics.dfid_callback(es, ts=(0.5, 80.0), n=100)
+    train(preset("ci", 1, init_from=str(ci_runs / "s0")), tmp_path / "r", progress=False, eval_fn=cb, eval_every=10)
+    rows = [json.loads(l) for l in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in rows if r["kind"] == "eval"]
+    assert [r["step"] for r in evals] == [10, 20] and set(evals[0]["dfid"]) == {"0.5", "80.0"}
+
+
+def test_inception_path_runs_offline_with_a_local_file(tmp_path, monkeypatch):
+    import torch_fidelity.feature_extractor_inceptionv3 as inc
+    # Build a randomly initialised weights file without any download (numbers meaningless, plumbing real).
+    monkeypatch.setattr(inc, "load_state_dict_from_url", lambda *a, **k: None)
+    monkeypatch.setattr(inc.FeatureExtractorInceptionV3, "load_state_dict", lambda self, sd: None)
+    net = inc.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"])
+    monkeypatch.undo()
+    path = tmp_path / "weights-inception.pth"
+    torch.save(net.state_dict(), path)
+    from tests.test_data import write_cifar
+    write_cifar(tmp_path / "cifar", n=4)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torchhome"))
+    es = metrics.cifar10_eval_set(tmp_path / "cifar", inception_weights=path, n_reference=20)
+    es.cuda = False
+    out = metrics.fid_kid(es.reference[:10], es, kid=False)
+    assert out["fid"] == out["fid"]  # a finite number came back
+    assert (tmp_path / "torchhome").exists()  # reference statistics cached on disk
+
+
+def test_inception_missing_weights_names_the_setting(tmp_path, monkeypatch):
+    monkeypatch.delenv("TCMLAB_INCEPTION_WEIGHTS", raising=False)
+    with pytest.raises(FileNotFoundError, match="TCMLAB_INCEPTION_WEIGHTS"):
+        metrics.cifar10_eval_set(tmp_path)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        metrics.cifar10_eval_set(tmp_path, inception_weights=tmp_path / "nope.pth")

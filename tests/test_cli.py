@@ -12,3 +12,12 @@ def test_tiny_end_to_end_demo(tmp_path, capsys):
 def test_cli_reports_bad_input(tmp_path, capsys):
     assert main(["train", "--preset", "ci", "--stage", "2", "--run", str(tmp_path / "r")]) == 2
     assert "init_from" in capsys.readouterr().err
+
+
+def test_evaluate_writes_cards(ci_runs, capsys):
+    import json
+    assert main(["evaluate", str(ci_runs / "s2"), "--n", "200"]) == 0
+    rows = [json.loads(l) for l in (ci_runs / "s2" / "eval.jsonl").read_text().splitlines()]
+    kinds = [(r["card"]["metric"], tuple(r["card"]["steps"])) for r in rows]
+    assert ("fid", (80.0,)) in kinds and ("fid", (80.0, 1.0)) in kinds and ("dfid", (1.0,)) in kinds
+    assert "floor" in capsys.readouterr().out

@@ -21,8 +21,10 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(PY) -m tcmlab demo --preset $(PRESET) --out $(RUNS)/demo
 
+# Unit tests, then every notebook at the `ci` preset through nbval (notebooks/conftest.py gives them a temp folder).
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q tests
+	cd notebooks && ../$(PY) -m pytest -q --nbval -p no:cacheprovider .
 
 bench: $(STAMP)
 	$(PY) -m tcmlab.bench

@@ -1,0 +1,149 @@
+"""plotly figures for the notebooks: every number comes from tcmlab functions; notebooks only call these.
+
+Live plots use `go.FigureWidget` (anywidget) while a frontend is attached; `show(fig)` then emits the static plotly
+JSON so a notebook executed headlessly by papermill still shows its figures when opened later.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import plotly.graph_objects as go
+import torch
+
+from .schedules import LogNormal, TruncatedLogStudentT, delta_t, ect_ratio, n_boundary
+
+
+def show(fig) -> None:
+    """Display a (possibly live) figure as static plotly JSON, viewable later without re-running."""
+    go.Figure(fig).show(renderer="plotly_mimetype")
+
+
+def _log_x(fig, title):
+    fig.update_layout(title=title, xaxis_type="log", height=350, margin=dict(l=40, r=20, t=50, b=40))
+    return fig
+
+
+def t_histogram(dist, n: int = 20_000, seed: int = 0, name: str = "sampled t") -> go.Figure:
+    t = dist.sample(n, torch.Generator().manual_seed(seed)).numpy()
+    bins = np.geomspace(t.min(), t.max(), 60)
+    counts, edges = np.histogram(t, bins)
+    fig = go.Figure(go.Bar(x=np.sqrt(edges[1:] * edges[:-1]), y=counts / n, name=name))
+    return _log_x(fig, f"{type(dist).__name__}: share of t per log-bin")
+
+
+def curriculum(q: float, d: int, ratio_max: float, steps: int, ts=(0.01, 0.1, 1.0, 10.0)) -> go.Figure:
+    """ECT ratio(i) (TCM App. E) and Δt(t) at a few t over training."""
+    i = np.unique(np.linspace(0, steps, 200).astype(int))
+    ratio = [ect_ratio(int(k), q, d, ratio_max) for k in i]
+    fig = go.Figure(go.Scatter(x=i, y=ratio, name="ratio(i)", yaxis="y"))
+    for t in ts:
+        fig.add_scatter(x=i, y=[float(delta_t(torch.tensor(t), r)) for r in ratio], name=f"Δt at t={t:g}", yaxis="y2")
+    fig.update_layout(title="ECT curriculum", yaxis=dict(title="ratio"), height=350,
+                      yaxis2=dict(title="Δt", overlaying="y", side="right", type="log"))
+    return fig
+
+
+def read_metrics(run: str | Path, kind: str = "train") -> list[dict]:
+    path = Path(run) / "metrics.jsonl"
+    rows = [json.loads(l) for l in path.read_text().splitlines() if l.strip()] if path.exists() else []
+    return [r for r in rows if r.get("kind") == kind]
+
+
+def loss_by_t(run: str | Path) -> go.Figure:
+    """Per-sample loss by t-bin over training (minRF's diagnostic): one line per log-t bin."""
+    from .train import LOSS_T_EDGES
+    rows = read_metrics(run)
+    fig = go.Figure()
+    for b in range(len(LOSS_T_EDGES) - 1):
+        ys = [r["loss_by_t"][b] for r in rows]
+        if any(y is not None for y in ys):
+            fig.add_scatter(x=[r["step"] for r in rows], y=ys, name=f"t∈[{LOSS_T_EDGES[b]:.3g},{LOSS_T_EDGES[b+1]:.3g})")
+    fig.update_layout(title="loss by t", yaxis_type="log", height=350)
+    return fig
+
+
+class LiveDFID:
+    """dFID_t over training, one line per t (TCM Fig. 2/3 style); pass `.on_log` to `train(..., on_log=...)`."""
+
+    def __init__(self, title: str = "dFID_t during training", t_prime: float | None = None, live: bool = True):
+        try:
+            self.fig = go.FigureWidget() if live else go.Figure()
+        except ImportError:  # no anywidget: static figure, still shown at the end
+            self.fig = go.Figure()
+        self.fig.update_layout(title=title + ("" if t_prime is None else f" (t′ = {t_prime:g}: dashed below)"),
+                               yaxis_type="log", xaxis_title="step", yaxis_title="dFID", height=380)
+        self.t_prime = t_prime
+
+    def on_log(self, row: dict) -> None:
+        if row.get("kind") != "eval":
+            return
+        names = [tr.name for tr in self.fig.data]
+        for t, v in row["dfid"].items():
+            name = f"t={float(t):g}"
+            if name not in names:
+                dash = "dash" if self.t_prime is not None and float(t) < self.t_prime else None
+                self.fig.add_scatter(x=[], y=[], name=name, mode="lines+markers", line=dict(dash=dash))
+                names.append(name)
+            tr = self.fig.data[names.index(name)]
+            tr.x = tuple(tr.x or ()) + (row["step"],)
+            tr.y = tuple(tr.y or ()) + (v,)
+
+
+def dfid_over_training(run: str | Path, t_prime: float | None = None, floor: float | None = None) -> go.Figure:
+    """The dFID_t-over-training figure rebuilt from a run's metrics.jsonl (static; also after a resumed run)."""
+    plot = LiveDFID(f"dFID_t during training: {Path(run).name}", t_prime=t_prime, live=False)
+    for row in read_metrics(run, "eval"):
+        plot.on_log(row)
+    if floor is not None:
+        plot.fig.add_hline(y=floor, line_dash="dot", annotation_text="real-vs-real floor")
+    return plot.fig
+
+
+def dfid_curves(runs: dict[str, str | Path], t_prime: float | None = None) -> go.Figure:
+    """Final dFID_t against t for several runs (from their last eval rows), with t′ marked."""
+    fig = go.Figure()
+    for label, run in runs.items():
+        ev = read_metrics(run, "eval")
+        if ev:
+            d = ev[-1]["dfid"]
+            fig.add_scatter(x=[float(t) for t in d], y=list(d.values()), name=label, mode="lines+markers")
+    if t_prime is not None:
+        fig.add_vline(x=t_prime, line_dash="dot", annotation_text="t′")
+    fig.update_layout(yaxis_type="log")
+    return _log_x(fig, "dFID_t across t")
+
+
+def psi_figure(t_prime: float, scale: float, nu: float, rho: float, ratio: float = 0.999,
+               lognormal: LogNormal = LogNormal(), t_max: float = 80.0, fig=None):
+    """TCM Eq. (7) / Fig. 4a: density of ψ̄_t on [t′, T], the Dirac mass λ_b at t′ (share ρ), stage-1 log-normal."""
+    psi = TruncatedLogStudentT(t_prime, t_max, scale, nu)
+    t = np.geomspace(0.002, t_max, 600)
+    fig = fig if fig is not None else go.Figure()
+    dens_t = t * psi.pdf(t) * (1 - rho)  # density per unit ln t
+    traces = [go.Scatter(x=t, y=t * lognormal.pdf(t), name="stage 1: log-normal"),
+              go.Scatter(x=t, y=dens_t, name="stage 2: (1−λ_b)·ψ̄_t"),
+              go.Scatter(x=[t_prime, t_prime], y=[0, max(1.0, float(dens_t.max()))], mode="lines",
+                         name=f"λ_b·δ(t−t′), mass {n_boundary(1000, rho) / 1000:.2f}", line=dict(width=4))]
+    dt = float(delta_t(torch.tensor(t_prime), ratio))
+    title = (f"ψ_t (TCM Eq. 7): t′={t_prime:g}, scale={scale:g}, ν={nu:g}, ρ={rho:g} | Δt at t′ = {dt:.2e} | "
+             f"median ψ̄ = {float(psi.quantile(0.5)):.3g}")
+    with fig.batch_update() if hasattr(fig, "batch_update") else _null():
+        if len(fig.data) == 3:
+            for old, new in zip(fig.data, traces):
+                old.x, old.y, old.name = new.x, new.y, new.name
+        else:
+            for tr in traces:
+                fig.add_trace(tr)
+        fig.update_layout(title=title, xaxis_type="log", yaxis_title="density per ln t", height=380)
+    return fig
+
+
+class _null:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *a):
+        return False

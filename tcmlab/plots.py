@@ -6,6 +6,7 @@ JSON so a notebook executed headlessly by papermill still shows its figures when
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -130,7 +131,7 @@ def psi_figure(t_prime: float, scale: float, nu: float, rho: float, ratio: float
     dt = float(delta_t(torch.tensor(t_prime), ratio))
     title = (f"ψ_t (TCM Eq. 7): t′={t_prime:g}, scale={scale:g}, ν={nu:g}, ρ={rho:g} | Δt at t′ = {dt:.2e} | "
              f"median ψ̄ = {float(psi.quantile(0.5)):.3g}")
-    with fig.batch_update() if hasattr(fig, "batch_update") else _null():
+    with fig.batch_update() if isinstance(fig, go.FigureWidget) else contextlib.nullcontext():
         if len(fig.data) == 3:
             for old, new in zip(fig.data, traces):
                 old.x, old.y, old.name = new.x, new.y, new.name
@@ -140,10 +141,3 @@ def psi_figure(t_prime: float, scale: float, nu: float, rho: float, ratio: float
         fig.update_layout(title=title, xaxis_type="log", yaxis_title="density per ln t", height=380)
     return fig
 
-
-class _null:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *a):
-        return False

@@ -11,7 +11,7 @@ import torch
 
 from .config import preset
 from .model import load_model
-from .samplers import T_MAX, generate
+from .samplers import generate
 from .train import train
 from .viz import save_samples
 
@@ -20,7 +20,7 @@ def sample_grids(run: Path, out: Path, t_mid: float, n: int = 64, seed: int = 0)
     """1-step and 2-step (T → t_mid) sample grids of a run's EMA model as PNG files."""
     m = load_model(run)
     paths = []
-    for name, ts in (("1step", (T_MAX,)), ("2step", (T_MAX, t_mid))):
+    for name, ts in (("1step", (m.t_max,)), ("2step", (m.t_max, t_mid))):
         g = torch.Generator().manual_seed(seed)
         x = generate(m.f, n, m.shape, ts, generator=g, t_prime=m.t_prime)
         paths.append(save_samples(x, out / f"samples_{name}.png"))
@@ -69,18 +69,18 @@ def cmd_evaluate(args) -> None:
     else:
         raise ValueError(f"evaluation needs image data (digits or cifar10), this run trained on {m.cfg.data.name!r}")
     g = torch.Generator().manual_seed(args.seed)
-    ts = sorted(set(metrics.DFID_TS) | ({m.t_prime} if m.t_prime else set()))
+    ts = sorted(set(metrics.dfid_ts(m.t_max)) | ({m.t_prime} if m.t_prime else set()))
     d = metrics.dfid(m.f, es, ts, n=args.n, generator=g)
     rows = metrics.sample_quality(m, es, t_mid=args.t_mid, n=args.n, seed=args.seed)
-    n_q = len(es.query[:args.n])
-    rows += [{"card": metrics.asdict(metrics.dfid_card(es, t, n_q, m.which, args.seed, m.step)), "fid": v}
-             for t, v in d.items()]
+    n_q = metrics.floor_n(es, args.n)
+    rows += [{"card": metrics.asdict(metrics.dfid_card(es, t, n_q, m.which, args.seed, m.step)), "fid": v,
+              "floor": rows[0]["floor"], "floor_n": n_q} for t, v in d.items()]
     path = Path(args.run) / "eval.jsonl"
     old = path.read_text() if path.exists() else ""
     atomic_write_text(path, old + "".join(json.dumps(r) + "\n" for r in rows))
     fl = rows[0]["floor"]
-    print(f"[tcmlab] {args.run} step {m.step} ({m.which}), reference {es.reference_name}, extractor {es.extractor}"
-          + (f", real-vs-real floor {fl:.2f}" if fl is not None else ""))
+    print(f"[tcmlab] {args.run} step {m.step} ({m.which}), n = {n_q}, reference {es.reference_name}, extractor "
+          f"{es.extractor}" + (f", real-vs-real floor at n = {n_q}: {fl:.2f}" if fl is not None else ""))
     for r in rows[:2]:
         print(f"  FID {len(r['card']['steps'])}-step {r['fid']:.2f}   KID {r['kid_mean']:.4g} ± {r['kid_std']:.2g}")
     print("  dFID_t: " + ", ".join(f"{t:g}: {v:.1f}" for t, v in d.items()))

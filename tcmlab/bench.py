@@ -6,7 +6,7 @@ stage 2 with the official full-batch teacher passes, on the same network and bat
     python -m tcmlab.bench --net ddpmpp --precision bf16 --batch 128   # the paper network (GPU)
 
 Variants are interleaved round by round (so drift hits all of them alike); the median step time is reported, with
-ratios to the stage-1 step. SPEC §2's target: routed stage 2 ≤ 1.05× stage 1.
+ratios to the stage-1 step. Target (docs/decisions.md §7): routed stage 2 ≤ 1.05× stage 1.
 """
 
 from __future__ import annotations

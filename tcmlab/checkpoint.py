@@ -7,6 +7,7 @@ the old one, so an interrupted save leaves the previous checkpoint intact.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -53,6 +54,15 @@ def atomic_write_text(path: Path, text: str) -> None:
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, path)
+
+
+def sha256(path: str | Path) -> str:
+    """SHA-256 of a file's bytes, read in 16 MiB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 24), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def save(path: str | Path, state: dict) -> None:

@@ -13,6 +13,9 @@ import json
 from dataclasses import dataclass, field
 from typing import Union
 
+from .precond import T_MAX
+from .schedules import n_boundary
+
 
 def _require(ok: bool, name: str, rule: str, value) -> None:
     if not ok:
@@ -41,7 +44,7 @@ class NetConfig:
     channel_mult: tuple[int, ...] = (2, 2, 2)  # DDPM++ (EDM --arch=ddpmpp)
     attn_resolutions: tuple[int, ...] = (16,)  # DDPM++ (EDM)
     emb_channels: int = 64  # MLP only: width of the time embedding
-    dropout: float = 0.2  # TCM/ECT CIFAR-10 (reference-code.md §1.7)
+    dropout: float = 0.2  # TCM/ECT CIFAR-10 (docs/decisions.md §15)
 
     def __post_init__(self):
         _require(self.arch in ("mlp", "ddpmpp"), "net.arch", "'mlp' or 'ddpmpp'", self.arch)
@@ -68,6 +71,10 @@ class TrainConfig:
     seed: int = 0
     log_every: int = 100  # steps between metrics.jsonl rows (official code: 1 tick = 100 iterations)
     ckpt_every: int = 5000  # steps between checkpoints (also written at the end)
+    # Iteration counter i = step + step_offset, read by the lr schedule, the EMA and ratio(i). 0: each stage counts
+    # from 0 (tcmlab default). The official stage 2 continues stage 1's count (`--resume_tick`): set it to the
+    # stage-1 step count to reproduce that (docs/decisions.md §11).
+    step_offset: int = 0
 
     def __post_init__(self):
         _require(self.steps >= 1, "train.steps", ">= 1", self.steps)
@@ -85,6 +92,7 @@ class TrainConfig:
                  self.precision)
         _require(self.log_every >= 1, "train.log_every", ">= 1", self.log_every)
         _require(self.ckpt_every >= 1, "train.ckpt_every", ">= 1", self.ckpt_every)
+        _require(self.step_offset >= 0, "train.step_offset", ">= 0", self.step_offset)
 
 
 @dataclass(frozen=True)
@@ -105,7 +113,7 @@ class ECTConfig:
     P_mean: float = -1.1  # TCM App. E, CIFAR-10
     P_std: float = 2.0  # TCM App. E, CIFAR-10
     t_min: float = 0.002  # official TCM code (t_lower)
-    t_max: float = 80.0  # T, TCM App. E
+    t_max: float = T_MAX  # T, TCM App. E
     q: float = 2.0  # TCM App. E, CIFAR-10
     d: int = 25_000  # TCM App. E, doubling period in iterations
     ratio_max: float = 0.999  # TCM App. E, CIFAR-10
@@ -124,19 +132,19 @@ class ECTConfig:
 
 @dataclass(frozen=True)
 class TCMConfig:
-    """Stage 2: truncated consistency training (TCM §3, Eq. 7–11, Algorithm 1; SPEC §2)."""
+    """Stage 2: truncated consistency training (TCM §3, Eq. 7–11, Algorithm 1; docs/decisions.md §4–§11)."""
 
     t_prime: float = 1.0  # dividing time t′, TCM §4 (CIFAR-10, ImageNet)
-    w_b: float = 0.1  # boundary weight, TCM §4 / official README
-    rho: float = 0.25  # boundary share of the batch, N_B = ⌊B·ρ⌋, TCM §4 / official README
+    w_b: float = 0.1  # boundary weight w_b = λ_b/(1 − λ_b) of Eq. (10), TCM §4 / official README (decisions §6)
+    rho: float = 0.25  # share of each batch spent on L_B, N_B = int(B·ρ), TCM §4 / official README (decisions §5)
     psi_scale: float = 0.2  # log-Student-t scale of ψ̄_t, TCM App. E
     psi_nu: float = 0.01  # log-Student-t degrees of freedom ν, TCM App. E
-    t_max: float = 80.0  # T
+    t_max: float = T_MAX  # T
     ratio: float = 0.999  # held at ratio_max for all of stage 2, TCM App. E
     c: float = 1e-8  # pseudo-Huber c, as stage 1
     weighting: str = "inv_dt"  # as stage 1
     teacher_dropout: bool = True  # θ0 with dropout and the student's mask (official code); False = eval mode (paper)
-    teacher_passes: str = "routed"  # 'routed' (ours, SPEC §2) | 'full' (official code: θ0 and θ⁻ on the whole batch)
+    teacher_passes: str = "routed"  # 'routed' (ours) | 'full' (official: θ0 and θ⁻ on the whole batch), decisions §7
 
     def __post_init__(self):
         _require(0 < self.t_prime < self.t_max, "tprime (loss.t_prime)", f"in (0, T={self.t_max:g})", self.t_prime)
@@ -170,12 +178,17 @@ class RunConfig:
     def __post_init__(self):
         _require(type(self.loss) in STAGE_OF, "loss", "an EDMConfig, ECTConfig or TCMConfig", self.loss)
         if self.stage == 2:
-            _require(self.train.batch - int(self.train.batch * self.loss.rho) >= 1, "rho",
+            _require(self.train.batch - n_boundary(self.train.batch, self.loss.rho) >= 1, "rho",
                      "small enough to leave consistency rows in the batch", self.loss.rho)
 
     @property
     def stage(self) -> int:
         return STAGE_OF[type(self.loss)]
+
+    @property
+    def t_max(self) -> float:
+        """T of this stage: the loss config's t_max (stages 1, 2), else T_MAX (stage 0's log-normal is cut there)."""
+        return getattr(self.loss, "t_max", T_MAX)
 
 
 def to_dict(cfg: RunConfig) -> dict:
@@ -235,7 +248,8 @@ PRESETS: dict[str, tuple[RunConfig | None, RunConfig, RunConfig]] = {
     "toy2d": _small("toy2d", DataConfig("toy2d"), NetConfig(arch="mlp", channels=128, depth=3, dropout=0.0),
                     TrainConfig(steps=1, batch=512, lr=1e-3, ema_beta=0.999, log_every=50, ckpt_every=1000),
                     edm_steps=2000, ect_steps=3000, tcm_steps=1500, d=375, ratio_max=0.99, lr2=5e-4),
-    # cifar10: TCM App. E and the official README (SPEC §4). Stage 1 starts from the EDM checkpoint (no stage 0).
+    # cifar10: TCM App. E and the official README (docs/decisions.md §15).
+    # Stage 1 starts from the EDM checkpoint (no stage 0).
     "cifar10": (
         None,
         RunConfig("cifar10", DataConfig("cifar10"), NetConfig(),

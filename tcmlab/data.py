@@ -41,9 +41,6 @@ class TensorData:
         x = self.x[idx.to(self.x.device)]
         return x.float() / 127.5 - 1 if x.dtype == torch.uint8 else x
 
-    def is_image(self) -> bool:
-        return len(self.shape) == 3
-
 
 def toy2d(name: str = "moons", n: int = 8192, seed: int = 0) -> TensorData:
     """2-D toy data with per-coordinate std ≈ 0.5 (σ_data): two moons or a ring of 8 Gaussians."""

@@ -1,4 +1,5 @@
-"""Exponential moving averages of the weights: constant β (ECT/TCM CIFAR-10) and EDM2's power-function EMA."""
+"""Exponential moving averages of the weights: constant β (ECT/TCM CIFAR-10) and EDM2's power-function EMA
+(docs/decisions.md §15)."""
 
 from __future__ import annotations
 

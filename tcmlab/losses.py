@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .nets.dropout import dropout_rows, get_rng_state, set_rng_state
+from .nets.dropout import dropout_rows, get_rng_state, replay_rng
 from .precond import SIGMA_DATA, append_dims, edm_scalings
 from .schedules import ect_r
 
@@ -64,15 +64,14 @@ def ect_loss(f, x: torch.Tensor, eps: torch.Tensor, t: torch.Tensor, ratio: floa
     """Stage 1 (ECT), TCM Eq. (4): ω(t)/Δt · d(f_θ(x + tε, t), f_θ⁻(x + rε, r)), r = t − Δt.
 
     One ε for both inputs; θ⁻ = stopgrad(θ) (the online weights); the target pass replays the RNG state of the
-    student pass, so both see the same dropout mask on whatever device runs them. `f_minus` is the same network
-    unwrapped (e.g. the module inside DDP); it defaults to `f`.
+    student pass, so both see the same dropout mask on whatever device runs them (docs/decisions.md §9).
+    `f_minus` is the same network unwrapped (e.g. the module inside DDP); it defaults to `f`.
     """
     f_minus = f if f_minus is None else f_minus
     r = ect_r(t, ratio)
     state = get_rng_state(x.device)
     D_yt = f(x + append_dims(t, x.ndim) * eps, t)
-    with torch.no_grad():
-        set_rng_state(x.device, state)
+    with torch.no_grad(), replay_rng(x.device, state):
         D_yr = f_minus(x + append_dims(r, x.ndim) * eps, r)
     per = pseudo_huber(D_yt, D_yr, c) * consistency_weight(t, r, weighting)
     return LossOut(_mean(per, n_total), per.detach(), t, r)
@@ -84,7 +83,7 @@ def tcm_targets(f, f0, y_r: torch.Tensor, r: torch.Tensor, t_prime: float, rng_s
     teacher_passes='routed' (ours): θ0 runs only on its rows and θ⁻ only on the rest, so the teacher work is B rows.
     teacher_passes='full' (official TCM code): each network runs on the whole batch and unused rows are dropped.
     Both replay the student's RNG state, and `dropout_rows` gives every row the student's dropout mask, so the two
-    strategies return the same targets.
+    strategies return the same targets; afterwards the RNG is where the student pass left it (docs/decisions.md §7, §9).
     """
     B = y_r.shape[0]
     use_f0 = r < t_prime
@@ -93,15 +92,15 @@ def tcm_targets(f, f0, y_r: torch.Tensor, r: torch.Tensor, t_prime: float, rng_s
         for net, rows in ((f0, use_f0), (f, ~use_f0)):
             if not bool(rows.any()):
                 continue
-            set_rng_state(y_r.device, rng_state)
-            if teacher_passes == "routed":
-                idx = rows.nonzero().flatten()
-                with dropout_rows(idx, B):
-                    target[idx] = net(y_r[idx], r[idx])
-            elif teacher_passes == "full":
-                target[rows] = net(y_r, r)[rows]
-            else:
-                raise ValueError(f"teacher_passes must be 'routed' or 'full', got {teacher_passes!r}")
+            with replay_rng(y_r.device, rng_state):
+                if teacher_passes == "routed":
+                    idx = rows.nonzero().flatten()
+                    with dropout_rows(idx, B):
+                        target[idx] = net(y_r[idx], r[idx])
+                elif teacher_passes == "full":
+                    target[rows] = net(y_r, r)[rows]
+                else:
+                    raise ValueError(f"teacher_passes must be 'routed' or 'full', got {teacher_passes!r}")
     return target, int(use_f0.sum())
 
 
@@ -117,7 +116,8 @@ def tcm_loss(f, f0, x: torch.Tensor, eps: torch.Tensor, t: torch.Tensor, is_boun
     r = ect_r(t, ratio)
     state = get_rng_state(x.device)
     D_yt = f(x + append_dims(t, x.ndim) * eps, t)
-    D_yr, n_teacher = tcm_targets(f if f_minus is None else f_minus, f0, x + append_dims(r, x.ndim) * eps, r, t_prime, state, teacher_passes)
+    f_minus = f if f_minus is None else f_minus
+    D_yr, n_teacher = tcm_targets(f_minus, f0, x + append_dims(r, x.ndim) * eps, r, t_prime, state, teacher_passes)
     per = pseudo_huber(D_yt, D_yr, c) * consistency_weight(t, r, weighting)
     loss = w_b * _mean(per[is_boundary], n_boundary_total) + _mean(per[~is_boundary], n_consistency_total)
     return LossOut(loss, per.detach(), t, r, is_boundary, n_teacher)

@@ -6,7 +6,7 @@ split into two fixed disjoint halves: the *reference* half B, and the *query* ha
 The floor FD(A, B) is what a perfect model would score at this n, so every digits FID is reported beside it.
 CIFAR-10: torch-fidelity's `inception-v3-compat`, reference = the full training set (as the official code), with its
 statistics cached on disk; `inception_weights` (or $TCMLAB_INCEPTION_WEIGHTS) points to a local weights file so an
-offline machine never downloads.
+offline machine never downloads. Protocol choices: docs/decisions.md §16.
 """
 
 from __future__ import annotations
@@ -23,13 +23,22 @@ from tqdm.auto import tqdm
 
 from . import digits_classifier
 from .data import cifar10, digits
-from .precond import append_dims
-from .samplers import T_MAX, generate
+from .model import device_of
+from .precond import T_MAX
+from .samplers import generate
 from .viz import to_uint8
 
 DIGITS_EXTRACTOR = "tcmlab-digits-cnn"
 INCEPTION = "inception-v3-compat"
-DFID_TS = (0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 80.0)  # spans TCM Fig. 2/3 (0 < t ≤ 80)
+DFID_GRID = (0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0)  # dFID_t noise levels below T (TCM Fig. 2/3 span)
+
+
+def dfid_ts(t_max: float = T_MAX) -> tuple[float, ...]:
+    """The dFID_t grid of a model trained up to T = t_max: DFID_GRID below T, then T itself (dFID_T = 1-step FID)."""
+    return tuple(t for t in DFID_GRID if t < t_max) + (float(t_max),)
+
+
+DFID_TS = dfid_ts()
 
 
 class DigitsFeatures(FeatureExtractorBase):
@@ -120,6 +129,7 @@ class EvalSet:
     sha256: str
     cache_name: str | None = None
     cuda: bool = field(default_factory=torch.cuda.is_available)
+    floors: dict = field(default_factory=dict, repr=False)  # floor(es, n) cache: n -> FD
 
     @property
     def reference_name(self) -> str:
@@ -177,15 +187,28 @@ def fid_kid(images: torch.Tensor, es: EvalSet, kid: bool = True, against: torch.
     return out
 
 
-def floor(es: EvalSet) -> float:
-    """Real-vs-real FD: query half against reference half (digits), the best score attainable at this n."""
-    return fid_kid(es.query, es, kid=False)["fid"]
+def floor_n(es: EvalSet, n: int | None) -> int:
+    """The number of images a score over `n` query or generated images actually uses (n capped by the query)."""
+    return len(es.query) if n is None else min(int(n), len(es.query))
+
+
+def floor(es: EvalSet, n: int | None = None) -> float:
+    """Real-vs-real FD at n: the first n query images against the reference, what a perfect model scores at this n.
+
+    FD is biased upwards at small n (digits: ≈ 93 at n = 300, ≈ 35 at n = 898), so a score is only judged against
+    the floor at its own n. Cached per n on the EvalSet."""
+    n = floor_n(es, n)
+    if n not in es.floors:
+        es.floors[n] = fid_kid(es.query[:n], es, kid=False)["fid"]
+    return es.floors[n]
 
 
 @torch.no_grad()
-def denoise(f, x: torch.Tensor, t: float, generator: torch.Generator | None = None, device="cpu",
+def denoise(f, x: torch.Tensor, t: float, generator: torch.Generator | None = None, device=None,
             batch: int = 1024) -> torch.Tensor:
-    """One-step denoising f(x + tε, t) of images x in [−1, 1] (TCM §2.2)."""
+    """One-step denoising f(x + tε, t) of images x in [−1, 1] (TCM §2.2); ε is drawn on the CPU from `generator`,
+    f runs on `device` (default: where its weights live)."""
+    device = device_of(f) if device is None else torch.device(device)
     out = []
     for xb in x.split(batch):
         eps = torch.randn(xb.shape, generator=generator)
@@ -194,7 +217,7 @@ def denoise(f, x: torch.Tensor, t: float, generator: torch.Generator | None = No
     return torch.cat(out)
 
 
-def dfid(f, es: EvalSet, ts=DFID_TS, n: int | None = None, generator: torch.Generator | None = None, device="cpu",
+def dfid(f, es: EvalSet, ts=DFID_TS, n: int | None = None, generator: torch.Generator | None = None, device=None,
          progress: bool = True) -> dict[float, float]:
     """Denoising FID (TCM §2.2): {t: FID(f(x + tε, t) for real query x, reference)} for every t in ts."""
     x = es.query[:n].float() / 127.5 - 1
@@ -208,26 +231,32 @@ def dfid_card(es: EvalSet, t: float, n: int, weights: str, seed: int, step: int)
     return EvalCard("dfid", n, es.extractor, es.sha256, es.reference_name, (float(t),), weights, seed, step)
 
 
-def dfid_callback(es: EvalSet, ts=DFID_TS, n: int | None = None, seed: int = 0, device="cpu"):
-    """An `eval_fn` for `train(...)`: logs {'dfid': {t: score}} to metrics.jsonl every `eval_every` steps."""
+def dfid_callback(es: EvalSet, ts=DFID_TS, n: int | None = None, seed: int = 0, device=None):
+    """An `eval_fn` for `train(...)`: logs {'dfid': {t: score}, 'n', 'floor'} to metrics.jsonl every `eval_every`
+    steps; 'floor' is the real-vs-real FD at the same n (digits; None for CIFAR-10's train-vs-train protocol)."""
     def eval_fn(step, ema):
         g = torch.Generator().manual_seed(seed)
         scores = dfid(ema, es, ts, n, g, device=device, progress=False)
-        return {"dfid": {str(t): v for t, v in scores.items()}, "n": len(es.query[:n]), "extractor": es.extractor,
-                "reference": es.reference_name}
+        return {"dfid": {str(t): v for t, v in scores.items()}, "n": floor_n(es, n), "floor": _floor_or_none(es, n),
+                "extractor": es.extractor, "reference": es.reference_name}
     return eval_fn
 
 
+def _floor_or_none(es: EvalSet, n: int | None) -> float | None:
+    return floor(es, n) if es.extractor == DIGITS_EXTRACTOR else None
+
+
 def sample_quality(model, es: EvalSet, t_mid: float = 1.0, n: int | None = None, seed: int = 0,
-                   device="cpu") -> list[dict]:
-    """1-step and 2-step (T → t_mid) FID/KID of a `TrainedModel`, each with its eval card and the floor."""
-    n = n or len(es.reference)
-    fl = floor(es) if es.extractor == DIGITS_EXTRACTOR else None
+                   device=None) -> list[dict]:
+    """1-step and 2-step (T → t_mid) FID/KID of a `TrainedModel`, each with its eval card, and the floor at its n
+    (`floor_n` = n, the number of generated images)."""
+    n = n or len(es.query)
+    fl = _floor_or_none(es, n)
     rows = []
-    for ts in ((T_MAX,), (T_MAX, t_mid)):
+    for ts in ((model.t_max,), (model.t_max, t_mid)):
         g = torch.Generator().manual_seed(seed)
         x = generate(model.f, n, model.shape, ts, device=device, generator=g, t_prime=model.t_prime)
         scores = fid_kid(to_uint8(x), es)
         card = EvalCard("fid", n, es.extractor, es.sha256, es.reference_name, ts, model.which, seed, model.step)
-        rows.append({"card": asdict(card), **scores, "floor": fl})
+        rows.append({"card": asdict(card), **scores, "floor": fl, "floor_n": floor_n(es, n)})
     return rows

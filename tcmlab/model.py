@@ -23,6 +23,12 @@ def build_model(cfg: RunConfig, shape: tuple[int, ...]) -> Precond:
     return Precond(build_net(cfg.net, shape), autocast_dtype=AUTOCAST[cfg.train.precision])
 
 
+def device_of(f) -> torch.device:
+    """The device a network's weights live on (CPU for a plain function or a module without parameters)."""
+    p = next(f.parameters(), None) if isinstance(f, torch.nn.Module) else None
+    return p.device if p is not None else torch.device("cpu")
+
+
 def checkpoint_path(run: str | Path) -> Path:
     """A run directory's checkpoint, or the checkpoint file itself."""
     run = Path(run)
@@ -55,6 +61,11 @@ class TrainedModel:
     step: int
     which: str  # 'ema' or 'raw'
     shape: tuple[int, ...]
+
+    @property
+    def t_max(self) -> float:
+        """T of the stage that trained this model (its config's t_max): where 1-step sampling starts."""
+        return self.cfg.t_max
 
     @property
     def t_prime(self) -> float | None:

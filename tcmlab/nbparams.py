@@ -18,6 +18,18 @@ def as_float(name: str, value) -> float:
         raise ValueError(f"parameter {name} must be a number, got {value!r}") from None
 
 
+def as_bool(name: str, value) -> bool:
+    """A boolean parameter, parsed strictly: True/False, 1/0, or the strings true/false/yes/no/1/0 (any case).
+    papermill passes `-p teacher_dropout false` as the string "false", which plain bool() would make True."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str) and value.strip().lower() in ("true", "yes", "1", "false", "no", "0"):
+        return value.strip().lower() in ("true", "yes", "1")
+    raise ValueError(f"parameter {name} must be true or false, got {value!r}")
+
+
 def as_steps(name: str, value) -> int | None:
     if value in (None, "", 0):
         return None
@@ -41,7 +53,8 @@ def stage2_config(preset_name, stage1_run, tprime, w_b, rho, psi_scale, psi_nu, 
     cfg = preset(check_preset(preset_name), 2, init_from=str(stage1_run))
     loss = dataclasses.replace(cfg.loss, t_prime=as_float("tprime", tprime), w_b=as_float("w_b", w_b),
                                rho=as_float("rho", rho), psi_scale=as_float("psi_scale", psi_scale),
-                               psi_nu=as_float("psi_nu", psi_nu), teacher_dropout=bool(teacher_dropout))
+                               psi_nu=as_float("psi_nu", psi_nu),
+                               teacher_dropout=as_bool("teacher_dropout", teacher_dropout))
     return with_steps(dataclasses.replace(cfg, loss=loss), as_steps("steps", steps))
 
 

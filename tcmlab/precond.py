@@ -1,7 +1,7 @@
 """EDM preconditioning: the consistency function f(x, t) built around a free-form network F(x, c_noise).
 
 TCM Eq. (3) with the EDM scalings of TCM App. E. The official TCM code uses these scalings at every t (no σ_min
-shift), so f(x, t) -> x only as t -> 0; see `tests/test_precond.py` for the boundary behaviour.
+shift), so f(x, t) -> x only as t -> 0 (docs/decisions.md §13); see `tests/test_precond.py` for the boundary behaviour.
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 SIGMA_DATA = 0.5  # TCM App. E
+T_MAX = 80.0  # T, the largest noise level (TCM App. E); configs' t_max fields default to it (docs/decisions.md §3)
 
 
 def edm_scalings(t: torch.Tensor, sigma_data: float = SIGMA_DATA):

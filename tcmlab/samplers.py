@@ -2,7 +2,7 @@
 
 `sample(f, x_T, ts, *, callback=None, generator=None, t_prime=None)`: x = f(x_T, ts[0]); then for each further t:
 x = f(x + t·ε, t). The time grid is float64 and the state between steps is kept in float64 (EDM). The re-noising adds
-t_mid·ε to the previous output, exactly as the official code does (no √(t² − t_min²) correction).
+t_mid·ε to the previous output, exactly as the official code does (no √(t² − t_min²) correction), docs/decisions.md §14.
 """
 
 from __future__ import annotations
@@ -11,7 +11,8 @@ from typing import Callable, Sequence
 
 import torch
 
-T_MAX = 80.0  # T, TCM App. E
+from .model import device_of
+from .precond import T_MAX
 
 
 def check_times(ts: Sequence[float], t_prime: float | None = None) -> torch.Tensor:
@@ -45,11 +46,15 @@ def sample(f, x_T: torch.Tensor, ts: Sequence[float], *, callback: Callable[[dic
     return denoised.to(torch.float32)
 
 
-def generate(f, n: int, shape: Sequence[int], ts: Sequence[float] = (T_MAX,), *, device="cpu",
+def generate(f, n: int, shape: Sequence[int], ts: Sequence[float] = (T_MAX,), *, device=None,
              generator: torch.Generator | None = None, t_prime: float | None = None,
              callback: Callable[[dict], None] | None = None, batch: int = 1024) -> torch.Tensor:
-    """Draw n samples: x_T = ts[0]·z, then `sample`. ts=(80,) is one step, ts=(80, t_mid) two steps (App. E)."""
+    """Draw n samples: x_T = ts[0]·z, then `sample`. ts=(T,) is one step, ts=(T, t_mid) two steps (App. E).
+
+    Noise is drawn on the CPU from `generator` (the same samples on any device); the network runs on `device`,
+    by default the device its weights live on. Returns CPU tensors."""
     ts = check_times(ts, t_prime).tolist()
+    device = device_of(f) if device is None else torch.device(device)
     out = []
     for start in range(0, n, batch):
         m = min(batch, n - start)

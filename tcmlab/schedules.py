@@ -4,7 +4,8 @@
 - `ect_r(t, ratio)` / `delta_t(t, ratio)`: r and Δt = (1 + 8·sigmoid(−t))·(1 − ratio)·t with r = t − Δt clamped at ≥ 1e-6 (TCM App. E).
 - `LogNormal`: stage-0/1 time distribution, log-normal truncated to [t_min, t_max] by inverse CDF.
 - `TruncatedLogStudentT`: stage-2 ψ̄_t, ln t = ln t′ + s·Z with Z ~ Student-t(ν), truncated to [t′, T].
-- `tcm_times`: TCM Eq. (7) / Algorithm 1 batch partition: ⌊B·ρ⌋ boundary rows at t′, the rest from ψ̄_t.
+- `n_boundary` / `tcm_times`: TCM Eq. (7) / Algorithm 1 batch partition: N_B = int(B·ρ) boundary rows at t′, at random
+  positions of the batch, the rest from ψ̄_t (docs/decisions.md §5).
 - `inverse_sqrt_lr`: α_ref / √max(i / t_ref, 1) (TCM App. E, EDM2).
 """
 
@@ -17,18 +18,21 @@ import numpy as np
 import torch
 from scipy import stats
 
-R_MIN = 1e-6  # official TCM code: r = t − Δt is clamped at 1e-6 (never 0)
+from .precond import T_MAX
+
+R_MIN = 1e-6  # official TCM code: r = t − Δt is clamped at 1e-6 (never 0), docs/decisions.md §2
 
 
 def ect_ratio(i: int, q: float, d: int, ratio_max: float) -> float:
     """TCM App. E: ratio(i) = min(1 − 1/q^(⌊i/d⌋+1), ratio_max).
 
     The paper prints `max{1 − 1/q^⌈i/d⌉, ratio_max}`; the official code uses min and ⌊i/d⌋+1, so training starts at
-    1 − 1/q (0.5 for q = 2), not at 0 (SPEC §2).
+    1 − 1/q (0.5 for q = 2), not at 0 (docs/decisions.md §1). Computed as 1 − q^−k, which underflows to 1 − 0
+    instead of overflowing for any i.
     """
     if i < 0:
         raise ValueError(f"iteration i must be >= 0, got {i}")
-    return min(1.0 - 1.0 / q ** (i // d + 1), ratio_max)
+    return min(1.0 - float(q) ** -(i // d + 1), ratio_max)
 
 
 def ect_r(t: torch.Tensor, ratio: float) -> torch.Tensor:
@@ -62,7 +66,7 @@ class LogNormal:
     mean: float = -1.1  # TCM App. E, CIFAR-10
     std: float = 2.0  # TCM App. E, CIFAR-10
     t_min: float = 0.002  # official TCM code (t_lower)
-    t_max: float = 80.0  # T, TCM App. E
+    t_max: float = T_MAX  # T, TCM App. E
 
     def __post_init__(self):
         if not self.std > 0:
@@ -101,11 +105,11 @@ class TruncatedLogStudentT:
     """ψ̄_t of TCM Eq. (7): ln t = ln t′ + scale·Z, Z ~ Student-t(ν), truncated to [t′, t_max] by inverse CDF.
 
     Location ln t′ as in the official code (the paper does not state it). For t′ = 1, scale 0.2, ν = 0.01:
-    median ≈ 1.22, P(t < 2) ≈ 0.70, 90th percentile ≈ 10.5 (reference-code.md §2).
+    median ≈ 1.22, P(t < 2) ≈ 0.70, 90th percentile ≈ 10.5 (docs/decisions.md §4).
     """
 
     t_prime: float = 1.0  # TCM §4, CIFAR-10
-    t_max: float = 80.0  # T
+    t_max: float = T_MAX  # T
     scale: float = 0.2  # TCM §4.4 / App. E
     nu: float = 0.01  # TCM §4.4 / App. E
 
@@ -148,17 +152,22 @@ class TruncatedLogStudentT:
 
 
 def n_boundary(batch: int, rho: float) -> int:
-    """TCM Algorithm 1, line 4: N_B = ⌊B·ρ⌋ boundary samples per (global) batch."""
-    return int(math.floor(batch * rho + 1e-9))
+    """TCM Algorithm 1, line 4: N_B boundary samples per (global) batch, int(B·ρ) as the official code
+    (docs/decisions.md §5; e.g. B = 100, ρ = 0.29 gives 28). The one place N_B is computed."""
+    return int(batch * rho)
 
 
 def tcm_times(batch: int, t_prime: float, rho: float, psi_bar: TruncatedLogStudentT,
               generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """TCM Eq. (7) / Algorithm 1, lines 6–7: t_1..t_{N_B} = t′ (boundary), t_{N_B+1}..t_B ~ ψ̄_t.
+    """TCM Eq. (7) / Algorithm 1, lines 6–7: N_B rows at t = t′ (boundary), the other B − N_B rows from ψ̄_t.
 
-    Returns (t [B], is_boundary [B] bool). Rows are i.i.d., so the boundary rows are simply the first N_B.
+    Returns (t [B], is_boundary [B] bool). The boundary rows sit at random positions of the batch (a permutation
+    drawn from `generator`), so that every data-parallel rank's slice holds about ρ of them (docs/decisions.md §5).
     """
     nb = n_boundary(batch, rho)
-    t = torch.cat([torch.full((nb,), float(t_prime)), psi_bar.sample(batch - nb, generator)])
-    is_boundary = torch.arange(batch) < nb
+    is_boundary = torch.zeros(batch, dtype=torch.bool)
+    is_boundary[torch.randperm(batch, generator=generator)[:nb]] = True
+    t = torch.empty(batch)
+    t[is_boundary] = float(t_prime)
+    t[~is_boundary] = psi_bar.sample(batch - nb, generator)
     return t, is_boundary

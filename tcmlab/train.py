@@ -3,9 +3,10 @@
 Per step (global batch B, drawn from one seeded generator so that any number of data-parallel ranks sees the same
 global batch; each rank takes its rows):
   stage 0: EDM loss; stage 1: ECT loss with ratio = ect_ratio(i); stage 2: TCM loss, θ0 = frozen stage-1 EMA.
-Then gradient norm, a stop on any non-finite loss or gradient (counted in metrics.jsonl, never zeroed), the optimiser
-step with lr = inverse_sqrt_lr(i), and the EMA update. A checkpoint (model, EMA, optimiser, step, all RNG states)
-is written atomically every `ckpt_every` steps and at the end of every call.
+Then gradient norm, a stop on any non-finite loss or gradient (logged to metrics.jsonl, never zeroed), the optimiser
+step with lr = inverse_sqrt_lr(i), and the EMA update; i = step + train.step_offset (docs/decisions.md §11).
+A checkpoint (model, EMA, optimiser, step, all RNG states, and in stage 2 θ0 with its source) is written atomically
+every `ckpt_every` steps and at the end of every call.
 
 Runs under `torchrun` (DDP) when torch.distributed is initialised: rank 0 writes, gradients are averaged.
 """
@@ -29,10 +30,13 @@ from .config import RunConfig, from_dict, to_dict, to_json
 from .data import load_data
 from .ema import ema_beta, update_ema
 from .losses import LossOut, ect_loss, edm_loss, tcm_loss
-from .model import CKPT_NAME, build_model, frozen_copy, load_state, model_state
+from .model import CKPT_NAME, build_model, checkpoint_path, frozen_copy, load_state, model_state
 from .schedules import LogNormal, TruncatedLogStudentT, ect_ratio, inverse_sqrt_lr, n_boundary, tcm_times
 
-LOSS_T_EDGES = np.geomspace(0.002, 80.0, 9)  # bins for the loss-by-t diagnostic
+
+def loss_t_edges(t_max: float) -> np.ndarray:
+    """Bins of the loss-by-t diagnostic: 8 log-spaced bins over [0.002, T]."""
+    return np.geomspace(0.002, t_max, 9)
 
 
 class NonFiniteError(FloatingPointError):
@@ -73,9 +77,11 @@ def _check_config(run_dir: Path, cfg: RunConfig) -> None:
                          f"or delete this one to start over. Only train.steps may change between calls.")
 
 
-def _init_weights(cfg: RunConfig, f, shape, device):
-    """Load the previous stage's EMA weights (stage 1 from 0 or 1; stage 2 from 1) after checking compatibility."""
-    state, src = load_state(cfg.init_from, device)
+def _init_state(cfg: RunConfig, shape) -> tuple[dict, dict]:
+    """The previous stage's EMA weights (stage 1 from 0 or 1; stage 2 from 1) after checking compatibility, and
+    where they came from ({'path', 'step', 'sha256'}), on the CPU."""
+    path = checkpoint_path(cfg.init_from)
+    state, src = load_state(path, "cpu")
     allowed = {1: (0, 1), 2: (1,)}[cfg.stage]
     if src.stage not in allowed:
         raise ValueError(f"init_from={cfg.init_from} is a stage-{src.stage} run; stage {cfg.stage} needs a "
@@ -83,14 +89,15 @@ def _init_weights(cfg: RunConfig, f, shape, device):
     if src.net != cfg.net or tuple(state["shape"]) != tuple(shape):
         raise ValueError(f"init_from={cfg.init_from} has an incompatible network or data shape "
                          f"(its net={src.net}, shape={tuple(state['shape'])}; this run: net={cfg.net}, shape={shape})")
-    f.load_state_dict(model_state(state, "ema"))
+    source = {"path": str(path), "step": int(state["step"]), "sha256": checkpoint.sha256(path)}
+    return model_state(state, "ema"), source
 
 
-def _loss_by_t(out: LossOut) -> list:
+def _loss_by_t(out: LossOut, edges: np.ndarray) -> list:
     t, per = out.t.detach().cpu().numpy(), out.per_sample.cpu().numpy()
-    idx = np.clip(np.digitize(t, LOSS_T_EDGES) - 1, 0, len(LOSS_T_EDGES) - 2)
+    idx = np.clip(np.digitize(t, edges) - 1, 0, len(edges) - 2)
     rows = []
-    for b in range(len(LOSS_T_EDGES) - 1):
+    for b in range(len(edges) - 1):
         sel = per[idx == b]
         rows.append(float(sel.mean()) if sel.size else None)
     return rows
@@ -138,30 +145,37 @@ def train(cfg: RunConfig, run_dir: str | Path, *, steps: int | None = None, devi
 
     data = load_data(cfg.data).to(device)
     shape = data.shape
+    torch.manual_seed(tc.seed)  # the initial weights depend on train.seed alone, not on earlier RNG use
     f = build_model(cfg, shape).to(device).train()
-    f0 = None
+    f0, init_source = None, None
     ckpt_file = run_dir / CKPT_NAME
     resume = ckpt_file.exists()
+    # Resume state is read on the CPU (RNG states must be CPU byte tensors); load_state_dict copies to the device.
+    state = load_state(ckpt_file, "cpu")[0] if resume else None
     if cfg.init_from is not None and not resume:
-        _init_weights(cfg, f, shape, device)
+        init_weights, init_source = _init_state(cfg, shape)
+        f.load_state_dict(init_weights)
+    elif resume:
+        init_source = state.get("init_source")
     if cfg.stage == 2:
-        # θ0: the stage-1 EMA weights, frozen (TCM Eq. 5). Dropout on (official code) or off (paper), SPEC §2.
-        state0, _ = load_state(cfg.init_from, device)
+        # θ0: the stage-1 EMA weights, frozen (TCM Eq. 5), kept in this run's checkpoint so that a resumed run
+        # trains against the same teacher even if the stage-1 run moved on or is gone (docs/decisions.md §10).
+        # Dropout on (official code) or off (paper), docs/decisions.md §8.
         f0 = frozen_copy(f)
-        f0.load_state_dict(model_state(state0, "ema"))
+        if resume:
+            f0.load_state_dict(state["teacher"])
         f0.train(cfg.loss.teacher_dropout)
     ema = frozen_copy(f).eval()
 
     opt_cls = {"radam": torch.optim.RAdam, "adam": torch.optim.Adam}[tc.optimizer]
     opt = opt_cls(f.parameters(), lr=tc.lr, betas=tc.betas)
     scaler = torch.amp.GradScaler(device.type, enabled=tc.precision == "fp16")
-    gen = torch.Generator().manual_seed(tc.seed)  # global-batch randomness: indices, ε, t
+    gen = torch.Generator().manual_seed(tc.seed)  # global-batch randomness: indices, ε, t, boundary positions
     torch.manual_seed(tc.seed * 1000 + rank)  # dropout masks: per-rank seeds
-    step, nonfinite = 0, 0
+    step = 0
     metrics_path = run_dir / "metrics.jsonl"
 
     if resume:
-        state, _ = load_state(ckpt_file, device)
         f.load_state_dict(state["model"])
         ema.load_state_dict(state["ema"])
         opt.load_state_dict(state["optimizer"])
@@ -172,9 +186,10 @@ def train(cfg: RunConfig, run_dir: str | Path, *, steps: int | None = None, devi
         torch.set_rng_state(rng_torch[rank % len(rng_torch)])
         if device.type == "cuda" and rng_cuda:
             torch.cuda.set_rng_state(rng_cuda[rank % len(rng_cuda)], device)
-        step, nonfinite = int(state["step"]), int(state["nonfinite"])
+        step = int(state["step"])
         if rank == 0:
             _truncate_metrics(metrics_path, step)
+        del state
 
     f_train = f
     if world > 1:
@@ -189,6 +204,7 @@ def train(cfg: RunConfig, run_dir: str | Path, *, steps: int | None = None, devi
     else:
         t_dist = TruncatedLogStudentT(loss.t_prime, loss.t_max, loss.psi_scale, loss.psi_nu)
         nb_total = n_boundary(tc.batch, loss.rho)
+    edges = loss_t_edges(cfg.t_max)
 
     def save():
         # Every rank's dropout RNG goes into the checkpoint, so a resumed DDP run continues each rank's stream.
@@ -201,18 +217,23 @@ def train(cfg: RunConfig, run_dir: str | Path, *, steps: int | None = None, devi
                 dist.all_gather_object(rng_cuda, torch.cuda.get_rng_state(device).cpu())
         if rank != 0:
             return
-        checkpoint.save(ckpt_file, {
-            "config": to_json(cfg), "step": step, "nonfinite": nonfinite, "shape": list(shape),
+        state = {
+            "config": to_json(cfg), "step": step, "shape": list(shape),
             "model": f.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(),
             "scaler": scaler.state_dict() if scaler.is_enabled() else {},
             "rng": {"data": gen.get_state(), "torch": rng_torch, "cuda": rng_cuda},
-        })
+        }
+        if init_source is not None:
+            state["init_source"] = init_source  # {'path', 'step', 'sha256'} of init_from when this run started
+        if f0 is not None:
+            state["teacher"] = f0.state_dict()
+        checkpoint.save(ckpt_file, state)
 
     bar = tqdm(total=end, initial=step, disable=not progress or rank != 0, desc=f"stage {cfg.stage} [{cfg.name}]",
                dynamic_ncols=True)
     t_last, step_last = time.perf_counter(), step
     while step < end:
-        i = step
+        i = step + tc.step_offset
         lr = inverse_sqrt_lr(i, tc.lr, tc.lr_t_ref)
         for g in opt.param_groups:
             g["lr"] = lr
@@ -253,10 +274,11 @@ def train(cfg: RunConfig, run_dir: str | Path, *, steps: int | None = None, devi
         scaler.unscale_(opt)
         grad_norm = torch.nn.utils.get_total_norm([p.grad for p in f.parameters() if p.grad is not None])
         finite = bool(torch.isfinite(loss_value)) and (scaler.is_enabled() or bool(torch.isfinite(grad_norm)))
-        if not finite:
-            nonfinite += 1
+        if not finite:  # reported, never patched: how many per-sample losses and gradient tensors were non-finite
             row = {"kind": "nonfinite", "step": step, "loss": float(loss_value), "grad_norm": float(grad_norm),
-                   "nonfinite": nonfinite}
+                   "nonfinite_samples": int(sum((~torch.isfinite(o.per_sample)).sum() for o in outs)),
+                   "nonfinite_grads": sum(int(not torch.isfinite(p.grad).all()) for p in f.parameters()
+                                          if p.grad is not None)}
             if rank == 0:
                 _append_metrics(metrics_path, row)
             bar.close()
@@ -266,16 +288,16 @@ def train(cfg: RunConfig, run_dir: str | Path, *, steps: int | None = None, devi
         scaler.step(opt)
         scaler.update()
         step += 1
-        update_ema(ema, f, ema_beta(step, tc.ema, tc.ema_beta, tc.ema_gamma))
+        beta = ema_beta(step + tc.step_offset, tc.ema, tc.ema_beta, tc.ema_gamma)
+        update_ema(ema, f, beta)
         bar.update(1)
 
         if step % tc.log_every == 0 or step == end:
             now = time.perf_counter()
             all_out = _cat(outs)
             row = {"kind": "train", "step": step, "stage": cfg.stage, "loss": float(loss_value), "lr": lr,
-                   "grad_norm": float(grad_norm), "ema_beta": ema_beta(step, tc.ema, tc.ema_beta, tc.ema_gamma),
-                   "sec_per_step": (now - t_last) / max(step - step_last, 1), "nonfinite": nonfinite,
-                   "loss_by_t": _loss_by_t(all_out)}
+                   "grad_norm": float(grad_norm), "ema_beta": beta,
+                   "sec_per_step": (now - t_last) / max(step - step_last, 1), "loss_by_t": _loss_by_t(all_out, edges)}
             row["images_per_sec"] = tc.batch / row["sec_per_step"]
             if ratio is not None:
                 row["ratio"] = ratio

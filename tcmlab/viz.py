@@ -1,13 +1,13 @@
-"""Pictures of samples: image grids and 2-D scatter plots as PNG (PIL only, no browser needed)."""
+"""Pictures of samples: image grids (torchvision) and 2-D scatter plots as PNG (PIL), no browser needed."""
 
 from __future__ import annotations
 
 import math
 from pathlib import Path
 
-import numpy as np
 import torch
 from PIL import Image, ImageDraw
+from torchvision.utils import make_grid
 
 
 def to_uint8(x: torch.Tensor) -> torch.Tensor:
@@ -16,16 +16,12 @@ def to_uint8(x: torch.Tensor) -> torch.Tensor:
 
 
 def image_grid(x: torch.Tensor, nrow: int | None = None, scale: int = 1, pad: int = 1) -> Image.Image:
-    """Tile images [N, C, H, W] in [−1, 1] into one PIL image (nearest-neighbour upscaling by `scale`)."""
-    n, c, h, w = x.shape
+    """Tile images [N, C, H, W] in [−1, 1] into one PIL image (torchvision's make_grid on the uint8 images, white
+    padding, nearest-neighbour upscaling by `scale`)."""
+    n, c = x.shape[:2]
     nrow = nrow or int(math.ceil(math.sqrt(n)))
-    ncol = int(math.ceil(n / nrow))
-    img = to_uint8(x).permute(0, 2, 3, 1).numpy()
-    canvas = np.full((ncol * (h + pad) + pad, nrow * (w + pad) + pad, c), 255, dtype=np.uint8)
-    for k in range(n):
-        r, q = divmod(k, nrow)
-        canvas[pad + r * (h + pad): pad + r * (h + pad) + h, pad + q * (w + pad): pad + q * (w + pad) + w] = img[k]
-    out = Image.fromarray(canvas[..., 0] if c == 1 else canvas)
+    grid = make_grid(to_uint8(x), nrow=nrow, padding=pad, pad_value=255)  # [3, H', W'] (grey images repeated)
+    out = Image.fromarray(grid[0].numpy() if c == 1 else grid.permute(1, 2, 0).numpy())
     return out.resize((out.width * scale, out.height * scale), Image.NEAREST) if scale > 1 else out
 
 

@@ -142,3 +142,69 @@ def test_weighting_cout_sq():
     assert torch.allclose(out.per_sample, pseudo_huber(torch.zeros_like(x), torch.zeros_like(x), 0.06) / c_out**2 + 0)
     with pytest.raises(ValueError, match="weighting"):
         ect_loss(f, x, eps, t, 0.999, 0.06, "nope")
+
+
+class MaskRecorder(nn.Module):
+    """f(x, t) = a dropout mask of the batch; records the masks of its gradient-carrying (student) passes."""
+
+    def __init__(self):
+        super().__init__()
+        from tcmlab.nets import RowDropout
+        self.w = nn.Parameter(torch.tensor(1.0))
+        self.drop = RowDropout(0.5)
+        self.student_masks = []
+
+    def forward(self, x, t):
+        out = self.drop(torch.ones_like(x)) * self.w
+        if torch.is_grad_enabled():
+            self.student_masks.append(out.detach())
+        return out
+
+
+@pytest.mark.parametrize("passes", ["routed", "full"])
+@pytest.mark.parametrize("teacher_dropout", [True, False])
+def test_dropout_masks_differ_across_consecutive_micro_batches(passes, teacher_dropout):
+    # A micro-batch of only boundary rows: with θ0 in eval mode no teacher pass draws a mask, so a loss that leaves
+    # the RNG rewound to the student's state makes the next micro-batch (or step) replay the same mask.
+    x, eps = batch(8)
+    t, is_b = torch.full((8,), 1.0), torch.ones(8, dtype=torch.bool)
+    f, f0 = MaskRecorder(), MaskRecorder().requires_grad_(False).train(teacher_dropout)
+    torch.manual_seed(0)
+    for _ in range(3):
+        tcm_loss(f, f0, x, eps, t, is_b, 1.0, 0.999, 1e-8, "inv_dt", 0.1, passes)
+    m = f.student_masks
+    assert len(m) == 3 and not torch.equal(m[0], m[1]) and not torch.equal(m[1], m[2])
+    for _ in range(2):
+        ect_loss(f, x, eps, torch.full((8,), 2.0), 0.999, 1e-8, "inv_dt")
+    assert len(m) == 5 and not torch.equal(m[3], m[4]) and not torch.equal(m[2], m[3])
+
+
+class TimeMarker(nn.Module):
+    """f(x, t) = value·t (+ 0·x): consistency pairs (t, r) differ by value·Δt, so every row has a non-zero loss."""
+
+    def __init__(self, value, trainable):
+        super().__init__()
+        self.w = nn.Parameter(torch.tensor(float(value)), requires_grad=trainable)
+
+    def forward(self, x, t):
+        return torch.zeros_like(x) + self.w * t.reshape(-1, 1, 1, 1)
+
+
+def test_tcm_loss_normalisers_eq_11():
+    # Eq. (10)/(11): w_b·(1/N_B)·Σ_boundary + (1/(B − N_B))·Σ_consistency, both sums non-zero and N_B ≠ B − N_B,
+    # so dividing either sum by B (or by the other count) changes the value.
+    x, eps = batch()
+    t = torch.tensor([1.0] * 4 + [1.5, 2.0, 3.0, 5.0, 8.0, 10.0, 20.0, 40.0, 60.0, 70.0, 75.0, 80.0])
+    is_b = torch.arange(16) < 4
+    f, f0 = TimeMarker(1.0, True), TimeMarker(3.0, False)
+    out = tcm_loss(f, f0, x, eps, t, is_b, 1.0, 0.999, 1e-8, "inv_dt", w_b=0.5)
+    r = ect_r(t, 0.999)
+    target = torch.where(r < 1.0, 3.0 * r, r)  # θ0 below t′, the student's own (stopgrad) output above
+    per = (64 * (t - target) ** 2 + 1e-16).sqrt() / (t - r)  # 64 pixels of difference t − target each
+    assert torch.allclose(out.per_sample, per, rtol=1e-4)
+    assert per[:4].sum() > 0 and per[4:].sum() > 0
+    expected = 0.5 * per[:4].sum() / 4 + per[4:].sum() / 12
+    assert out.loss.item() == pytest.approx(float(expected), rel=1e-5)
+    out2 = tcm_loss(f, f0, x, eps, t, is_b, 1.0, 0.999, 1e-8, "inv_dt", w_b=0.5, n_boundary_total=8,
+                    n_consistency_total=24)  # global normalisers for data-parallel ranks
+    assert out2.loss.item() == pytest.approx(float(0.5 * per[:4].sum() / 8 + per[4:].sum() / 24), rel=1e-5)

@@ -37,3 +37,39 @@ def test_card_command_rejects_tprime_out_of_range(tmp_path):
     r = run_card(tmp_path, "-p", "tprime", "200")
     assert r.returncode != 0
     assert "tprime (loss.t_prime) must be in (0, T=80), got 200" in r.stderr + r.stdout
+
+
+def test_boolean_parameters_are_parsed_strictly():
+    from tcmlab import nbparams
+    assert nbparams.as_bool("teacher_dropout", "false") is False  # bool("false") would be True
+    assert nbparams.as_bool("teacher_dropout", "True") is True and nbparams.as_bool("x", 0) is False
+    for bad in ("maybe", 2, None, 0.5):
+        with pytest.raises(ValueError, match="teacher_dropout must be true or false"):
+            nbparams.as_bool("teacher_dropout", bad)
+    cfg = nbparams.stage2_config("ci", "runs/s1", 1, 0.1, 0.25, 0.2, 0.01, teacher_dropout="false")
+    assert cfg.loss.teacher_dropout is False
+
+
+def test_explorer_plots_the_dirac_mass_from_w_b_not_rho():
+    # TCM Eq. (7)/(10): λ_b = w_b/(1 + w_b); ρ is the batch share at t′, not the mass.
+    from tcmlab import plots
+    fig = plots.psi_figure(1.0, 0.2, 0.01, rho=0.25, w_b=0.1)
+    spike = fig.data[2]
+    assert max(spike.y) == pytest.approx(0.1 / 1.1) and "ρ = 0.25" in spike.name
+    assert max(plots.psi_figure(1.0, 0.2, 0.01, rho=0.5, w_b=1.0).data[2].y) == pytest.approx(0.5)
+    assert max(plots.psi_figure(1.0, 0.2, 0.01, rho=0.1, w_b=1.0).data[2].y) == pytest.approx(0.5)
+
+
+def test_code_cites_decisions_that_exist():
+    import re
+    root = Path(__file__).resolve().parents[1]
+    decisions = (root / "docs" / "decisions.md").read_text()
+    sections = set(re.findall(r"^## §(\d+)", decisions, re.M))
+    files = [p for p in (root / "tcmlab").rglob("*.py")] + list((root / "tests").glob("*.py"))
+    for path in files:
+        text = path.read_text()
+        if path.name != "test_notebooks.py":
+            assert "SPEC" not in text and "reference-code.md" not in text, f"{path} cites a document outside the repo"
+        for cited in re.findall(r"decisions(?:\.md)? (§[\d–, §]+)", text):
+            for n in re.findall(r"\d+", cited):
+                assert n in sections, f"{path} cites docs/decisions.md §{n}, which does not exist"

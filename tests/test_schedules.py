@@ -21,7 +21,7 @@ def test_ect_ratio_imagenet_cap():
 
 
 def test_delta_t_values():
-    # Δt = (1 + 8·sigmoid(-t))·(1 - ratio)·t ; at t' = 1, ratio 0.999: 0.00315 (reference-code.md §1.3)
+    # Δt = (1 + 8·sigmoid(-t))·(1 - ratio)·t ; at t' = 1, ratio 0.999: 0.00315 (docs/decisions.md §2)
     dt = delta_t(torch.tensor([1.0]), 0.999)
     assert float(dt) == pytest.approx((1 + 8 / (1 + math.e)) * 0.001, rel=1e-5)
     assert float(dt) == pytest.approx(0.00315, abs=1e-5)
@@ -66,10 +66,35 @@ def test_lognormal_truncated_support():
     assert float(torch.log(t).mean()) == pytest.approx(-1.1, abs=0.05)
 
 
+def test_ect_ratio_never_overflows():
+    # `ci` has d = 5 → ⌊i/d⌋ + 1 passes 1023 at i ≈ 5,115; q^(k) overflowed a float there.
+    assert ect_ratio(5_115, q=2, d=5, ratio_max=0.99) == 0.99
+    assert ect_ratio(10**9, q=2, d=1, ratio_max=0.999) == 0.999
+    assert ect_ratio(10**9, q=4, d=1, ratio_max=0.9961) == 0.9961
+
+
 def test_tcm_times_partition():
     assert n_boundary(1024, 0.25) == 256 and n_boundary(10, 0.25) == 2
+    assert n_boundary(100, 0.29) == 28  # int(B·ρ) as the official code (a floor with an epsilon gave 29)
     t, b = tcm_times(10, 1.0, 0.25, TruncatedLogStudentT(), torch.Generator().manual_seed(0))
-    assert b.sum() == 2 and torch.all(t[b] == 1.0) and torch.all(t[~b] >= 1.0)
+    assert b.sum() == 2 and torch.all(t[b] == 1.0) and torch.all(t[~b] > 1.0)
+    t, b = tcm_times(100, 1.0, 0.29, TruncatedLogStudentT(), torch.Generator().manual_seed(0))
+    assert b.sum() == 28
+
+
+def test_boundary_rows_are_spread_over_data_parallel_ranks():
+    # CIFAR stage 2 on 8 GPUs: B = 1024, N_B = 256. Each rank's slice must hold ≈ ρ boundary rows, not all or none.
+    g = torch.Generator().manual_seed(0)
+    share = torch.zeros(8)
+    for _ in range(20):
+        _, b = tcm_times(1024, 1.0, 0.25, TruncatedLogStudentT(), g)
+        assert int(b.sum()) == 256
+        per_rank = b.reshape(8, 128).float().mean(1)
+        assert float(per_rank.min()) > 0.1 and float(per_rank.max()) < 0.4
+        share += per_rank / 20
+    assert torch.allclose(share, torch.full((8,), 0.25), atol=0.03)
+    _, b2 = tcm_times(1024, 1.0, 0.25, TruncatedLogStudentT(), g)
+    assert not torch.equal(b, b2)  # new positions every step
 
 
 def test_inverse_sqrt_lr():

@@ -7,6 +7,10 @@ that runs the network is saved and restored (`get_rng_state`/`set_rng_state`), s
 TCM stage 2 runs the teachers on row subsets (θ0 on rows with r < t′, θ⁻ on the rest). A mask drawn for a subset
 would differ from the student's mask for those rows, so inside `dropout_rows(rows, batch)` every `RowDropout` draws
 the mask for the whole batch and keeps `rows`: each row sees exactly the mask it saw in the student pass.
+
+`replay_rng(device, state)` runs a teacher pass from the student's RNG state and then puts the generator back where
+the student pass left it, so the next micro-batch or step draws fresh masks whatever the teacher passes drew (or did
+not draw: a teacher in eval mode draws nothing). docs/decisions.md §9.
 """
 
 from __future__ import annotations
@@ -62,8 +66,21 @@ def get_rng_state(device: torch.device | str):
 
 
 def set_rng_state(device: torch.device | str, state) -> None:
+    """Restore a state from `get_rng_state` (always a CPU byte tensor, as torch requires)."""
     device = torch.device(device)
+    state = state.cpu()
     if device.type == "cuda":
         torch.cuda.set_rng_state(state, device)
     else:
         torch.set_rng_state(state)
+
+
+@contextmanager
+def replay_rng(device: torch.device | str, state):
+    """Run the block from RNG `state` (the student's), then restore the state current on entry."""
+    after = get_rng_state(device)
+    set_rng_state(device, state)
+    try:
+        yield
+    finally:
+        set_rng_state(device, after)

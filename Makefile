@@ -5,7 +5,7 @@ STAMP  := $(VENV)/.tcmlab-installed
 RUNS   ?= runs
 PRESET ?= digits
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test bench mutate clean
 
 setup: $(STAMP)
 
@@ -28,6 +28,15 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m tcmlab.bench
+
+# Mutation testing of losses/schedules/precond/samplers ([tool.mutmut] in pyproject.toml; docs/testing.md records the
+# score). Not part of `make test`. Starts from a fresh mutants/ so the score never mixes in cached results of older
+# code; MUTATE_CHILDREN caps the parallel workers (mutmut's default is one per core).
+MUTATE_CHILDREN ?= 2
+mutate: $(STAMP)
+	rm -rf mutants
+	$(VENV)/bin/mutmut run --max-children $(MUTATE_CHILDREN)
+	$(VENV)/bin/mutmut results
 
 clean:
 	rm -rf $(RUNS)

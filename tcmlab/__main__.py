@@ -1,28 +1,51 @@
-"""Command line: `python -m tcmlab demo|train|sample|evaluate` (thin wrappers around tcmlab.train / tcmlab.samplers)."""
+"""Command line: `python -m tcmlab demo|train|sample|evaluate` (thin wrappers around tcmlab.train / samplers / metrics).
+
+Every expected failure (missing, damaged or mismatched files, permissions, a full disk, bad values) ends in one
+`error:` line saying what to do, with exit code 2; `--debug` shows the traceback instead. SIGTERM/SIGINT during
+training write a checkpoint and exit with 128 + the signal number; the same command resumes.
+Training runs verbatim under `torchrun --standalone --nproc_per_node=N -m tcmlab train ...` (option names do not
+collide with torchrun's: the run directory is `--outdir`, as in EDM).
+"""
 
 from __future__ import annotations
 
 import argparse
+import errno
+import json
+import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 
-from .config import preset
+from .config import preset, with_overrides
 from .model import load_model
 from .samplers import generate
-from .train import train
+from .train import Interrupted, train
 from .viz import save_samples
 
 
-def sample_grids(run: Path, out: Path, t_mid: float, n: int = 64, seed: int = 0) -> list[Path]:
+def _default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def run_dir_of(run: str | Path) -> Path:
+    """The run directory of a run directory or of a checkpoint file inside one."""
+    run = Path(run)
+    return run if run.is_dir() else run.parent
+
+
+def sample_grids(run: Path, out: Path, t_mid: float, n: int = 64, seed: int = 0, device: str | None = None,
+                 batch: int = 1024) -> list[Path]:
     """1-step and 2-step (T → t_mid) sample grids of a run's EMA model as PNG files."""
-    m = load_model(run)
+    m = load_model(run, device=device or _default_device())
     paths = []
     for name, ts in (("1step", (m.t_max,)), ("2step", (m.t_max, t_mid))):
         g = torch.Generator().manual_seed(seed)
-        x = generate(m.f, n, m.shape, ts, generator=g, t_prime=m.t_prime)
+        x = generate(m.f, n, m.shape, ts, generator=g, t_prime=m.t_prime, batch=batch)
         paths.append(save_samples(x, out / f"samples_{name}.png"))
     return paths
 
@@ -45,37 +68,53 @@ def cmd_demo(args) -> None:
 
 def cmd_train(args) -> None:
     cfg = preset(args.preset, args.stage, **({"init_from": args.init_from} if args.init_from else {}))
-    r = train(cfg, args.run, steps=args.steps)
-    print(f"[tcmlab] stage {cfg.stage} at step {r.step}: {r.run_dir}")
+    cfg = with_overrides(cfg, args.set)
+    r = train(cfg, args.outdir, steps=args.steps, device=args.device)
+    if os.environ.get("RANK", "0") == "0":
+        print(f"[tcmlab] stage {cfg.stage} at step {r.step}: {r.run_dir}")
+
+
+def _writable(folder: Path) -> None:
+    """Fail before hours of computation if the results cannot be written."""
+    with tempfile.TemporaryFile(dir=folder):
+        pass
 
 
 def cmd_sample(args) -> None:
-    for p in sample_grids(Path(args.run), Path(args.out or args.run), args.t_mid, n=args.n, seed=args.seed):
+    out = Path(args.out) if args.out else run_dir_of(args.run)
+    out.mkdir(parents=True, exist_ok=True)
+    _writable(out)
+    for p in sample_grids(Path(args.run), out, args.t_mid, n=args.n, seed=args.seed, device=args.device,
+                          batch=args.batch):
         print(p)
 
 
 def cmd_evaluate(args) -> None:
-    import json
-
     from . import metrics
     from .checkpoint import atomic_write_text
 
     t0 = time.perf_counter()
-    m = load_model(args.run, which="raw" if args.raw else "ema")
+    run_dir = run_dir_of(args.run)
+    _writable(run_dir)
+    m = load_model(args.run, which="raw" if args.raw else "ema", device=args.device)
     if m.cfg.data.name == "digits":
         es = metrics.digits_eval_set()
     elif m.cfg.data.name == "cifar10":
-        es = metrics.cifar10_eval_set(m.cfg.data.root, args.inception_weights)
+        if not args.data_root:  # a checkpoint's stored paths are data: shown, never followed
+            raise ValueError(f"this run trained on CIFAR-10 from {m.cfg.data.root!r} (as its checkpoint says); "
+                             f"pass --data-root DIR (the folder holding cifar-10-batches-py) to evaluate against it")
+        es = metrics.cifar10_eval_set(args.data_root, args.inception_weights)
     else:
         raise ValueError(f"evaluation needs image data (digits or cifar10), this run trained on {m.cfg.data.name!r}")
+    es.cuda = torch.device(args.device).type == "cuda"
     g = torch.Generator().manual_seed(args.seed)
     ts = sorted(set(metrics.dfid_ts(m.t_max)) | ({m.t_prime} if m.t_prime else set()))
-    d = metrics.dfid(m.f, es, ts, n=args.n, generator=g)
-    rows = metrics.sample_quality(m, es, t_mid=args.t_mid, n=args.n, seed=args.seed)
+    d = metrics.dfid(m.f, es, ts, n=args.n, generator=g, batch=args.batch)
+    rows = metrics.sample_quality(m, es, t_mid=args.t_mid, n=args.n, seed=args.seed, batch=args.batch)
     n_q = metrics.floor_n(es, args.n)
     rows += [{"card": metrics.asdict(metrics.dfid_card(es, t, n_q, m.which, args.seed, m.step)), "fid": v,
               "floor": rows[0]["floor"], "floor_n": n_q} for t, v in d.items()]
-    path = Path(args.run) / "eval.jsonl"
+    path = run_dir / "eval.jsonl"
     old = path.read_text() if path.exists() else ""
     atomic_write_text(path, old + "".join(json.dumps(r) + "\n" for r in rows))
     fl = rows[0]["floor"]
@@ -87,37 +126,81 @@ def cmd_evaluate(args) -> None:
     print(f"  appended to {path} in {time.perf_counter() - t0:.1f} s")
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m tcmlab", description=__doc__)
+def _positive(min_value: int):
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {min_value}, got {text!r}") from None
+        if v < min_value:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {min_value}, got {v}")
+        return v
+    return parse
+
+
+def _describe(e: BaseException) -> str:
+    """One line saying what went wrong and what to do."""
+    if isinstance(e, PermissionError):
+        return f"permission denied: {e.filename}. Make it writable/readable, or use another path."
+    if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+        return (f"no space left on the device writing {e.filename or 'a file'}. Free some space and run the same "
+                f"command again (the last checkpoint is intact).")
+    if isinstance(e, OSError) and e.filename and not isinstance(e, FileNotFoundError):
+        return f"{e.strerror or e}: {e.filename}"
+    return str(e)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m tcmlab", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--debug", action="store_true", help="show the traceback of an error")
     sub = ap.add_subparsers(dest="cmd", required=True)
     d = sub.add_parser("demo", help="stage 0 -> 1 -> 2 on a preset, with sample grids")
     d.add_argument("--preset", default="digits")
     d.add_argument("--out", default="runs/demo")
     d.add_argument("--t-mid", type=float, default=1.0, help="intermediate time of 2-step sampling (TCM App. E)")
-    t = sub.add_parser("train", help="train (or continue) one stage")
+    t = sub.add_parser("train", help="train (or continue) one stage; works under torchrun")
     t.add_argument("--preset", default="digits")
     t.add_argument("--stage", type=int, required=True, choices=(0, 1, 2))
-    t.add_argument("--run", required=True, help="run directory (created, or resumed if it holds a checkpoint)")
-    t.add_argument("--init-from", help="run directory of the previous stage")
-    t.add_argument("--steps", type=int, help="at most this many more steps in this call")
-    s = sub.add_parser("sample", help="1- and 2-step sample grids of a run")
-    s.add_argument("run")
-    s.add_argument("--out")
-    s.add_argument("--n", type=int, default=64)
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--t-mid", type=float, default=1.0)
-    e = sub.add_parser("evaluate", help="1-/2-step FID/KID and dFID_t of a run, with eval cards (eval.jsonl)")
-    e.add_argument("run")
+    t.add_argument("--outdir", required=True, help="run directory (created, or resumed if it holds a checkpoint)")
+    t.add_argument("--init-from", help="run directory (or checkpoint file) of the previous stage")
+    t.add_argument("--steps", type=_positive(1), help="at most this many more steps in this call")
+    t.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
+                   help="override a config field, e.g. --set train.batch=128 --set net.channels=64 (repeatable)")
+    t.add_argument("--device", help="cpu, cuda, cuda:1 (default: CUDA when present; under torchrun, LOCAL_RANK's GPU)")
+    for name, help_ in (("sample", "1- and 2-step sample grids of a run"),
+                        ("evaluate", "1-/2-step FID/KID and dFID_t of a run, with eval cards (eval.jsonl)")):
+        s = sub.add_parser(name, help=help_)
+        s.add_argument("run", help="run directory or checkpoint file")
+        s.add_argument("--seed", type=int, default=0)
+        s.add_argument("--t-mid", type=float, default=1.0)
+        s.add_argument("--device", default=_default_device(), help="default: CUDA when present")
+        s.add_argument("--batch", type=_positive(1), default=1024, help="images per network call")
+    s = sub.choices["sample"]
+    s.add_argument("--out", help="folder for the PNGs (default: the run directory)")
+    s.add_argument("--n", type=_positive(1), default=64)
+    e = sub.choices["evaluate"]
     e.add_argument("--raw", action="store_true", help="score the raw weights instead of the EMA")
-    e.add_argument("--n", type=int, help="images to score (default: the reference size)")
-    e.add_argument("--seed", type=int, default=0)
-    e.add_argument("--t-mid", type=float, default=1.0)
+    e.add_argument("--n", type=_positive(2), help="images to score (default: the query half / reference size)")
+    e.add_argument("--data-root", help="CIFAR-10: folder holding cifar-10-batches-py (never taken from the checkpoint)")
     e.add_argument("--inception-weights", help="local Inception weights file (CIFAR-10; or $TCMLAB_INCEPTION_WEIGHTS)")
-    args = ap.parse_args(argv)
+    return ap
+
+
+EXPECTED = (ValueError, OSError, RuntimeError, LookupError, ArithmeticError, SafetensorError)
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
     try:
         {"demo": cmd_demo, "train": cmd_train, "sample": cmd_sample, "evaluate": cmd_evaluate}[args.cmd](args)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except Interrupted as e:
+        print(f"[tcmlab] {e}", file=sys.stderr)
+        return 128 + e.signum
+    except EXPECTED as e:
+        if args.debug:
+            raise
+        print(f"error: {_describe(e)}", file=sys.stderr)
         return 2
     return 0
 

@@ -1,8 +1,9 @@
 """Checkpoints: one safetensors file per save, holding every tensor, with the JSON state (config, step, optimiser
 hyper-parameters, ...) in the file's metadata. Never pickled code.
 
-Writes are atomic: the file is written under a temporary name in the same folder, flushed, then `os.replace`d over
-the old one, so an interrupted save leaves the previous checkpoint intact.
+Writes are atomic: the file is written under a unique temporary name in the same folder, flushed, then
+`os.replace`d over the old one, so an interrupted save leaves the previous checkpoint intact and two writers never
+share a temporary file. `check_finite` refuses weights holding NaN or inf, naming the tensor.
 """
 
 from __future__ import annotations
@@ -10,10 +11,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 TENSOR_TAG = "__tensor__"
@@ -46,14 +49,26 @@ def unflatten(skel, tensors: dict[str, torch.Tensor]):
     return skel
 
 
+@contextmanager
+def _temp_beside(path: Path):
+    """A unique temporary file name in path's folder; removed unless the block moved it into place."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        yield tmp
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
 def atomic_write_text(path: Path, text: str) -> None:
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    with _temp_beside(path) as tmp:
+        with open(tmp, "w") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
 
 
 def sha256(path: str | Path) -> str:
@@ -71,11 +86,20 @@ def save(path: str | Path, state: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors: dict[str, torch.Tensor] = {}
     skeleton = flatten(state, "s", tensors)
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file(tensors, str(tmp), metadata={"tcmlab": json.dumps(skeleton)})
-    with open(tmp, "rb+") as fh:
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    with _temp_beside(path) as tmp:
+        save_file(tensors, tmp, metadata={"tcmlab": json.dumps(skeleton)})
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+
+
+def check_finite(tensors: dict[str, torch.Tensor], where: str) -> None:
+    """Refuse weights that hold NaN or inf: a damaged file or a diverged run must not be used silently."""
+    for name, v in tensors.items():
+        if v.is_floating_point() and not bool(torch.isfinite(v).all()):
+            bad = int((~torch.isfinite(v)).sum())
+            raise ValueError(f"{where}: tensor {name!r} holds {bad} non-finite value(s). The file is damaged or the "
+                             f"run diverged; restore a copy, or train again from an earlier checkpoint.")
 
 
 def load(path: str | Path, device="cpu") -> dict:
@@ -86,10 +110,11 @@ def load(path: str | Path, device="cpu") -> dict:
                                 f"or train the previous stage first")
     try:
         tensors = load_file(str(path), device=str(device))
-        from safetensors import safe_open
         with safe_open(str(path), framework="pt") as fh:
             skeleton = json.loads((fh.metadata() or {})["tcmlab"])
-    except (SafetensorError, KeyError, json.JSONDecodeError, OSError) as e:
+        return unflatten(skeleton, tensors)
+    except PermissionError:
+        raise
+    except (SafetensorError, KeyError, TypeError, ValueError, OSError) as e:
         raise ValueError(f"checkpoint {path} is damaged or not a tcmlab checkpoint ({e}). Restore it from a copy, "
-                         f"or delete it to restart that stage from step 0 (nothing else in the run is touched).")
-    return unflatten(skeleton, tensors)
+                         f"or delete it to restart that stage from step 0 (nothing else in the run is touched).") from None

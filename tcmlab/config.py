@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Union
 
@@ -22,6 +23,16 @@ def _require(ok: bool, name: str, rule: str, value) -> None:
         raise ValueError(f"{name} must be {rule}, got {value!r}")
 
 
+def _require_finite(cfg, prefix: str) -> None:
+    """Every number of a config (also inside tuples) must be finite: nan and inf pass `> 0`-style range checks."""
+    for f in dataclasses.fields(cfg):
+        v = getattr(cfg, f.name)
+        for x in v if isinstance(v, tuple) else (v,):
+            if isinstance(x, bool) or not isinstance(x, (int, float)):
+                continue
+            _require(math.isfinite(x), f"{prefix}.{f.name}", "a finite number", v)
+
+
 @dataclass(frozen=True)
 class DataConfig:
     name: str = "digits"  # 'digits' (embedded default) | 'toy2d' | 'cifar10' | 'synthetic'
@@ -30,6 +41,7 @@ class DataConfig:
     synthetic_n: int = 4096  # synthetic only: number of random CIFAR-shaped images
 
     def __post_init__(self):
+        _require_finite(self, "data")
         _require(self.name in ("digits", "toy2d", "cifar10", "synthetic"), "data.name",
                  "one of 'digits', 'toy2d', 'cifar10', 'synthetic'", self.name)
         _require(self.toy in ("moons", "gaussians8"), "data.toy", "'moons' or 'gaussians8'", self.toy)
@@ -47,6 +59,7 @@ class NetConfig:
     dropout: float = 0.2  # TCM/ECT CIFAR-10 (docs/decisions.md §15)
 
     def __post_init__(self):
+        _require_finite(self, "net")
         _require(self.arch in ("mlp", "ddpmpp"), "net.arch", "'mlp' or 'ddpmpp'", self.arch)
         _require(self.channels >= 1, "net.channels", ">= 1", self.channels)
         _require(self.depth >= 1, "net.depth", ">= 1", self.depth)
@@ -77,6 +90,7 @@ class TrainConfig:
     step_offset: int = 0
 
     def __post_init__(self):
+        _require_finite(self, "train")
         _require(self.steps >= 1, "train.steps", ">= 1", self.steps)
         _require(self.batch >= 2, "train.batch", ">= 2", self.batch)
         _require(self.batch_gpu >= 0, "train.batch_gpu", ">= 0", self.batch_gpu)
@@ -103,6 +117,7 @@ class EDMConfig:
     P_std: float = 1.2  # EDM
 
     def __post_init__(self):
+        _require_finite(self, "loss")
         _require(self.P_std > 0, "loss.P_std", "> 0", self.P_std)
 
 
@@ -121,6 +136,7 @@ class ECTConfig:
     weighting: str = "inv_dt"  # ω(t)/Δt: 'inv_dt' (ω = 1, CIFAR-10) | 'cout_sq' (ImageNet)
 
     def __post_init__(self):
+        _require_finite(self, "loss")
         _require(self.P_std > 0, "loss.P_std", "> 0", self.P_std)
         _require(0 < self.t_min < self.t_max, "loss.t_min", f"in (0, t_max={self.t_max})", self.t_min)
         _require(self.q > 1, "loss.q", "> 1", self.q)
@@ -147,6 +163,7 @@ class TCMConfig:
     teacher_passes: str = "routed"  # 'routed' (ours) | 'full' (official: θ0 and θ⁻ on the whole batch), decisions §7
 
     def __post_init__(self):
+        _require_finite(self, "loss")
         _require(0 < self.t_prime < self.t_max, "tprime (loss.t_prime)", f"in (0, T={self.t_max:g})", self.t_prime)
         _require(self.w_b >= 0, "w_b (loss.w_b)", ">= 0", self.w_b)
         _require(0 < self.rho < 1, "rho (loss.rho)", "in (0, 1)", self.rho)
@@ -177,6 +194,9 @@ class RunConfig:
 
     def __post_init__(self):
         _require(type(self.loss) in STAGE_OF, "loss", "an EDMConfig, ECTConfig or TCMConfig", self.loss)
+        _require(self.stage > 0 or self.init_from is None, "init_from",
+                 "empty for stage 0 (diffusion pretraining starts from random weights; init_from is for stages 1, 2)",
+                 self.init_from)
         if self.stage == 2:
             _require(self.train.batch - n_boundary(self.train.batch, self.loss.rho) >= 1, "rho",
                      "small enough to leave consistency rows in the batch", self.loss.rho)
@@ -258,6 +278,41 @@ PRESETS: dict[str, tuple[RunConfig | None, RunConfig, RunConfig]] = {
                   TrainConfig(steps=200_000, batch=1024, lr=5e-5, ema_beta=0.9999), TCMConfig()),
     ),
 }
+
+
+def _parse_value(text: str, current, name: str):
+    """A command-line value in the type of the field it replaces."""
+    try:
+        if isinstance(current, bool):
+            if text.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                raise ValueError
+            return text.lower() in ("true", "1", "yes")
+        if isinstance(current, tuple):
+            items = [x for x in text.replace("(", "").replace(")", "").split(",") if x.strip()]
+            kind = type(current[0]) if current else float
+            return tuple(kind(x) for x in items)
+        if isinstance(current, int):
+            return int(text)
+        if isinstance(current, float):
+            return float(text)
+        return None if text.lower() in ("none", "") and current is None else text
+    except ValueError:
+        raise ValueError(f"--set {name}={text}: expected a value like {current!r}") from None
+
+
+def with_overrides(cfg: RunConfig, items: list[str]) -> RunConfig:
+    """Apply `section.field=value` overrides (sections: data, net, train, loss), e.g. ["train.steps=100",
+    "net.channels=8"]; values take the field's type and are validated like any config."""
+    sections = {"data": cfg.data, "net": cfg.net, "train": cfg.train, "loss": cfg.loss}
+    for item in items:
+        key, sep, text = item.partition("=")
+        section, _, name = key.strip().partition(".")
+        if not sep or section not in sections or name not in {f.name for f in dataclasses.fields(sections[section])}:
+            fields = ", ".join(f"{k}.{f.name}" for k, v in sections.items() for f in dataclasses.fields(v))
+            raise ValueError(f"--set {item!r}: expected section.field=value with one of: {fields}")
+        sub = sections[section]
+        sections[section] = dataclasses.replace(sub, **{name: _parse_value(text.strip(), getattr(sub, name), key)})
+    return dataclasses.replace(cfg, **sections)
 
 
 def preset(name: str, stage: int, **overrides) -> RunConfig:

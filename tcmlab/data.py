@@ -70,8 +70,36 @@ def digits_labels() -> torch.Tensor:
     return torch.as_tensor(load_digits().target, dtype=torch.long)
 
 
+class _CifarUnpickler(pickle.Unpickler):
+    """Unpickles only what a CIFAR-10 python batch holds: dicts, lists, bytes, ints and uint8 numpy arrays.
+
+    Any other global (the way a crafted pickle runs code) is refused, so a file in the data folder cannot execute
+    anything when it is read."""
+
+    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+               ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")}
+
+    def find_class(self, module, name):
+        if (module, name) in self.ALLOWED:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refused to load {module}.{name}: a CIFAR-10 batch holds only arrays, lists "
+                                     f"and bytes")
+
+
+def _read_cifar_batch(path: Path) -> np.ndarray:
+    with open(path, "rb") as fh:
+        batch = _CifarUnpickler(fh, encoding="bytes").load()
+    if not isinstance(batch, dict) or b"data" not in batch:
+        raise ValueError("no b'data' entry")
+    data = batch[b"data"]
+    if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
+        raise ValueError(f"b'data' is not a uint8 array of shape [N, 3072]")
+    return data.reshape(-1, 3, 32, 32)
+
+
 def cifar10(root: str | Path, train: bool = True) -> TensorData:
-    """CIFAR-10 from the standard python-pickle batches under {root}/cifar-10-batches-py (uint8, converted per batch)."""
+    """CIFAR-10 from the standard python-pickle batches under {root}/cifar-10-batches-py (uint8, converted per batch),
+    read with a restricted unpickler that cannot execute code."""
     folder = Path(root) / "cifar-10-batches-py"
     names = [f"data_batch_{i}" for i in range(1, 6)] if train else ["test_batch"]
     missing = [n for n in names if not (folder / n).is_file()]
@@ -79,12 +107,11 @@ def cifar10(root: str | Path, train: bool = True) -> TensorData:
         raise FileNotFoundError(f"CIFAR-10 not found: {folder} lacks {', '.join(missing)}. " + CIFAR_HELP.format(root=root))
     arrays = []
     for n in names:
-        with open(folder / n, "rb") as fh:
-            try:
-                batch = pickle.load(fh, encoding="bytes")
-                arrays.append(np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
-            except Exception as e:  # truncated or foreign file
-                raise ValueError(f"{folder / n} is not a CIFAR-10 python batch ({e}). " + CIFAR_HELP.format(root=root))
+        try:
+            arrays.append(_read_cifar_batch(folder / n))
+        except (pickle.UnpicklingError, ValueError, EOFError, TypeError, AttributeError, IndexError) as e:
+            raise ValueError(f"{folder / n} is not a CIFAR-10 python batch ({e}). "
+                             + CIFAR_HELP.format(root=root)) from None
     return TensorData(torch.from_numpy(np.concatenate(arrays)), "cifar10")
 
 

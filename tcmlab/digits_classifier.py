@@ -9,7 +9,6 @@ registered with torch-fidelity as `tcmlab-digits-cnn`. Train (deterministic, sec
 from __future__ import annotations
 
 import argparse
-import hashlib
 from pathlib import Path
 
 import torch
@@ -17,6 +16,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from .checkpoint import sha256
 from .data import digits, digits_labels
 
 WEIGHTS = Path(__file__).resolve().parents[1] / "data" / "digits_cnn.safetensors"
@@ -46,10 +46,6 @@ def split(seed: int = 0):
     """Fixed train/held-out split of the 1,797 digits (80/20)."""
     perm = torch.randperm(1797, generator=torch.Generator().manual_seed(seed))
     return perm[:1437], perm[1437:]
-
-
-def sha256(path: Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def load(path: Path = WEIGHTS) -> DigitsCNN:

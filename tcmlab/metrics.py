@@ -4,9 +4,11 @@ and an eval card on every number.
 Embedded digits: features from the shipped digits CNN (`tcmlab-digits-cnn`, see data/digits_cnn.md). The digits are
 split into two fixed disjoint halves: the *reference* half B, and the *query* half A that dFID noises and denoises.
 The floor FD(A, B) is what a perfect model would score at this n, so every digits FID is reported beside it.
-CIFAR-10: torch-fidelity's `inception-v3-compat`, reference = the full training set (as the official code), with its
-statistics cached on disk; `inception_weights` (or $TCMLAB_INCEPTION_WEIGHTS) points to a local weights file so an
-offline machine never downloads. Protocol choices: docs/decisions.md §16.
+CIFAR-10: torch-fidelity's `inception-v3-compat`, reference = the full training set (as the official code);
+`inception_weights` (or $TCMLAB_INCEPTION_WEIGHTS) points to a local weights file so an offline machine never
+downloads. torch-fidelity unpickles that file, so its SHA-256 is checked against torch-fidelity's published one
+first; torch-fidelity's on-disk statistics cache (also unpickled) is not used.
+Protocol choices: docs/decisions.md §16.
 """
 
 from __future__ import annotations
@@ -30,6 +32,8 @@ from .viz import to_uint8
 
 DIGITS_EXTRACTOR = "tcmlab-digits-cnn"
 INCEPTION = "inception-v3-compat"
+INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"  # torch-fidelity's release asset
+INCEPTION_SHA256_PREFIX = "6726825d"  # published in the file name (torch.hub's check_hash convention)
 DFID_GRID = (0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0)  # dFID_t noise levels below T (TCM Fig. 2/3 span)
 
 
@@ -127,7 +131,6 @@ class EvalSet:
     extractor: str
     weights_path: str | None
     sha256: str
-    cache_name: str | None = None
     cuda: bool = field(default_factory=torch.cuda.is_available)
     floors: dict = field(default_factory=dict, repr=False)  # floor(es, n) cache: n -> FD
 
@@ -156,7 +159,12 @@ def inception_weights_path(setting: str | Path | None) -> str:
             "download it")
     if not Path(path).is_file():
         raise FileNotFoundError(f"Inception weights file {path} (inception_weights / TCMLAB_INCEPTION_WEIGHTS) does "
-                                f"not exist: copy weights-inception-2015-12-05-6726825d.pth there")
+                                f"not exist: copy {INCEPTION_FILE} there")
+    sha = digits_classifier.sha256(path)
+    if not sha.startswith(INCEPTION_SHA256_PREFIX):
+        raise ValueError(f"Inception weights file {path} has SHA-256 {sha[:16]}…, not torch-fidelity's "
+                         f"{INCEPTION_SHA256_PREFIX}…: it is not {INCEPTION_FILE} (or it is damaged). It was not "
+                         f"loaded (loading unpickles it, which can run code). Copy the genuine file there.")
     return str(path)
 
 
@@ -165,8 +173,7 @@ def cifar10_eval_set(root: str | Path, inception_weights: str | Path | None = No
     """CIFAR-10 protocol: reference and dFID query = the training set (official code), Inception features."""
     path = inception_weights_path(inception_weights)
     x = cifar10(root).x[:n_reference]
-    sha = digits_classifier.sha256(path)
-    return EvalSet("cifar10-train", x, x, INCEPTION, path, sha, cache_name=f"tcmlab-cifar10-train{len(x)}-{sha[:12]}")
+    return EvalSet("cifar10-train", x, x, INCEPTION, path, digits_classifier.sha256(path))
 
 
 def fid_kid(images: torch.Tensor, es: EvalSet, kid: bool = True, against: torch.Tensor | None = None) -> dict:
@@ -178,8 +185,6 @@ def fid_kid(images: torch.Tensor, es: EvalSet, kid: bool = True, against: torch.
               batch_size=256, cache=False)
     if kid:
         kw["kid_subset_size"] = min(1000, max(2, n // 2))
-    if es.cache_name and against is None:  # reference statistics cached on disk (CIFAR-10)
-        kw.update(cache=True, input2_cache_name=es.cache_name)
     m = torch_fidelity.calculate_metrics(**kw)
     out = {"fid": float(m["frechet_inception_distance"])}
     if kid:
@@ -218,12 +223,12 @@ def denoise(f, x: torch.Tensor, t: float, generator: torch.Generator | None = No
 
 
 def dfid(f, es: EvalSet, ts=DFID_TS, n: int | None = None, generator: torch.Generator | None = None, device=None,
-         progress: bool = True) -> dict[float, float]:
+         progress: bool = True, batch: int = 1024) -> dict[float, float]:
     """Denoising FID (TCM §2.2): {t: FID(f(x + tε, t) for real query x, reference)} for every t in ts."""
     x = es.query[:n].float() / 127.5 - 1
     scores = {}
     for t in tqdm(list(ts), desc="dFID_t", disable=not progress, leave=False):
-        scores[float(t)] = fid_kid(to_uint8(denoise(f, x, t, generator, device)), es, kid=False)["fid"]
+        scores[float(t)] = fid_kid(to_uint8(denoise(f, x, t, generator, device, batch)), es, kid=False)["fid"]
     return scores
 
 
@@ -247,7 +252,7 @@ def _floor_or_none(es: EvalSet, n: int | None) -> float | None:
 
 
 def sample_quality(model, es: EvalSet, t_mid: float = 1.0, n: int | None = None, seed: int = 0,
-                   device=None) -> list[dict]:
+                   device=None, batch: int = 1024) -> list[dict]:
     """1-step and 2-step (T → t_mid) FID/KID of a `TrainedModel`, each with its eval card, and the floor at its n
     (`floor_n` = n, the number of generated images)."""
     n = n or len(es.query)
@@ -255,7 +260,7 @@ def sample_quality(model, es: EvalSet, t_mid: float = 1.0, n: int | None = None,
     rows = []
     for ts in ((model.t_max,), (model.t_max, t_mid)):
         g = torch.Generator().manual_seed(seed)
-        x = generate(model.f, n, model.shape, ts, device=device, generator=g, t_prime=model.t_prime)
+        x = generate(model.f, n, model.shape, ts, device=device, generator=g, t_prime=model.t_prime, batch=batch)
         scores = fid_kid(to_uint8(x), es)
         card = EvalCard("fid", n, es.extractor, es.sha256, es.reference_name, ts, model.which, seed, model.step)
         rows.append({"card": asdict(card), **scores, "floor": fl, "floor_n": floor_n(es, n)})

@@ -37,7 +37,7 @@ def checkpoint_path(run: str | Path) -> Path:
     if run.suffix == ".safetensors" or run.exists():
         return run
     raise FileNotFoundError(f"{run} is neither a run directory nor a checkpoint file: check the path, or train that "
-                            f"stage first (e.g. `python -m tcmlab train --preset digits --stage 1 --run {run}`)")
+                            f"stage first (e.g. `python -m tcmlab train --preset digits --stage 1 --outdir {run}`)")
 
 
 def load_state(run: str | Path, device="cpu") -> tuple[dict, RunConfig]:
@@ -74,11 +74,14 @@ class TrainedModel:
 
 
 def load_model(run: str | Path, which: str = "ema", device="cpu") -> TrainedModel:
-    """Load the EMA (default) or raw weights of a run for sampling/evaluation, in eval mode, without gradients."""
+    """Load the EMA (default) or raw weights of a run directory or checkpoint file for sampling/evaluation, on
+    `device`, in eval mode, without gradients. Weights holding NaN/inf are refused, naming the tensor."""
     state, cfg = load_state(run, device)
     shape = tuple(state["shape"])
+    weights = model_state(state, which)
+    checkpoint.check_finite(weights, f"{checkpoint_path(run)} ({which} weights)")
     f = build_model(cfg, shape).to(device)
-    f.load_state_dict(model_state(state, which))
+    f.load_state_dict(weights)
     f.eval().requires_grad_(False)
     return TrainedModel(f, cfg, int(state["step"]), which, shape)
 

@@ -1,22 +1,26 @@
 """The training loop of all three stages: `train(cfg, run_dir)`; call it again with the same arguments to continue.
 
 Per step (global batch B, drawn from one seeded generator so that any number of data-parallel ranks sees the same
-global batch; each rank takes its rows):
-  stage 0: EDM loss; stage 1: ECT loss with ratio = ect_ratio(i); stage 2: TCM loss, θ0 = frozen stage-1 EMA.
-Then gradient norm, a stop on any non-finite loss or gradient (logged to metrics.jsonl, never zeroed), the optimiser
-step with lr = inverse_sqrt_lr(i), and the EMA update; i = step + train.step_offset (docs/decisions.md §11).
-A checkpoint (model, EMA, optimiser, step, all RNG states, and in stage 2 θ0 with its source) is written atomically
-every `ckpt_every` steps and at the end of every call.
+global batch; each rank takes its rows): the stage object (`tcmlab.stages`) draws t and computes the loss at
+iteration i = step + train.step_offset (docs/decisions.md §11). Then gradient norm, a stop on any non-finite loss or
+gradient (reported in metrics.jsonl, never zeroed), the optimiser step with lr = inverse_sqrt_lr(i), and the EMA
+update. A checkpoint (model, EMA, optimiser, step, all RNG states, and in stage 2 θ0 with its source) is written
+atomically every `ckpt_every` steps, at the end of every call, and when SIGTERM/SIGINT asks the run to stop.
 
-Runs under `torchrun` (DDP) when torch.distributed is initialised: rank 0 writes, gradients are averaged.
+The run directory is locked for the whole call (`tcmlab.rundir`); nothing in it is written until the config, the
+data, `init_from` and the device have been checked, so a failed start leaves it as it was.
+Under `torchrun` the process group is formed from the environment (`tcmlab.distributed`): rank 0 writes,
+gradients are averaged, diagnostics are reduced over ranks.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
+import shutil
+import signal
+import threading
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -25,13 +29,15 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from . import checkpoint
-from .config import RunConfig, from_dict, to_dict, to_json
+from . import checkpoint, rundir
+from .config import RunConfig, to_json
 from .data import load_data
+from .distributed import agree, all_reduce_sum, process_group
 from .ema import ema_beta, update_ema
-from .losses import LossOut, ect_loss, edm_loss, tcm_loss
+from .losses import LossOut
 from .model import CKPT_NAME, build_model, checkpoint_path, frozen_copy, load_state, model_state
-from .schedules import LogNormal, TruncatedLogStudentT, ect_ratio, inverse_sqrt_lr, n_boundary, tcm_times
+from .schedules import inverse_sqrt_lr
+from .stages import make_stage
 
 
 def loss_t_edges(t_max: float) -> np.ndarray:
@@ -43,6 +49,15 @@ class NonFiniteError(FloatingPointError):
     """Training hit a non-finite loss or gradient; the last checkpoint is untouched."""
 
 
+class Interrupted(KeyboardInterrupt):
+    """SIGTERM or SIGINT stopped training after a finished step and a written checkpoint; train again to resume."""
+
+    def __init__(self, signum: int, step: int, run_dir: Path):
+        self.signum, self.step, self.run_dir = signum, step, run_dir
+        super().__init__(f"stopped by {signal.Signals(signum).name} after step {step}; checkpoint written in "
+                         f"{run_dir}. Run the same command again to resume.")
+
+
 @dataclass
 class TrainResult:
     run_dir: Path
@@ -50,31 +65,22 @@ class TrainResult:
     last: dict  # the last metrics row
 
 
-def _world():
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def _flat(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
-    return out
-
-
-def _check_config(run_dir: Path, cfg: RunConfig) -> None:
-    """Refuse a run directory that holds a different run (only train.steps may change, to extend a run)."""
-    path = run_dir / "config.json"
-    if not path.exists():
+@contextlib.contextmanager
+def _stop_requests():
+    """Turn SIGTERM/SIGINT into a request (a one-element list holding the signal number) that the loop honours after
+    the current step. Only the main thread can install handlers; elsewhere signals keep their usual effect."""
+    requested: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield requested
         return
-    old = from_dict(json.loads(path.read_text()))
-    new_cmp = replace(cfg, train=replace(cfg.train, steps=old.train.steps))
-    if old != new_cmp:
-        a, b = _flat(to_dict(old)), _flat(to_dict(new_cmp))
-        diff = [k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
-        raise ValueError(f"{run_dir} holds a different run (differs in: {', '.join(diff)}). Use a new run directory, "
-                         f"or delete this one to start over. Only train.steps may change between calls.")
+    previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    for s in previous:
+        signal.signal(s, lambda signum, frame: requested.append(signum))
+    try:
+        yield requested
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 def _init_state(cfg: RunConfig, shape) -> tuple[dict, dict]:
@@ -89,31 +95,36 @@ def _init_state(cfg: RunConfig, shape) -> tuple[dict, dict]:
     if src.net != cfg.net or tuple(state["shape"]) != tuple(shape):
         raise ValueError(f"init_from={cfg.init_from} has an incompatible network or data shape "
                          f"(its net={src.net}, shape={tuple(state['shape'])}; this run: net={cfg.net}, shape={shape})")
-    source = {"path": str(path), "step": int(state["step"]), "sha256": checkpoint.sha256(path)}
-    return model_state(state, "ema"), source
+    weights = model_state(state, "ema")
+    checkpoint.check_finite(weights, f"init_from={path} (EMA weights)")
+    return weights, {"path": str(path), "step": int(state["step"]), "sha256": checkpoint.sha256(path)}
 
 
-def _loss_by_t(out: LossOut, edges: np.ndarray) -> list:
-    t, per = out.t.detach().cpu().numpy(), out.per_sample.cpu().numpy()
-    idx = np.clip(np.digitize(t, edges) - 1, 0, len(edges) - 2)
-    rows = []
-    for b in range(len(edges) - 1):
-        sel = per[idx == b]
-        rows.append(float(sel.mean()) if sel.size else None)
-    return rows
+def _diagnostics(outs: list[LossOut], edges: np.ndarray, device) -> dict:
+    """Loss by t-bin and (stage 2) boundary / consistency means and θ0 rows, summed over micro-batches and ranks."""
+    per = torch.cat([o.per_sample for o in outs]).float()
+    t = torch.cat([o.t for o in outs]).detach().cpu().numpy()
+    bins = torch.as_tensor(np.clip(np.digitize(t, edges) - 1, 0, len(edges) - 2), device=per.device)
+    nb = len(edges) - 1
+    sums = torch.zeros(2 * nb + 5, dtype=torch.float64, device=per.device)
+    sums[:nb].index_add_(0, bins, per.double())
+    sums[nb:2 * nb].index_add_(0, bins, torch.ones_like(per, dtype=torch.float64))
+    if outs[0].is_boundary is not None:
+        b = torch.cat([o.is_boundary for o in outs])
+        sums[2 * nb:] = torch.stack([per[b].double().sum(), b.sum().double(), per[~b].double().sum(),
+                                     (~b).sum().double(), torch.tensor(float(sum(o.teacher_rows for o in outs)),
+                                                                        dtype=torch.float64, device=per.device)])
+    s = all_reduce_sum(sums).tolist()
+    mean = lambda total, count: total / count if count else None
+    row = {"loss_by_t": [mean(s[k], s[nb + k]) for k in range(nb)]}
+    if outs[0].is_boundary is not None:
+        row.update(loss_boundary=mean(s[2 * nb], s[2 * nb + 1]), loss_consistency=mean(s[2 * nb + 2], s[2 * nb + 3]),
+                   teacher_rows=int(s[2 * nb + 4]))
+    return row
 
 
-def _append_metrics(path: Path, row: dict) -> None:
-    with open(path, "a") as fh:
-        fh.write(json.dumps(row) + "\n")
-
-
-def _truncate_metrics(path: Path, step: int) -> None:
-    """On resume, drop rows logged after the checkpoint so metrics.jsonl matches the resumed state."""
-    if not path.exists():
-        return
-    rows = [l for l in path.read_text().splitlines() if l.strip() and json.loads(l).get("step", 0) <= step]
-    checkpoint.atomic_write_text(path, "".join(r + "\n" for r in rows))
+def _only_lock_files(run_dir: Path) -> bool:
+    return all(p.name in (rundir.LOCK_NAME, rundir.HOLDER_NAME) for p in run_dir.iterdir())
 
 
 def train(cfg: RunConfig, run_dir: str | Path, *, steps: int | None = None, device: str | torch.device | None = None,
@@ -123,59 +134,86 @@ def train(cfg: RunConfig, run_dir: str | Path, *, steps: int | None = None, devi
 
     steps: run at most this many more steps in this call (default: until cfg.train.steps). on_log(row) receives
     every metrics row (live plots). eval_fn(step, ema_model) -> {name: value} runs every `eval_every` steps and at
-    the end; its results are logged as rows with kind='eval'.
+    the end; its results are logged as rows with kind='eval'. device: default CUDA when present (under torchrun,
+    the GPU of LOCAL_RANK). Raises `Interrupted` (a KeyboardInterrupt) after checkpointing on SIGTERM/SIGINT.
     """
     run_dir = Path(run_dir)
     if cfg.stage == 2 and cfg.init_from is None:
         raise ValueError("stage 2 needs init_from: the stage-1 run directory (or its latest.safetensors) whose EMA "
                          "weights become θ0 and the student's initialisation")
-    rank, world = _world()
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
+        raise ValueError(f"steps must be a positive integer (more steps to run in this call), got {steps!r}")
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ValueError(f"run directory {run_dir} is a file: give a folder (it is created if missing)")
+    with process_group(device) as (rank, world, device):
+        tc = cfg.train
+        if tc.batch % world:
+            raise ValueError(f"train.batch={tc.batch} must be divisible by the number of processes ({world})")
+        b_rank = tc.batch // world
+        b_gpu = tc.batch_gpu or b_rank
+        if b_rank % b_gpu:
+            raise ValueError(f"train.batch_gpu={b_gpu} must divide the per-process batch {b_rank}")
+        created = not run_dir.exists()
+        with contextlib.ExitStack() as held:
+            error = None
+            if rank == 0:
+                try:
+                    run_dir.mkdir(parents=True, exist_ok=True)
+                    held.enter_context(rundir.RunLock(run_dir))  # one trainer per run directory, for the whole call
+                except (OSError, RuntimeError) as e:
+                    error = e
+            agree(rank, world, error)
+            return _train(cfg, run_dir, rank, world, device, b_rank, b_gpu, created, steps, progress, on_log,
+                          eval_fn, eval_every)
+
+
+def _train(cfg, run_dir, rank, world, device, b_rank, b_gpu, created, steps, progress, on_log, eval_fn, eval_every):
     tc = cfg.train
-    if tc.batch % world:
-        raise ValueError(f"train.batch={tc.batch} must be divisible by the number of processes ({world})")
-    b_rank = tc.batch // world
-    b_gpu = tc.batch_gpu or b_rank
-    if b_rank % b_gpu:
-        raise ValueError(f"train.batch_gpu={b_gpu} must divide the per-process batch {b_rank}")
-    if rank == 0:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        _check_config(run_dir, cfg)
-        checkpoint.atomic_write_text(run_dir / "config.json", to_json(cfg))
-
-    data = load_data(cfg.data).to(device)
-    shape = data.shape
-    torch.manual_seed(tc.seed)  # the initial weights depend on train.seed alone, not on earlier RNG use
-    f = build_model(cfg, shape).to(device).train()
-    f0, init_source = None, None
+    stage = make_stage(cfg)
     ckpt_file = run_dir / CKPT_NAME
-    resume = ckpt_file.exists()
-    # Resume state is read on the CPU (RNG states must be CPU byte tensors); load_state_dict copies to the device.
-    state = load_state(ckpt_file, "cpu")[0] if resume else None
-    if cfg.init_from is not None and not resume:
-        init_weights, init_source = _init_state(cfg, shape)
-        f.load_state_dict(init_weights)
-    elif resume:
-        init_source = state.get("init_source")
-    if cfg.stage == 2:
-        # θ0: the stage-1 EMA weights, frozen (TCM Eq. 5), kept in this run's checkpoint so that a resumed run
-        # trains against the same teacher even if the stage-1 run moved on or is gone (docs/decisions.md §10).
-        # Dropout on (official code) or off (paper), docs/decisions.md §8.
-        f0 = frozen_copy(f)
-        if resume:
-            f0.load_state_dict(state["teacher"])
-        f0.train(cfg.loss.teacher_dropout)
+    metrics_path = run_dir / "metrics.jsonl"
+    error = None
+    try:  # every check before anything is written into the run directory
+        # The checkpoint is read on the CPU (RNG states must be CPU byte tensors); load_state_dict copies to device.
+        state = load_state(ckpt_file, "cpu")[0] if ckpt_file.exists() else None
+        rundir.check_same_run(run_dir, cfg, state)
+        data = load_data(cfg.data).to(device)
+        shape = data.shape
+        torch.manual_seed(tc.seed)  # the initial weights depend on train.seed alone, not on earlier RNG use
+        f = build_model(cfg, shape).to(device).train()
+        f0, init_source = None, None
+        if state is not None:
+            for which in ("model", "ema", "teacher"):
+                if which in state:
+                    checkpoint.check_finite(state[which], f"{ckpt_file} ({which})")
+            init_source = state.get("init_source")
+        elif cfg.init_from is not None:
+            init_weights, init_source = _init_state(cfg, shape)
+            f.load_state_dict(init_weights)
+        if stage.needs_teacher:
+            # θ0: the stage-1 EMA weights, frozen (TCM Eq. 5), kept in this run's checkpoint so that a resumed run
+            # trains against the same teacher even if the stage-1 run moved on or is gone (docs/decisions.md §10).
+            # Dropout on (official code) or off (paper), docs/decisions.md §8.
+            f0 = frozen_copy(f)
+            if state is not None:
+                f0.load_state_dict(state["teacher"])
+            f0.train(cfg.loss.teacher_dropout)
+    except Exception as e:
+        error = e
+    try:
+        agree(rank, world, error)
+    except BaseException:
+        if rank == 0 and created and run_dir.exists() and _only_lock_files(run_dir):
+            shutil.rmtree(run_dir, ignore_errors=True)  # a failed first start leaves no folder behind
+        raise
     ema = frozen_copy(f).eval()
-
     opt_cls = {"radam": torch.optim.RAdam, "adam": torch.optim.Adam}[tc.optimizer]
     opt = opt_cls(f.parameters(), lr=tc.lr, betas=tc.betas)
     scaler = torch.amp.GradScaler(device.type, enabled=tc.precision == "fp16")
     gen = torch.Generator().manual_seed(tc.seed)  # global-batch randomness: indices, ε, t, boundary positions
     torch.manual_seed(tc.seed * 1000 + rank)  # dropout masks: per-rank seeds
     step = 0
-    metrics_path = run_dir / "metrics.jsonl"
-
-    if resume:
+    if state is not None:
         f.load_state_dict(state["model"])
         ema.load_state_dict(state["ema"])
         opt.load_state_dict(state["optimizer"])
@@ -187,23 +225,16 @@ def train(cfg: RunConfig, run_dir: str | Path, *, steps: int | None = None, devi
         if device.type == "cuda" and rng_cuda:
             torch.cuda.set_rng_state(rng_cuda[rank % len(rng_cuda)], device)
         step = int(state["step"])
-        if rank == 0:
-            _truncate_metrics(metrics_path, step)
         del state
+    if rank == 0:  # checks passed: now the run directory may change
+        checkpoint.atomic_write_text(run_dir / "config.json", to_json(cfg))
+        rundir.truncate_metrics(metrics_path, step)
 
     f_train = f
     if world > 1:
         f_train = torch.nn.parallel.DistributedDataParallel(f, device_ids=[device] if device.type == "cuda" else None,
                                                             broadcast_buffers=False)
     end = tc.steps if steps is None else min(tc.steps, step + steps)
-    loss = cfg.loss
-    if cfg.stage == 0:
-        t_dist = LogNormal(loss.P_mean, loss.P_std)
-    elif cfg.stage == 1:
-        t_dist = LogNormal(loss.P_mean, loss.P_std, loss.t_min, loss.t_max)
-    else:
-        t_dist = TruncatedLogStudentT(loss.t_prime, loss.t_max, loss.psi_scale, loss.psi_nu)
-        nb_total = n_boundary(tc.batch, loss.rho)
     edges = loss_t_edges(cfg.t_max)
 
     def save():
@@ -217,124 +248,96 @@ def train(cfg: RunConfig, run_dir: str | Path, *, steps: int | None = None, devi
                 dist.all_gather_object(rng_cuda, torch.cuda.get_rng_state(device).cpu())
         if rank != 0:
             return
-        state = {
+        out = {
             "config": to_json(cfg), "step": step, "shape": list(shape),
             "model": f.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(),
             "scaler": scaler.state_dict() if scaler.is_enabled() else {},
             "rng": {"data": gen.get_state(), "torch": rng_torch, "cuda": rng_cuda},
         }
         if init_source is not None:
-            state["init_source"] = init_source  # {'path', 'step', 'sha256'} of init_from when this run started
+            out["init_source"] = init_source  # {'path', 'step', 'sha256'} of init_from when this run started
         if f0 is not None:
-            state["teacher"] = f0.state_dict()
-        checkpoint.save(ckpt_file, state)
+            out["teacher"] = f0.state_dict()
+        checkpoint.save(ckpt_file, out)
+
+    def log(row):
+        if rank == 0:
+            rundir.append_metrics(metrics_path, row)
+            if on_log is not None:
+                on_log(row)
 
     bar = tqdm(total=end, initial=step, disable=not progress or rank != 0, desc=f"stage {cfg.stage} [{cfg.name}]",
                dynamic_ncols=True)
     t_last, step_last = time.perf_counter(), step
-    while step < end:
-        i = step + tc.step_offset
-        lr = inverse_sqrt_lr(i, tc.lr, tc.lr_t_ref)
-        for g in opt.param_groups:
-            g["lr"] = lr
-        # Global batch (identical on every rank), then this rank's rows.
-        idx = torch.randint(len(data), (tc.batch,), generator=gen)
-        eps = torch.randn((tc.batch, *shape), generator=gen)
-        if cfg.stage == 2:
-            t, is_b = tcm_times(tc.batch, loss.t_prime, loss.rho, t_dist, gen)
-        else:
-            t = t_dist.sample(tc.batch, gen)
-        lo, hi = rank * b_rank, (rank + 1) * b_rank
-        ratio = None
-        if cfg.stage == 1:
-            ratio = ect_ratio(i, loss.q, loss.d, loss.ratio_max)
-        elif cfg.stage == 2:
-            ratio = loss.ratio  # held at ratio_max for all of stage 2 (TCM App. E)
-        opt.zero_grad(set_to_none=True)
-        outs = []
-        for k, a in enumerate(range(lo, hi, b_gpu)):
-            sl = slice(a, a + b_gpu)
-            x_b, eps_b, t_b = data.get(idx[sl]), eps[sl].to(device), t[sl].to(device)
-            sync = world == 1 or a + b_gpu >= hi
-            ctx = f_train.no_sync() if not sync else contextlib.nullcontext()
-            with ctx:
-                if cfg.stage == 0:
-                    out = edm_loss(f_train, x_b, eps_b, t_b, n_total=tc.batch)
-                elif cfg.stage == 1:
-                    out = ect_loss(f_train, x_b, eps_b, t_b, ratio, loss.c, loss.weighting, n_total=tc.batch, f_minus=f)
-                else:
-                    out = tcm_loss(f_train, f0, x_b, eps_b, t_b, is_b[sl].to(device), loss.t_prime, ratio, loss.c,
-                                   loss.weighting, loss.w_b, loss.teacher_passes, n_boundary_total=nb_total,
-                                   n_consistency_total=tc.batch - nb_total, f_minus=f)
-                scaler.scale(out.loss * world).backward()
-            outs.append(out)
-        loss_value = sum(o.loss.detach() for o in outs)
-        if world > 1:
-            dist.all_reduce(loss_value)
-        scaler.unscale_(opt)
-        grad_norm = torch.nn.utils.get_total_norm([p.grad for p in f.parameters() if p.grad is not None])
-        finite = bool(torch.isfinite(loss_value)) and (scaler.is_enabled() or bool(torch.isfinite(grad_norm)))
-        if not finite:  # reported, never patched: how many per-sample losses and gradient tensors were non-finite
-            row = {"kind": "nonfinite", "step": step, "loss": float(loss_value), "grad_norm": float(grad_norm),
-                   "nonfinite_samples": int(sum((~torch.isfinite(o.per_sample)).sum() for o in outs)),
-                   "nonfinite_grads": sum(int(not torch.isfinite(p.grad).all()) for p in f.parameters()
-                                          if p.grad is not None)}
-            if rank == 0:
-                _append_metrics(metrics_path, row)
-            bar.close()
-            raise NonFiniteError(f"non-finite loss or gradient at step {step} (loss={float(loss_value)}, grad norm="
-                                 f"{float(grad_norm)}); the last checkpoint in {run_dir} is intact. Lower train.lr, "
-                                 f"check the data, or use precision='fp32'.")
-        scaler.step(opt)
-        scaler.update()
-        step += 1
-        beta = ema_beta(step + tc.step_offset, tc.ema, tc.ema_beta, tc.ema_gamma)
-        update_ema(ema, f, beta)
-        bar.update(1)
+    with _stop_requests() as stop:
+        while step < end:
+            i = step + tc.step_offset
+            lr = inverse_sqrt_lr(i, tc.lr, tc.lr_t_ref)
+            for g in opt.param_groups:
+                g["lr"] = lr
+            # Global batch (identical on every rank), then this rank's rows.
+            idx = torch.randint(len(data), (tc.batch,), generator=gen)
+            eps = torch.randn((tc.batch, *shape), generator=gen)
+            t, is_b = stage.sample_times(tc.batch, gen)
+            lo, hi = rank * b_rank, (rank + 1) * b_rank
+            opt.zero_grad(set_to_none=True)
+            outs = []
+            for a in range(lo, hi, b_gpu):
+                sl = slice(a, a + b_gpu)
+                x_b, eps_b, t_b = data.get(idx[sl]), eps[sl].to(device), t[sl].to(device)
+                is_b_b = None if is_b is None else is_b[sl].to(device)
+                sync = world == 1 or a + b_gpu >= hi
+                with f_train.no_sync() if not sync else contextlib.nullcontext():
+                    out = stage.loss(f_train, x_b, eps_b, t_b, is_b_b, i, tc.batch, f_minus=f, f0=f0)
+                    scaler.scale(out.loss * world).backward()
+                outs.append(out)
+            loss_value = all_reduce_sum(sum(o.loss.detach() for o in outs))
+            scaler.unscale_(opt)
+            grad_norm = torch.nn.utils.get_total_norm([p.grad for p in f.parameters() if p.grad is not None])
+            finite = bool(torch.isfinite(loss_value)) and (scaler.is_enabled() or bool(torch.isfinite(grad_norm)))
+            if not finite:  # reported, never patched: how many per-sample losses and gradient tensors were non-finite
+                log({"kind": "nonfinite", "step": step, "loss": float(loss_value), "grad_norm": float(grad_norm),
+                     "nonfinite_samples": int(sum((~torch.isfinite(o.per_sample)).sum() for o in outs)),
+                     "nonfinite_grads": sum(int(not torch.isfinite(p.grad).all()) for p in f.parameters()
+                                            if p.grad is not None)})
+                bar.close()
+                raise NonFiniteError(f"non-finite loss or gradient at step {step} (loss={float(loss_value)}, grad "
+                                     f"norm={float(grad_norm)}); the last checkpoint in {run_dir} is intact. Lower "
+                                     f"train.lr, check the data, or use precision='fp32'.")
+            scaler.step(opt)
+            scaler.update()
+            step += 1
+            beta = ema_beta(step + tc.step_offset, tc.ema, tc.ema_beta, tc.ema_gamma)
+            update_ema(ema, f, beta)
+            bar.update(1)
 
-        if step % tc.log_every == 0 or step == end:
-            now = time.perf_counter()
-            all_out = _cat(outs)
-            row = {"kind": "train", "step": step, "stage": cfg.stage, "loss": float(loss_value), "lr": lr,
-                   "grad_norm": float(grad_norm), "ema_beta": beta,
-                   "sec_per_step": (now - t_last) / max(step - step_last, 1), "loss_by_t": _loss_by_t(all_out, edges)}
-            row["images_per_sec"] = tc.batch / row["sec_per_step"]
-            if ratio is not None:
-                row["ratio"] = ratio
-            if cfg.stage == 2:
-                b = all_out.is_boundary
-                row["loss_boundary"] = float(all_out.per_sample[b].mean()) if bool(b.any()) else None
-                row["loss_consistency"] = float(all_out.per_sample[~b].mean())
-                row["teacher_rows"] = sum(o.teacher_rows for o in outs)
-            t_last, step_last = now, step
-            bar.set_postfix(loss=f"{row['loss']:.4g}")
-            if rank == 0:
-                _append_metrics(metrics_path, row)
-            if on_log is not None and rank == 0:
-                on_log(row)
-        if eval_fn is not None and eval_every and (step % eval_every == 0 or step == end):
-            if rank == 0:
-                row = {"kind": "eval", "step": step, **eval_fn(step, ema)}
-                _append_metrics(metrics_path, row)
-                if on_log is not None:
-                    on_log(row)
-        if step % tc.ckpt_every == 0 and step < end:
-            save()
+            if step % tc.log_every == 0 or step == end:
+                now = time.perf_counter()
+                row = {"kind": "train", "step": step, "stage": cfg.stage, "loss": float(loss_value), "lr": lr,
+                       "grad_norm": float(grad_norm), "ema_beta": beta,
+                       "sec_per_step": (now - t_last) / max(step - step_last, 1), **_diagnostics(outs, edges, device)}
+                row["images_per_sec"] = tc.batch / row["sec_per_step"]
+                if stage.ratio(i) is not None:
+                    row["ratio"] = stage.ratio(i)
+                t_last, step_last = now, step
+                bar.set_postfix(loss=f"{row['loss']:.4g}")
+                log(row)
+            if eval_fn is not None and eval_every and (step % eval_every == 0 or step == end) and rank == 0:
+                log({"kind": "eval", "step": step, **eval_fn(step, ema)})
+            signum = stop[0] if stop else 0
+            if world > 1:  # every rank stops after the same step, or the checkpoint's collectives would hang
+                flag = torch.tensor([signum], device=device)
+                dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+                signum = int(flag.item())
+            if signum:
+                bar.close()
+                save()
+                raise Interrupted(signum, step, run_dir)
+            if step % tc.ckpt_every == 0 and step < end:
+                save()
     bar.close()
     save()
     if world > 1:
         dist.barrier()
-    last = {}
-    if metrics_path.exists():
-        lines = metrics_path.read_text().splitlines()
-        last = json.loads(lines[-1]) if lines else {}
-    return TrainResult(run_dir, step, last)
-
-
-def _cat(outs: list[LossOut]) -> LossOut:
-    if len(outs) == 1:
-        return outs[0]
-    cat = lambda name: None if getattr(outs[0], name) is None else torch.cat([getattr(o, name) for o in outs])
-    return LossOut(sum(o.loss for o in outs), cat("per_sample"), cat("t"), cat("r"), cat("is_boundary"),
-                   sum(o.teacher_rows for o in outs))
-
+    rows = rundir.read_metrics(metrics_path) if rank == 0 else []
+    return TrainResult(run_dir, step, rows[-1] if rows else {})

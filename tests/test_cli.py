@@ -10,7 +10,7 @@ def test_tiny_end_to_end_demo(tmp_path, capsys):
 
 
 def test_cli_reports_bad_input(tmp_path, capsys):
-    assert main(["train", "--preset", "ci", "--stage", "2", "--run", str(tmp_path / "r")]) == 2
+    assert main(["train", "--preset", "ci", "--stage", "2", "--outdir", str(tmp_path / "r")]) == 2
     assert "init_from" in capsys.readouterr().err
 
 

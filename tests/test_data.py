@@ -47,3 +47,27 @@ def test_cifar10_missing_or_damaged_gives_instructions(tmp_path):
     (folder / "data_batch_3").write_bytes(b"garbage")
     with pytest.raises(ValueError, match="not a CIFAR-10 python batch"):
         cifar10(tmp_path)
+
+
+def test_crafted_cifar_batch_never_executes(tmp_path):
+    from tests.test_metrics import Marker
+    write_cifar(tmp_path, n=4)
+    marker = tmp_path / "EXECUTED"
+    with open(tmp_path / "cifar-10-batches-py" / "data_batch_3", "wb") as fh:
+        pickle.dump({b"data": Marker(marker), b"labels": [0]}, fh)
+    with pytest.raises(ValueError, match="data_batch_3 is not a CIFAR-10 python batch.*refused"):
+        cifar10(tmp_path)
+    assert not marker.exists()
+
+
+def test_cifar_batch_in_the_official_format_loads(tmp_path):
+    # The official batches are Python-2 pickles (protocol 2) of {b'batch_label', b'labels', b'data', b'filenames'}.
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    rng = np.random.default_rng(1)
+    for i in range(1, 6):
+        batch = {b"batch_label": b"training batch", b"labels": [1, 2], b"filenames": [b"a.png", b"b.png"],
+                 b"data": rng.integers(0, 256, (2, 3072), dtype=np.uint8)}
+        (folder / f"data_batch_{i}").write_bytes(pickle.dumps(batch, protocol=2))
+    d = cifar10(tmp_path)
+    assert d.x.shape == (10, 3, 32, 32) and d.x.dtype == torch.uint8

@@ -109,11 +109,35 @@ def test_inception_path_runs_offline_with_a_local_file(tmp_path, monkeypatch):
     from tests.test_data import write_cifar
     write_cifar(tmp_path / "cifar", n=4)
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torchhome"))
+    with pytest.raises(ValueError, match="SHA-256"):  # not torch-fidelity's file: refused before unpickling
+        metrics.cifar10_eval_set(tmp_path / "cifar", inception_weights=path, n_reference=20)
+    monkeypatch.setattr(metrics, "INCEPTION_SHA256_PREFIX", digits_classifier.sha256(path)[:8])  # pretend genuine
     es = metrics.cifar10_eval_set(tmp_path / "cifar", inception_weights=path, n_reference=20)
     es.cuda = False
     out = metrics.fid_kid(es.reference[:10], es, kid=False)
     assert math.isfinite(out["fid"])  # a finite number came back (fid == fid would pass for inf)
-    assert (tmp_path / "torchhome").exists()  # reference statistics cached on disk
+    assert not (tmp_path / "torchhome" / "fidelity_cache").exists()  # torch-fidelity's pickled cache is not used
+
+
+class Marker:
+    """A pickle payload that would create a file if unpickling ran code."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_crafted_inception_weights_never_execute(tmp_path, monkeypatch):
+    import pickle
+    marker = tmp_path / "EXECUTED"
+    path = tmp_path / "weights-inception-2015-12-05-6726825d.pth"
+    path.write_bytes(pickle.dumps({"x": Marker(marker)}))
+    monkeypatch.setenv("TCMLAB_INCEPTION_WEIGHTS", str(path))
+    with pytest.raises(ValueError, match="not torch-fidelity's"):
+        metrics.cifar10_eval_set(tmp_path / "cifar")
+    assert not marker.exists()
 
 
 def test_inception_missing_weights_names_the_setting(tmp_path, monkeypatch):

@@ -42,7 +42,7 @@ def test_stage2_theta0_is_stage1_ema_and_stays_frozen(tmp_path, ci_runs, monkeyp
     rows = [json.loads(l) for l in (ci_runs / "s2" / "metrics.jsonl").read_text().splitlines()]
     assert all(r["teacher_rows"] >= 16 for r in rows if r["kind"] == "train")  # ⌊64·0.25⌋ boundary rows at least
     # The θ0 the loss receives: stage-1 EMA weights (not raw), no gradients, dropout as `teacher_dropout` says.
-    import tcmlab.train as tr
+    import tcmlab.stages as tr
     seen = []
     real = tr.tcm_loss
 
@@ -138,7 +138,7 @@ def test_nonfinite_loss_stops_and_keeps_checkpoint(tmp_path, ci_runs, monkeypatc
     cfg = preset("ci", 1, init_from=str(ci_runs / "s0"))
     train(cfg, tmp_path / "r", steps=5, progress=False)
     before = load_state(tmp_path / "r")[0]
-    import tcmlab.train as tr
+    import tcmlab.stages as tr
     real = tr.ect_loss
 
     def poisoned(*a, **k):

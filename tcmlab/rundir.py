@@ -1,0 +1,123 @@
+"""A run directory: one trainer at a time, the config it holds, and its metrics stream.
+
+- `RunLock(run_dir)`: an OS file lock (`filelock`) held for a whole `train()` call; a second trainer fails at once
+  with the directory and the holder (pid, host, start time). The OS drops the lock when its process dies, so a
+  killed trainer never leaves a stale lock behind.
+- `check_same_run(run_dir, cfg, stored)`: refuse a directory that holds a different run. The checkpoint's own
+  config is the truth; `config.json` (a copy for people and tools) is compared only when there is no checkpoint.
+- `read_metrics(path)` / `append_metrics(path, row)` / `truncate_metrics(path, step)`: metrics.jsonl, one JSON row
+  per line. A torn last line (power loss, full disk) is dropped with a warning; any other bad line is an error that
+  names the file and the line. On every start the stream is cut back to the checkpoint's step, so it always
+  matches the state training continues from.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+import warnings
+from dataclasses import replace
+from pathlib import Path
+
+from filelock import FileLock, Timeout
+
+from . import checkpoint
+from .config import RunConfig, from_dict, to_dict
+
+LOCK_NAME = ".tcmlab.lock"
+HOLDER_NAME = ".tcmlab.lock.holder"
+
+
+class RunLock:
+    """Exclusive use of a run directory for the duration of a `with` block."""
+
+    def __init__(self, run_dir: Path):
+        self.run_dir = Path(run_dir)
+        self.lock = FileLock(str(self.run_dir / LOCK_NAME), timeout=0)
+
+    def __enter__(self):
+        try:
+            self.lock.acquire()
+        except Timeout:
+            holder = (self.run_dir / HOLDER_NAME)
+            who = holder.read_text().strip() if holder.exists() else "unknown process"
+            raise RuntimeError(f"run directory {self.run_dir} is in use by another trainer ({who}). Wait for it to "
+                               f"finish or stop it; use another run directory to train something else.") from None
+        checkpoint.atomic_write_text(self.run_dir / HOLDER_NAME,
+                                     f"pid {os.getpid()} on {socket.gethostname()}, since {time.ctime()}\n")
+        return self
+
+    def __exit__(self, *exc):
+        self.lock.release()
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+def stored_config(run_dir: Path, ckpt_state: dict | None) -> tuple[RunConfig | None, str]:
+    """The config a run directory holds and where it was read: the checkpoint's, else config.json's, else None."""
+    if ckpt_state is not None:
+        return from_dict(json.loads(ckpt_state["config"])), f"{run_dir}/latest.safetensors"
+    path = Path(run_dir) / "config.json"
+    if not path.exists():
+        return None, ""
+    try:
+        return from_dict(json.loads(path.read_text())), str(path)
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"{path} is not a valid tcmlab config ({e}). There is no checkpoint beside it: delete "
+                         f"{path} (or the whole folder) to start this run afresh.") from None
+
+
+def check_same_run(run_dir: Path, cfg: RunConfig, ckpt_state: dict | None) -> None:
+    """Refuse a run directory that holds a different run (only train.steps may change, to extend a run)."""
+    old, where = stored_config(run_dir, ckpt_state)
+    if old is None:
+        return
+    new_cmp = replace(cfg, train=replace(cfg.train, steps=old.train.steps))
+    if old != new_cmp:
+        a, b = _flat(to_dict(old)), _flat(to_dict(new_cmp))
+        diff = [k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+        raise ValueError(f"{run_dir} holds a different run (per {where}; differs in: {', '.join(diff)}). Use a new "
+                         f"run directory, or delete this one to start over. Only train.steps may change between calls.")
+
+
+def read_metrics(path: str | Path) -> list[dict]:
+    """All rows of a metrics.jsonl ([] if absent). A torn last line is dropped with a warning."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    lines = path.read_text().split("\n")  # a complete file ends with "\n", so its last element is ""
+    rows = []
+    for k, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            if k == len(lines) - 1:  # the last line, never finished
+                warnings.warn(f"{path}: dropped a torn last line ({len(line)} characters, {e.msg}); it was being "
+                              f"written when the process stopped", stacklevel=2)
+                break
+            raise ValueError(f"{path} line {k + 1} is not valid JSON ({e.msg}). Repair or delete that line "
+                             f"(metrics are diagnostics; the checkpoint does not depend on them).") from None
+    return rows
+
+
+def append_metrics(path: Path, row: dict) -> None:
+    """Append one row as one line, written and flushed in one call."""
+    with open(path, "a") as fh:
+        fh.write(json.dumps(row) + "\n")
+        fh.flush()
+
+
+def truncate_metrics(path: Path, step: int) -> None:
+    """Keep only the rows up to `step` (the checkpoint's; 0 when there is none), so metrics match the state."""
+    rows = read_metrics(path)
+    if rows or path.exists():
+        checkpoint.atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows if r.get("step", 0) <= step))

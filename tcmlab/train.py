@@ -20,7 +20,7 @@ import shutil
 import signal
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -92,7 +92,8 @@ def _init_state(cfg: RunConfig, shape) -> tuple[dict, dict]:
     if src.stage not in allowed:
         raise ValueError(f"init_from={cfg.init_from} is a stage-{src.stage} run; stage {cfg.stage} needs a "
                          f"stage-{' or '.join(map(str, allowed))} run")
-    if src.net != cfg.net or tuple(state["shape"]) != tuple(shape):
+    if replace(src.net, dropout=cfg.net.dropout) != cfg.net or tuple(state["shape"]) != tuple(shape):  # dropout may
+        # change between stages (ECT's CIFAR-10 stage 1 uses 0.2 on EDM's 0.13 weights); the architecture may not
         raise ValueError(f"init_from={cfg.init_from} has an incompatible network or data shape "
                          f"(its net={src.net}, shape={tuple(state['shape'])}; this run: net={cfg.net}, shape={shape})")
     weights = model_state(state, "ema")
@@ -313,8 +314,8 @@ def _train(cfg, run_dir, rank, world, device, b_rank, b_gpu, created, steps, pro
 
             if step % tc.log_every == 0 or step == end:
                 now = time.perf_counter()
-                row = {"kind": "train", "step": step, "stage": cfg.stage, "loss": float(loss_value), "lr": lr,
-                       "grad_norm": float(grad_norm), "ema_beta": beta,
+                row = {"kind": "train", "step": step, "stage": cfg.stage, "world": world, "loss": float(loss_value),
+                       "lr": lr, "grad_norm": float(grad_norm), "ema_beta": beta,
                        "sec_per_step": (now - t_last) / max(step - step_last, 1), **_diagnostics(outs, edges, device)}
                 row["images_per_sec"] = tc.batch / row["sec_per_step"]
                 if stage.ratio(i) is not None:

@@ -1,0 +1,55 @@
+"""Training under torchrun: the CLI verbatim, 2 CPU processes (gloo) = 1 process, one metrics stream."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tcmlab import rundir
+from tcmlab.__main__ import build_parser
+from tcmlab.config import preset, with_overrides
+from tcmlab.model import load_state
+from tcmlab.train import train
+
+ROOT = Path(__file__).resolve().parents[1]
+OVERRIDES = ["train.steps=6", "train.log_every=2", "net.dropout=0.0"]  # no dropout: masks are drawn per rank
+
+
+def test_cli_options_do_not_collide_with_torchruns():
+    from torch.distributed.run import get_args_parser
+    ours = ["train", "--preset", "ci", "--stage", "1", "--outdir", "r", "--init-from", "s0", "--steps", "3",
+            "--set", "train.batch=64", "--device", "cpu"]
+    args = get_args_parser().parse_args(["--standalone", "--nproc-per-node=2", "-m", "tcmlab", *ours])
+    assert args.training_script == "tcmlab" and args.training_script_args == ours
+    assert build_parser().parse_args(ours).outdir == "r"
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_two_processes_under_torchrun_match_one(tmp_path, ci_runs, stage):
+    init = ci_runs / ("s0" if stage == 1 else "s1")
+    cfg = with_overrides(preset("ci", stage, init_from=str(init)), OVERRIDES)
+    train(cfg, tmp_path / "one", progress=False)
+    sets = [a for o in OVERRIDES for a in ("--set", o)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                        "-m", "tcmlab", "train", "--preset", "ci", "--stage", str(stage), "--outdir",
+                        str(tmp_path / "two"), "--init-from", str(init), "--device", "cpu", *sets],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    a, b = load_state(tmp_path / "one")[0], load_state(tmp_path / "two")[0]
+    assert a["step"] == b["step"] == 6
+    for k in a["model"]:
+        assert torch.allclose(a["model"][k], b["model"][k], rtol=1e-4, atol=1e-6), k
+    one = rundir.read_metrics(tmp_path / "one" / "metrics.jsonl")
+    two = rundir.read_metrics(tmp_path / "two" / "metrics.jsonl")
+    assert [r["step"] for r in two] == [r["step"] for r in one] == [2, 4, 6]  # one stream, written by rank 0
+    assert {r["world"] for r in one} == {1} and {r["world"] for r in two} == {2}  # really two ranks
+    for x, y in zip(one, two):
+        assert y["loss"] == pytest.approx(x["loss"], rel=1e-4)
+        if stage == 2:  # diagnostics are reduced over both ranks' rows
+            assert y["teacher_rows"] == x["teacher_rows"]
+            assert y["loss_boundary"] == pytest.approx(x["loss_boundary"], rel=1e-4)
+            assert y["loss_consistency"] == pytest.approx(x["loss_consistency"], rel=1e-4)

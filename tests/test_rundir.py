@@ -1,0 +1,235 @@
+"""Run directories you can trust: lock, checkpoint-as-truth, failed starts, pinned teacher, metrics.jsonl, load checks,
+CLI errors, preemption. Each test was seen to fail on the code before these guarantees existed."""
+
+import dataclasses
+import errno
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+
+from tcmlab import checkpoint, rundir
+from tcmlab.__main__ import main
+from tcmlab.config import TrainConfig, preset
+from tcmlab.model import load_model, load_state
+from tcmlab.train import train
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def states_equal(a, b):
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def steps_of(run):
+    return [r["step"] for r in rundir.read_metrics(Path(run) / "metrics.jsonl") if r["kind"] == "train"]
+
+
+def test_second_trainer_is_refused_at_once_naming_the_holder(tmp_path, ci_runs):
+    cfg = preset("ci", 1, init_from=str(ci_runs / "s0"))
+    run = tmp_path / "r"
+    train(cfg, run, steps=2, progress=False)
+    before = (run / "latest.safetensors").read_bytes()
+    with rundir.RunLock(run):  # another trainer holds the directory
+        t0 = time.perf_counter()
+        with pytest.raises(RuntimeError, match=f"{run} is in use by another trainer \\(pid {os.getpid()}"):
+            train(cfg, run, progress=False)
+        assert time.perf_counter() - t0 < 5
+    assert (run / "latest.safetensors").read_bytes() == before
+    assert train(cfg, run, steps=1, progress=False).step == 3  # released: the next trainer proceeds
+
+
+def test_atomic_writes_use_unique_temporary_names(tmp_path, monkeypatch):
+    seen = []
+    real = os.replace
+    monkeypatch.setattr(os, "replace", lambda a, b: (seen.append(str(a)), real(a, b)))
+    for k in range(2):
+        checkpoint.save(tmp_path / "latest.safetensors", {"w": torch.ones(2) * k})
+        checkpoint.atomic_write_text(tmp_path / "config.json", "{}")
+    assert len(set(seen)) == 4 and not list(tmp_path.glob("*.tmp"))
+
+
+def test_checkpoint_config_is_the_truth_without_config_json(tmp_path, ci_runs):
+    run = tmp_path / "copy"
+    shutil.copytree(ci_runs / "s1", run)
+    (run / "config.json").unlink()
+    before = (run / "latest.safetensors").read_bytes()
+    with pytest.raises(ValueError, match="holds a different run .*latest.safetensors"):
+        train(preset("ci", 0), run, progress=False)
+    assert (run / "latest.safetensors").read_bytes() == before and not (run / "config.json").exists()
+
+
+def test_failed_start_leaves_the_directory_as_it_was(tmp_path, ci_runs):
+    run = tmp_path / "new"
+    with pytest.raises(FileNotFoundError):
+        train(preset("ci", 1, init_from=str(tmp_path / "typo")), run, progress=False)
+    assert not run.exists()  # nothing was created
+    assert train(preset("ci", 1, init_from=str(ci_runs / "s0")), run, steps=2, progress=False).step == 2  # corrected
+    snapshot = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file() and not p.name.startswith(".")}
+    bad = dataclasses.replace(preset("ci", 1, init_from=str(ci_runs / "s0")), data=dataclasses.replace(
+        preset("ci", 1).data, name="cifar10", root=str(tmp_path / "nowhere")))
+    with pytest.raises(ValueError, match="holds a different run"):
+        train(bad, run, progress=False)
+    assert snapshot == {p.name: p.read_bytes() for p in run.iterdir() if p.is_file() and not p.name.startswith(".")}
+
+
+def test_stage2_teacher_is_pinned_in_the_run(tmp_path, ci_runs):
+    s1 = tmp_path / "s1"
+    shutil.copytree(ci_runs / "s1", s1)
+    cfg = preset("ci", 2, init_from=str(s1))
+    train(cfg, tmp_path / "full", progress=False)
+    train(cfg, tmp_path / "split", steps=7, progress=False)
+    longer = preset("ci", 1, init_from=str(ci_runs / "s0"))
+    train(dataclasses.replace(longer, train=dataclasses.replace(longer.train, steps=30)), s1, progress=False)
+    train(cfg, tmp_path / "split", steps=6, progress=False)  # stage 1 moved on: θ0 must not
+    shutil.rmtree(s1)  # and then disappeared: resume still works
+    train(cfg, tmp_path / "split", progress=False)
+    a, b = load_state(tmp_path / "full")[0], load_state(tmp_path / "split")[0]
+    assert states_equal(a["model"], b["model"]) and states_equal(a["teacher"], b["teacher"])
+    src = b["init_source"]
+    assert src["step"] == 20 and len(src["sha256"]) == 64 and src["path"].endswith("latest.safetensors")
+
+
+def test_metrics_are_cut_back_to_the_checkpoint_on_every_start(tmp_path, ci_runs):
+    cfg = preset("ci", 1, init_from=str(ci_runs / "s0"))
+    run = tmp_path / "r"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text('{"kind": "train", "step": 5}\n{"kind": "train", "step": 10}\n')  # killed
+    train(cfg, run, steps=10, progress=False)  # no checkpoint was there: stale rows go
+    assert steps_of(run) == [5, 10]
+    with open(run / "metrics.jsonl", "a") as fh:
+        fh.write('{"kind": "train", "step": 15}\n{"kind": "train", "st')  # a row past the checkpoint, a torn line
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        train(cfg, run, progress=False)
+    assert any("torn last line" in str(x.message) for x in w)
+    assert steps_of(run) == [5, 10, 15, 20]
+
+
+def test_a_bad_metrics_line_names_the_file(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1}\nnot json\n{"step": 2}\n')
+    with pytest.raises(ValueError, match=f"{path} line 2"):
+        rundir.read_metrics(path)
+
+
+def test_non_finite_weights_are_refused_naming_the_tensor(tmp_path, ci_runs):
+    run = tmp_path / "r"
+    shutil.copytree(ci_runs / "s1", run)
+    state = checkpoint.load(run / "latest.safetensors")
+    name = next(iter(state["ema"]))
+    state["ema"][name] = state["ema"][name] * float("nan")
+    checkpoint.save(run / "latest.safetensors", state)
+    with pytest.raises(ValueError, match=f"tensor '{name}' holds .* non-finite"):
+        load_model(run)
+    with pytest.raises(ValueError, match=f"tensor '{name}'"):
+        train(preset("ci", 1, init_from=str(ci_runs / "s0")), run, progress=False)
+    with pytest.raises(ValueError, match=f"tensor '{name}'"):
+        train(preset("ci", 2, init_from=str(run)), tmp_path / "s2", progress=False)
+
+
+@pytest.mark.parametrize("kw", [dict(lr=float("inf")), dict(lr=float("nan")), dict(ema_beta=float("nan")),
+                                dict(betas=(0.9, float("inf")))])
+def test_non_finite_numbers_are_refused_on_construction(kw):
+    with pytest.raises(ValueError, match="finite"):
+        TrainConfig(**kw)
+
+
+@pytest.mark.parametrize("steps", [0, -5])
+def test_steps_must_be_positive(tmp_path, ci_runs, steps, capsys):
+    with pytest.raises(ValueError, match="steps must be a positive integer"):
+        train(preset("ci", 1, init_from=str(ci_runs / "s0")), tmp_path / "r", steps=steps, progress=False)
+    assert not (tmp_path / "r").exists()
+    with pytest.raises(SystemExit) as e:
+        main(["train", "--preset", "ci", "--stage", "0", "--outdir", str(tmp_path / "r"), "--steps", str(steps)])
+    assert e.value.code == 2 and "expected an integer >= 1" in capsys.readouterr().err
+
+
+def test_evaluate_and_sample_accept_a_checkpoint_file(tmp_path, ci_runs, capsys):
+    run = tmp_path / "s1"
+    shutil.copytree(ci_runs / "s1", run)
+    assert main(["evaluate", str(run / "latest.safetensors"), "--n", "50"]) == 0
+    assert (run / "eval.jsonl").exists()
+    assert main(["sample", str(run / "latest.safetensors"), "--n", "4"]) == 0
+    assert (run / "samples_1step.png").exists()
+
+
+def cli_error(capsys, *argv) -> str:
+    assert main(list(argv)) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    return err
+
+
+def test_cli_turns_expected_failures_into_one_error_line(tmp_path, ci_runs, capsys, monkeypatch):
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    assert "is a file" in cli_error(capsys, "train", "--preset", "ci", "--stage", "0", "--outdir", str(afile))
+    assert "init_from must be empty for stage 0" in cli_error(
+        capsys, "train", "--preset", "ci", "--stage", "0", "--outdir", str(tmp_path / "a"), "--init-from", "x")
+    bad = tmp_path / "badcfg"
+    bad.mkdir()
+    (bad / "config.json").write_text("{not json")
+    assert "config.json is not a valid tcmlab config" in cli_error(
+        capsys, "train", "--preset", "ci", "--stage", "0", "--outdir", str(bad))
+    damaged = tmp_path / "damaged"
+    damaged.mkdir()
+    (damaged / "latest.safetensors").write_bytes(b"\0" * 40)
+    assert "damaged" in cli_error(capsys, "evaluate", str(damaged))
+    assert "--set" in cli_error(capsys, "train", "--preset", "ci", "--stage", "0", "--outdir", str(tmp_path / "b"),
+                                "--set", "train.nope=1")
+    import tcmlab.__main__ as cli
+    for exc, text in ((PermissionError(errno.EACCES, "Permission denied", str(tmp_path / "ro")), "permission denied"),
+                      (OSError(errno.ENOSPC, "No space left on device", "latest.safetensors"), "no space left")):
+        def boom(*a, exc=exc, **k):
+            raise exc
+        monkeypatch.setattr(cli, "train", boom)
+        assert text in cli_error(capsys, "train", "--preset", "ci", "--stage", "0", "--outdir", str(tmp_path / "c"))
+        with pytest.raises(type(exc)):
+            main(["--debug", "train", "--preset", "ci", "--stage", "0", "--outdir", str(tmp_path / "c")])
+    with pytest.raises(SystemExit) as e:
+        main(["evaluate", str(ci_runs / "s1"), "--n", "0"])
+    assert e.value.code == 2
+
+
+def test_evaluate_never_follows_a_data_path_stored_in_a_checkpoint(tmp_path, ci_runs, capsys):
+    run = tmp_path / "forged"
+    shutil.copytree(ci_runs / "s1", run)
+    state = checkpoint.load(run / "latest.safetensors")
+    cfg = json.loads(state["config"])
+    cfg["data"].update(name="cifar10", root=str(tmp_path / "crafted"))
+    state["config"] = json.dumps(cfg)
+    checkpoint.save(run / "latest.safetensors", state)
+    err = cli_error(capsys, "evaluate", str(run))
+    assert "--data-root" in err and str(tmp_path / "crafted") in err
+
+
+def test_sigterm_checkpoints_and_the_same_command_resumes(tmp_path, ci_runs):
+    run = tmp_path / "r"
+    cmd = [sys.executable, "-m", "tcmlab", "train", "--preset", "ci", "--stage", "1", "--outdir", str(run),
+           "--init-from", str(ci_runs / "s0"), "--set", "train.steps=100000", "--set", "train.ckpt_every=100000"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    p = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (run / "metrics.jsonl").exists() or not steps_of(run):
+        assert p.poll() is None and time.time() < deadline, p.stderr.read() if p.poll() is not None else "timeout"
+        time.sleep(0.2)
+    p.send_signal(signal.SIGTERM)
+    out, err = p.communicate(timeout=120)
+    assert p.returncode == 128 + signal.SIGTERM, err
+    assert "stopped by SIGTERM after step" in err and "Run the same command again to resume" in err
+    step = load_state(run)[0]["step"]
+    assert step >= 5 and steps_of(run)[-1] <= step
+    r = subprocess.run(cmd[:-4] + ["--set", "train.steps=100000", "--set", "train.ckpt_every=100000",
+                                   "--steps", "3"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert load_state(run)[0]["step"] == step + 3

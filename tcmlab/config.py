@@ -191,6 +191,8 @@ class RunConfig:
     train: TrainConfig
     loss: LossConfig = field(default_factory=ECTConfig)
     init_from: str | None = None
+    # CIFAR-10 stage 1 refuses to start from random weights unless asked (App. E starts it from EDM's checkpoint).
+    from_scratch: bool = False
 
     def __post_init__(self):
         _require(type(self.loss) in STAGE_OF, "loss", "an EDMConfig, ECTConfig or TCMConfig", self.loss)
@@ -231,7 +233,7 @@ def from_dict(d: dict) -> RunConfig:
 
     return RunConfig(name=d["name"], data=build(DataConfig, d["data"]), net=build(NetConfig, d["net"]),
                      train=build(TrainConfig, d["train"]), loss=build(LOSS_OF_STAGE[stage], d["loss"]),
-                     init_from=d.get("init_from"))
+                     init_from=d.get("init_from"), from_scratch=bool(d.get("from_scratch", False)))
 
 
 def to_json(cfg: RunConfig) -> str:
@@ -295,7 +297,7 @@ def _parse_value(text: str, current, name: str):
             return int(text)
         if isinstance(current, float):
             return float(text)
-        return None if text.lower() in ("none", "") and current is None else text
+        return None if text.lower() in ("none", "") else text
     except ValueError:
         raise ValueError(f"--set {name}={text}: expected a value like {current!r}") from None
 
@@ -304,15 +306,20 @@ def with_overrides(cfg: RunConfig, items: list[str]) -> RunConfig:
     """Apply `section.field=value` overrides (sections: data, net, train, loss), e.g. ["train.steps=100",
     "net.channels=8"]; values take the field's type and are validated like any config."""
     sections = {"data": cfg.data, "net": cfg.net, "train": cfg.train, "loss": cfg.loss}
+    top = {}
     for item in items:
         key, sep, text = item.partition("=")
+        if sep and key.strip() in ("name", "init_from", "from_scratch"):  # top-level RunConfig fields
+            top[key.strip()] = _parse_value(text.strip(), getattr(cfg, key.strip()), key.strip())
+            continue
         section, _, name = key.strip().partition(".")
         if not sep or section not in sections or name not in {f.name for f in dataclasses.fields(sections[section])}:
             fields = ", ".join(f"{k}.{f.name}" for k, v in sections.items() for f in dataclasses.fields(v))
-            raise ValueError(f"--set {item!r}: expected section.field=value with one of: {fields}")
+            raise ValueError(f"--set {item!r}: expected field=value with one of: name, init_from, from_scratch, "
+                             f"{fields}")
         sub = sections[section]
         sections[section] = dataclasses.replace(sub, **{name: _parse_value(text.strip(), getattr(sub, name), key)})
-    return dataclasses.replace(cfg, **sections)
+    return dataclasses.replace(cfg, **sections, **top)
 
 
 def preset(name: str, stage: int, **overrides) -> RunConfig:

@@ -33,6 +33,7 @@ from . import checkpoint, rundir
 from .config import RunConfig, to_json
 from .data import load_data
 from .distributed import agree, all_reduce_sum, process_group
+from .edm_import import check_against, load_edm_pickle
 from .ema import ema_beta, update_ema
 from .losses import LossOut
 from .model import CKPT_NAME, build_model, checkpoint_path, frozen_copy, load_state, model_state
@@ -83,22 +84,31 @@ def _stop_requests():
             signal.signal(s, handler)
 
 
-def _init_state(cfg: RunConfig, shape) -> tuple[dict, dict]:
-    """The previous stage's EMA weights (stage 1 from 0 or 1; stage 2 from 1) after checking compatibility, and
-    where they came from ({'path', 'step', 'sha256'}), on the CPU."""
+def _init_state(cfg: RunConfig, model, shape) -> tuple[dict, dict]:
+    """The weights a stage starts from, after checking they fit, and where they came from ({'path', 'step',
+    'sha256'}): the previous stage's EMA (stage 1 from 0 or 1; stage 2 from 1), or for stage 1 the EMA network of an
+    official EDM pickle (`tcmlab.edm_import`, read without executing anything)."""
     path = checkpoint_path(cfg.init_from)
-    state, src = load_state(path, "cpu")
-    allowed = {1: (0, 1), 2: (1,)}[cfg.stage]
-    if src.stage not in allowed:
-        raise ValueError(f"init_from={cfg.init_from} is a stage-{src.stage} run; stage {cfg.stage} needs a "
-                         f"stage-{' or '.join(map(str, allowed))} run")
-    if replace(src.net, dropout=cfg.net.dropout) != cfg.net or tuple(state["shape"]) != tuple(shape):  # dropout may
-        # change between stages (ECT's CIFAR-10 stage 1 uses 0.2 on EDM's 0.13 weights); the architecture may not
-        raise ValueError(f"init_from={cfg.init_from} has an incompatible network or data shape "
-                         f"(its net={src.net}, shape={tuple(state['shape'])}; this run: net={cfg.net}, shape={shape})")
-    weights = model_state(state, "ema")
+    if path.suffix == ".pkl":
+        if cfg.stage != 1:
+            raise ValueError(f"init_from={path} is an EDM pickle: it can start stage 1 only (stage 2 needs a stage-1 "
+                             f"tcmlab run)")
+        weights, _ = load_edm_pickle(path)
+        check_against(weights, model, path)
+        step = 0
+    else:
+        state, src = load_state(path, "cpu")
+        allowed = {1: (0, 1), 2: (1,)}[cfg.stage]
+        if src.stage not in allowed:
+            raise ValueError(f"init_from={cfg.init_from} is a stage-{src.stage} run; stage {cfg.stage} needs a "
+                             f"stage-{' or '.join(map(str, allowed))} run")
+        # Dropout may change between stages (ECT's CIFAR-10 stage 1 uses 0.2 on EDM's 0.13); the architecture not.
+        if replace(src.net, dropout=cfg.net.dropout) != cfg.net or tuple(state["shape"]) != tuple(shape):
+            raise ValueError(f"init_from={cfg.init_from} has an incompatible network or data shape (its net="
+                             f"{src.net}, shape={tuple(state['shape'])}; this run: net={cfg.net}, shape={shape})")
+        weights, step = model_state(state, "ema"), int(state["step"])
     checkpoint.check_finite(weights, f"init_from={path} (EMA weights)")
-    return weights, {"path": str(path), "step": int(state["step"]), "sha256": checkpoint.sha256(path)}
+    return weights, {"path": str(path), "step": step, "sha256": checkpoint.sha256(path)}
 
 
 def _diagnostics(outs: list[LossOut], edges: np.ndarray, device) -> dict:
@@ -142,6 +152,10 @@ def train(cfg: RunConfig, run_dir: str | Path, *, steps: int | None = None, devi
     if cfg.stage == 2 and cfg.init_from is None:
         raise ValueError("stage 2 needs init_from: the stage-1 run directory (or its latest.safetensors) whose EMA "
                          "weights become θ0 and the student's initialisation")
+    if cfg.stage == 1 and cfg.data.name == "cifar10" and cfg.init_from is None and not cfg.from_scratch:
+        raise ValueError("CIFAR-10 stage 1 starts from a diffusion model (TCM App. E): set init_from to EDM's "
+                         "edm-cifar10-32x32-uncond-vp.pkl (or a tcmlab stage-0/1 run), or say from_scratch=True "
+                         "(CLI: --set from_scratch=true)")
     if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
         raise ValueError(f"steps must be a positive integer (more steps to run in this call), got {steps!r}")
     if run_dir.exists() and not run_dir.is_dir():
@@ -189,7 +203,7 @@ def _train(cfg, run_dir, rank, world, device, b_rank, b_gpu, created, steps, pro
                     checkpoint.check_finite(state[which], f"{ckpt_file} ({which})")
             init_source = state.get("init_source")
         elif cfg.init_from is not None:
-            init_weights, init_source = _init_state(cfg, shape)
+            init_weights, init_source = _init_state(cfg, f, shape)
             f.load_state_dict(init_weights)
         if stage.needs_teacher:
             # θ0: the stage-1 EMA weights, frozen (TCM Eq. 5), kept in this run's checkpoint so that a resumed run

@@ -97,6 +97,8 @@ def test_every_config_field_is_read_somewhere(tmp_path, monkeypatch):
     load_data(DataConfig("synthetic", synthetic_n=4))
     with pytest.raises(FileNotFoundError):
         load_data(DataConfig("cifar10", root=str(tmp_path / "no-cifar")))
+    with pytest.raises(ValueError, match="from_scratch"):
+        train(preset("cifar10", 1), tmp_path / "c10", progress=False)
     unread = [f"{cls.__name__}.{f.name}" for cls in classes for f in dataclasses.fields(cls)
               if (cls.__name__, f.name) not in read]
     assert not unread, f"config fields never read by the library: {unread}"

@@ -26,6 +26,10 @@ test: $(STAMP)
 	$(PY) -m pytest -q tests
 	cd notebooks && ../$(PY) -m pytest -q --nbval -p no:cacheprovider .
 
+# GPU suite (tests/gpu): resume, live dFID, evaluate/sample, bf16/fp16, DDP with nccl. Skips with a reason without CUDA.
+test-gpu: $(STAMP)
+	$(PY) -m pytest -q -rs -m gpu tests/gpu
+
 bench: $(STAMP)
 	$(PY) -m tcmlab.bench
 

@@ -19,11 +19,10 @@ import time
 import torch
 
 from .config import NetConfig, TCMConfig, preset
-from .losses import ect_loss, edm_loss, tcm_loss
 from .model import AUTOCAST, frozen_copy
 from .nets import build_net
 from .precond import Precond
-from .schedules import LogNormal, TruncatedLogStudentT, tcm_times
+from .stages import ECTStage, EDMStage, TCMStage
 
 NETS = {
     "mlp": ((1, 8, 8), preset("digits", 1).net),
@@ -33,6 +32,8 @@ NETS = {
 
 
 def make_steps(net_name: str, batch: int, device, precision: str, teacher_dropout: bool = True):
+    """One optimiser step of each variant, through the same stage objects `train()` uses (`tcmlab.stages`), on one
+    fixed batch; stage 1 at the end of its curriculum (ratio = ratio_max), stage 2 with the paper's defaults."""
     shape, net_cfg = NETS[net_name]
     torch.manual_seed(0)
     f = Precond(build_net(net_cfg, shape), autocast_dtype=AUTOCAST[precision]).to(device).train()
@@ -41,25 +42,22 @@ def make_steps(net_name: str, batch: int, device, precision: str, teacher_dropou
     g = torch.Generator().manual_seed(0)
     x = torch.rand((batch, *shape), generator=g).to(device) * 2 - 1
     eps = torch.randn((batch, *shape), generator=g).to(device)
-    t01 = LogNormal().sample(batch, g).to(device)
-    tcm = TCMConfig()
-    t2, is_b = tcm_times(batch, tcm.t_prime, tcm.rho, TruncatedLogStudentT(), g)
-    t2, is_b = t2.to(device), is_b.to(device)
+    i_late = 10**9  # ratio(i) = ratio_max
+    variants = {"stage0 (EDM)": EDMStage(), "stage1 (ECT)": ECTStage(),
+                "stage2 routed": TCMStage(TCMConfig(teacher_passes="routed")),
+                "stage2 full (official)": TCMStage(TCMConfig(teacher_passes="full"))}
 
-    def run(loss_fn):
+    def run(stage):
+        t, is_b = stage.sample_times(batch, g)
+        t, is_b = t.to(device), None if is_b is None else is_b.to(device)
+
         def step():
             opt.zero_grad(set_to_none=True)
-            loss_fn().loss.backward()
+            stage.loss(f, x, eps, t, is_b, i_late, batch, f0=f0).loss.backward()
             opt.step()
         return step
 
-    return {
-        "stage0 (EDM)": run(lambda: edm_loss(f, x, eps, t01)),
-        "stage1 (ECT)": run(lambda: ect_loss(f, x, eps, t01, 0.999, 1e-8, "inv_dt")),
-        "stage2 routed": run(lambda: tcm_loss(f, f0, x, eps, t2, is_b, 1.0, 0.999, 1e-8, "inv_dt", 0.1, "routed")),
-        "stage2 full (official)": run(lambda: tcm_loss(f, f0, x, eps, t2, is_b, 1.0, 0.999, 1e-8, "inv_dt", 0.1,
-                                                       "full")),
-    }
+    return {name: run(stage) for name, stage in variants.items()}
 
 
 def measure(steps: dict, rounds: int, per_round: int, device) -> dict:

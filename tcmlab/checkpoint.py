@@ -103,13 +103,16 @@ def check_finite(tensors: dict[str, torch.Tensor], where: str) -> None:
 
 
 def load(path: str | Path, device="cpu") -> dict:
-    """Load a checkpoint written by `save`; a missing or damaged file raises an error that says what to do."""
+    """Load a checkpoint written by `save`, its tensors on `device` except the RNG states (always CPU); a missing or
+    damaged file raises an error that says what to do."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {path}: give a run directory that holds latest.safetensors, "
                                 f"or train the previous stage first")
     try:
-        tensors = load_file(str(path), device=str(device))
+        tensors = load_file(str(path), device="cpu")
+        if torch.device(device).type != "cpu":  # RNG states stay CPU byte tensors, as torch's set_state requires
+            tensors = {k: v if k.startswith("s.rng.") else v.to(device) for k, v in tensors.items()}
         with safe_open(str(path), framework="pt") as fh:
             skeleton = json.loads((fh.metadata() or {})["tcmlab"])
         return unflatten(skeleton, tensors)

@@ -32,3 +32,33 @@ def test_stage2_model_refuses_t_mid_below_t_prime():
 def test_bad_time_grids(ts):
     with pytest.raises(ValueError, match="sampling times"):
         sample(lambda x, t: x, torch.zeros(2, 2), ts)
+
+
+class DeviceRecorder(torch.nn.Module):
+    """A network whose weights live on `device`; records where its inputs arrive, returns zeros on the CPU."""
+
+    def __init__(self, device):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(1, device=device))
+        self.seen = []
+
+    def forward(self, x, t):
+        self.seen.append((x.device.type, t.device.type))
+        return torch.zeros(x.shape)
+
+
+def test_functions_that_run_a_network_take_its_device():
+    from tcmlab import metrics
+    from tcmlab.samplers import generate
+    f = DeviceRecorder("meta")
+    generate(f, 3, (1, 8, 8), (80.0,), generator=torch.Generator().manual_seed(0))
+    metrics.denoise(f, torch.zeros(2, 1, 8, 8), 1.0)
+    assert f.seen == [("meta", "meta")] * 2
+
+
+def test_rng_states_load_on_the_cpu_whatever_the_map_location(ci_runs):
+    from tcmlab import checkpoint
+    state = checkpoint.load(ci_runs / "s1" / "latest.safetensors", device="meta")
+    assert next(iter(state["model"].values())).device.type == "meta"
+    torch.set_rng_state(state["rng"]["torch"][0])  # would raise for a meta (or CUDA) tensor
+    torch.Generator().set_state(state["rng"]["data"])

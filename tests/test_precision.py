@@ -1,0 +1,46 @@
+"""Mixed precision: only the network F runs under autocast; preconditioning, losses and EMA stay fp32 (EDM2/TCM)."""
+
+import dataclasses
+import math
+
+import pytest
+import torch
+
+from tcmlab.config import preset
+from tcmlab.model import build_model, load_model
+from tcmlab.stages import make_stage
+from tcmlab.train import train
+
+BF16_REL_TOL = 0.05  # stated tolerance: a bf16 loss within 5% of the fp32 loss on the same batch and weights
+
+
+def loss_at(stage, precision, i):
+    cfg = preset("ci", stage, init_from="x" if stage else None)
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, precision=precision))
+    torch.manual_seed(0)
+    f = build_model(cfg, (1, 8, 8)).eval()
+    g = torch.Generator().manual_seed(1)
+    x, eps = torch.rand(64, 1, 8, 8, generator=g) * 2 - 1, torch.randn(64, 1, 8, 8, generator=g)
+    st = make_stage(cfg)
+    t, is_b = st.sample_times(64, g)
+    out = f(x, t)
+    assert out.dtype == torch.float32  # c_skip·x + c_out·F in fp32 whatever F ran in
+    return st.loss(f, x, eps, t, is_b, i, 64, f0=f).loss.item()
+
+
+@pytest.mark.parametrize("stage", [0, 1, 2])
+@pytest.mark.parametrize("i", [0, 10**9])  # start and end of the curriculum (ratio 0.5 and ratio_max)
+def test_bf16_loss_is_within_tolerance_of_fp32(stage, i):
+    a, b = loss_at(stage, "fp32", i), loss_at(stage, "bf16", i)
+    assert a != b  # autocast really changed the arithmetic
+    assert abs(b / a - 1) < BF16_REL_TOL
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_steps_keep_fp32_weights(tmp_path, ci_runs, precision):
+    cfg = preset("ci", 2, init_from=str(ci_runs / "s1"))
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, precision=precision, steps=3, log_every=1))
+    r = train(cfg, tmp_path / precision, progress=False)
+    assert r.step == 3 and math.isfinite(r.last["loss"])
+    m = load_model(tmp_path / precision)
+    assert all(p.dtype == torch.float32 for p in m.f.parameters())  # weights and EMA stay fp32

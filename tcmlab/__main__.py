@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError
 
-from .config import preset, with_overrides
+from .config import from_dict, preset, with_overrides
 from .model import load_model
 from .samplers import generate
 from .train import Interrupted, train
@@ -67,9 +67,22 @@ def cmd_demo(args) -> None:
 
 
 def cmd_train(args) -> None:
-    cfg = preset(args.preset, args.stage, **({"init_from": args.init_from} if args.init_from else {}))
-    cfg = with_overrides(cfg, args.set)
-    r = train(cfg, args.outdir, steps=args.steps, device=args.device)
+    if args.config:
+        try:
+            cfg = from_dict(json.loads(Path(args.config).read_text()))
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise ValueError(f"--config {args.config} is not a tcmlab RunConfig JSON ({e})") from None
+    elif args.stage is None:
+        raise ValueError("give --stage (with --preset), or --config FILE")
+    else:
+        cfg = preset(args.preset, args.stage)
+    cfg = with_overrides(cfg, args.set + ([f"init_from={args.init_from}"] if args.init_from else []))
+    eval_fn = None
+    if args.dfid_every:
+        from . import metrics
+        es = metrics.eval_set(cfg.data, data_root=args.data_root, inception_weights=args.inception_weights)
+        eval_fn = metrics.dfid_callback(es, metrics.dfid_ts(cfg.t_max), n=args.dfid_n)
+    r = train(cfg, args.outdir, steps=args.steps, device=args.device, eval_fn=eval_fn, eval_every=args.dfid_every)
     if os.environ.get("RANK", "0") == "0":
         print(f"[tcmlab] stage {cfg.stage} at step {r.step}: {r.run_dir}")
 
@@ -97,15 +110,8 @@ def cmd_evaluate(args) -> None:
     run_dir = run_dir_of(args.run)
     _writable(run_dir)
     m = load_model(args.run, which="raw" if args.raw else "ema", device=args.device)
-    if m.cfg.data.name == "digits":
-        es = metrics.digits_eval_set()
-    elif m.cfg.data.name == "cifar10":
-        if not args.data_root:  # a checkpoint's stored paths are data: shown, never followed
-            raise ValueError(f"this run trained on CIFAR-10 from {m.cfg.data.root!r} (as its checkpoint says); "
-                             f"pass --data-root DIR (the folder holding cifar-10-batches-py) to evaluate against it")
-        es = metrics.cifar10_eval_set(args.data_root, args.inception_weights)
-    else:
-        raise ValueError(f"evaluation needs image data (digits or cifar10), this run trained on {m.cfg.data.name!r}")
+    # A checkpoint's stored paths are data: shown, never followed; the CIFAR-10 folder comes from --data-root.
+    es = metrics.eval_set(m.cfg.data, data_root=args.data_root, inception_weights=args.inception_weights)
     es.cuda = torch.device(args.device).type == "cuda"
     g = torch.Generator().manual_seed(args.seed)
     ts = sorted(set(metrics.dfid_ts(m.t_max)) | ({m.t_prime} if m.t_prime else set()))
@@ -161,13 +167,18 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--t-mid", type=float, default=1.0, help="intermediate time of 2-step sampling (TCM App. E)")
     t = sub.add_parser("train", help="train (or continue) one stage; works under torchrun")
     t.add_argument("--preset", default="digits")
-    t.add_argument("--stage", type=int, required=True, choices=(0, 1, 2))
+    t.add_argument("--stage", type=int, choices=(0, 1, 2), help="stage of the preset (or give --config)")
+    t.add_argument("--config", help="a RunConfig JSON file (a run's config.json) instead of --preset/--stage")
     t.add_argument("--outdir", required=True, help="run directory (created, or resumed if it holds a checkpoint)")
     t.add_argument("--init-from", help="run directory (or checkpoint file) of the previous stage")
     t.add_argument("--steps", type=_positive(1), help="at most this many more steps in this call")
     t.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
                    help="override a config field, e.g. --set train.batch=128 --set net.channels=64 (repeatable)")
     t.add_argument("--device", help="cpu, cuda, cuda:1 (default: CUDA when present; under torchrun, LOCAL_RANK's GPU)")
+    t.add_argument("--dfid-every", type=_positive(1), default=0, help="log dFID_t every N steps (rank 0)")
+    t.add_argument("--dfid-n", type=_positive(2), help="real images noised and denoised per dFID_t")
+    t.add_argument("--data-root", help="CIFAR-10 folder for dFID (the training data come from the config)")
+    t.add_argument("--inception-weights", help="local Inception weights (CIFAR-10 dFID; or $TCMLAB_INCEPTION_WEIGHTS)")
     for name, help_ in (("sample", "1- and 2-step sample grids of a run"),
                         ("evaluate", "1-/2-step FID/KID and dFID_t of a run, with eval cards (eval.jsonl)")):
         s = sub.add_parser(name, help=help_)

@@ -18,13 +18,15 @@ import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch_fidelity
 from torch_fidelity.feature_extractor_base import FeatureExtractorBase
 from tqdm.auto import tqdm
 
 from . import digits_classifier
-from .data import cifar10, digits
+from .config import DataConfig
+from .data import cifar10, digits, toy2d
 from .model import device_of
 from .precond import T_MAX
 from .samplers import generate
@@ -32,6 +34,7 @@ from .viz import to_uint8
 
 DIGITS_EXTRACTOR = "tcmlab-digits-cnn"
 INCEPTION = "inception-v3-compat"
+POINTS = "energy-distance-2d"  # toy2d: the 'fid' slot holds the energy distance of the raw points (and KID)
 INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"  # torch-fidelity's release asset
 INCEPTION_SHA256_PREFIX = "6726825d"  # published in the file name (torch.hub's check_hash convention)
 DFID_GRID = (0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0)  # dFID_t noise levels below T (TCM Fig. 2/3 span)
@@ -123,20 +126,38 @@ def check_comparable(a: EvalCard, b: EvalCard) -> None:
 
 @dataclass
 class EvalSet:
-    """Real images for evaluation: `query` (noised and denoised by dFID) and `reference` (the target distribution)."""
+    """Real data for evaluation: `query` (noised and denoised by dFID) and `reference` (the target distribution).
+
+    Images are uint8 and scored through torch-fidelity's extractor; 2-D points (toy2d) are float and scored by the
+    energy distance (in the 'fid' slot: FD of a Gaussian fit would miss the shape of the moons) and KID of the raw
+    coordinates (`extractor = POINTS`). `disjoint`: query and reference are
+    disjoint real samples, so their distance is the real-vs-real floor."""
 
     name: str
-    query: torch.Tensor  # uint8
-    reference: torch.Tensor  # uint8
+    query: torch.Tensor
+    reference: torch.Tensor
     extractor: str
     weights_path: str | None
     sha256: str
+    disjoint: bool = True
     cuda: bool = field(default_factory=torch.cuda.is_available)
     floors: dict = field(default_factory=dict, repr=False)  # floor(es, n) cache: n -> FD
 
     @property
     def reference_name(self) -> str:
         return f"{self.name}({self.reference.shape[0]})"
+
+    @property
+    def points(self) -> bool:
+        return self.extractor == POINTS
+
+    def to_model(self, x: torch.Tensor) -> torch.Tensor:
+        """Real data as the model sees it: images in [−1, 1]; points as they are."""
+        return x if self.points else x.float() / 127.5 - 1
+
+    def to_scored(self, x: torch.Tensor) -> torch.Tensor:
+        """Model output as it is scored: uint8 images (the official quantisation); points as they are."""
+        return x.detach().float().cpu() if self.points else to_uint8(x)
 
 
 def digits_eval_set(weights_path: str | Path | None = None) -> EvalSet:
@@ -161,10 +182,11 @@ def inception_weights_path(setting: str | Path | None) -> str:
         raise FileNotFoundError(f"Inception weights file {path} (inception_weights / TCMLAB_INCEPTION_WEIGHTS) does "
                                 f"not exist: copy {INCEPTION_FILE} there")
     sha = digits_classifier.sha256(path)
-    if not sha.startswith(INCEPTION_SHA256_PREFIX):
-        raise ValueError(f"Inception weights file {path} has SHA-256 {sha[:16]}…, not torch-fidelity's "
-                         f"{INCEPTION_SHA256_PREFIX}…: it is not {INCEPTION_FILE} (or it is damaged). It was not "
-                         f"loaded (loading unpickles it, which can run code). Copy the genuine file there.")
+    expected = os.environ.get("TCMLAB_INCEPTION_SHA256") or INCEPTION_SHA256_PREFIX  # a port you verified yourself
+    if not sha.startswith(expected):
+        raise ValueError(f"Inception weights file {path} has SHA-256 {sha[:16]}…, not the expected {expected}… "
+                         f"(torch-fidelity's {INCEPTION_FILE}, or $TCMLAB_INCEPTION_SHA256): it was not loaded "
+                         f"(loading unpickles it, which can run code). Copy the genuine file there.")
     return str(path)
 
 
@@ -173,12 +195,64 @@ def cifar10_eval_set(root: str | Path, inception_weights: str | Path | None = No
     """CIFAR-10 protocol: reference and dFID query = the training set (official code), Inception features."""
     path = inception_weights_path(inception_weights)
     x = cifar10(root).x[:n_reference]
-    return EvalSet("cifar10-train", x, x, INCEPTION, path, digits_classifier.sha256(path))
+    return EvalSet("cifar10-train", x, x, INCEPTION, path, digits_classifier.sha256(path), disjoint=False)
+
+
+def toy2d_eval_set(toy: str = "moons", n: int = 4000) -> EvalSet:
+    """2-D toy data: two disjoint halves of a fresh sample (seed 1; training uses seed 0), scored on raw points."""
+    x = toy2d(toy, n=n, seed=1).x
+    return EvalSet(f"toy2d-{toy}-halfB", x[: n // 2], x[n // 2:], POINTS, None, "")
+
+
+def eval_set(data: DataConfig, data_root: str | Path | None = None,
+             inception_weights: str | Path | None = None) -> EvalSet:
+    """The evaluation set that matches a run's data: digits → digits CNN features, toy2d → raw 2-D points,
+    CIFAR-10 → Inception on the training set. `data_root` (CIFAR-10) must come from the user, never from a
+    checkpoint (paths stored in a checkpoint are shown, not followed)."""
+    if data.name == "digits":
+        return digits_eval_set()
+    if data.name == "toy2d":
+        return toy2d_eval_set(data.toy)
+    if data.name == "cifar10":
+        if not data_root:
+            raise ValueError(f"CIFAR-10 evaluation needs the data folder: pass data_root (CLI: --data-root) — the "
+                             f"run's config says {data.root!r}, which is not followed unless you pass it")
+        return cifar10_eval_set(data_root, inception_weights)
+    raise ValueError(f"no evaluation protocol for data {data.name!r}: evaluation covers digits, toy2d and cifar10")
+
+
+def energy_distance(a: np.ndarray, b: np.ndarray) -> float:
+    """Energy distance 2E‖X − Y‖ − E‖X − X′‖ − E‖Y − Y′‖ of two point sets (Székely): zero iff the distributions agree,
+    sensitive to their whole shape, no bandwidth to choose. Within-set means exclude the zero diagonal."""
+    def mean_dist(x, y, same):
+        d = np.sqrt(((x[:, None, :] - y[None, :, :]) ** 2).sum(-1))
+        return d.sum() / (len(x) * (len(x) - 1)) if same else d.mean()
+    return float(2 * mean_dist(a, b, False) - mean_dist(a, a, True) - mean_dist(b, b, True))
+
+
+def _kid(a: np.ndarray, b: np.ndarray, subsets: int = 100, size: int = 1000, seed: int = 0) -> tuple[float, float]:
+    """KID (unbiased MMD² with the cubic polynomial kernel (x·y/d + 1)³) over random subsets, as torch-fidelity."""
+    rng = np.random.default_rng(seed)
+    m = min(size, len(a), len(b))
+    d = a.shape[1]
+    vals = []
+    for _ in range(subsets):
+        x, y = a[rng.choice(len(a), m, replace=False)], b[rng.choice(len(b), m, replace=False)]
+        kxx, kyy, kxy = ((x @ x.T / d + 1) ** 3, (y @ y.T / d + 1) ** 3, (x @ y.T / d + 1) ** 3)
+        vals.append((kxx.sum() - np.trace(kxx) + kyy.sum() - np.trace(kyy)) / (m * (m - 1)) - 2 * kxy.mean())
+    return float(np.mean(vals)), float(np.std(vals))
 
 
 def fid_kid(images: torch.Tensor, es: EvalSet, kid: bool = True, against: torch.Tensor | None = None) -> dict:
-    """FID (and KID) of uint8 images against the eval set's reference, through torch-fidelity."""
+    """FID (and KID) of uint8 images against the eval set's reference, through torch-fidelity (points: on the raw
+    coordinates)."""
     ref = es.reference if against is None else against
+    if es.points:
+        a, b = images.double().numpy(), ref.double().numpy()
+        out = {"fid": energy_distance(a, b)}
+        if kid:
+            out["kid_mean"], out["kid_std"] = _kid(a, b)
+        return out
     n = min(len(images), len(ref))
     kw = dict(input1=U8Images(images), input2=U8Images(ref), fid=True, kid=kid, feature_extractor=es.extractor,
               feature_extractor_weights_path=es.weights_path, cuda=es.cuda, verbose=False, save_cpu_ram=True,
@@ -225,10 +299,10 @@ def denoise(f, x: torch.Tensor, t: float, generator: torch.Generator | None = No
 def dfid(f, es: EvalSet, ts=DFID_TS, n: int | None = None, generator: torch.Generator | None = None, device=None,
          progress: bool = True, batch: int = 1024) -> dict[float, float]:
     """Denoising FID (TCM §2.2): {t: FID(f(x + tε, t) for real query x, reference)} for every t in ts."""
-    x = es.query[:n].float() / 127.5 - 1
+    x = es.to_model(es.query[:n])
     scores = {}
     for t in tqdm(list(ts), desc="dFID_t", disable=not progress, leave=False):
-        scores[float(t)] = fid_kid(to_uint8(denoise(f, x, t, generator, device, batch)), es, kid=False)["fid"]
+        scores[float(t)] = fid_kid(es.to_scored(denoise(f, x, t, generator, device, batch)), es, kid=False)["fid"]
     return scores
 
 
@@ -248,7 +322,7 @@ def dfid_callback(es: EvalSet, ts=DFID_TS, n: int | None = None, seed: int = 0, 
 
 
 def _floor_or_none(es: EvalSet, n: int | None) -> float | None:
-    return floor(es, n) if es.extractor == DIGITS_EXTRACTOR else None
+    return floor(es, n) if es.disjoint else None
 
 
 def sample_quality(model, es: EvalSet, t_mid: float = 1.0, n: int | None = None, seed: int = 0,
@@ -261,7 +335,7 @@ def sample_quality(model, es: EvalSet, t_mid: float = 1.0, n: int | None = None,
     for ts in ((model.t_max,), (model.t_max, t_mid)):
         g = torch.Generator().manual_seed(seed)
         x = generate(model.f, n, model.shape, ts, device=device, generator=g, t_prime=model.t_prime, batch=batch)
-        scores = fid_kid(to_uint8(x), es)
+        scores = fid_kid(es.to_scored(x), es)
         card = EvalCard("fid", n, es.extractor, es.sha256, es.reference_name, ts, model.which, seed, model.step)
         rows.append({"card": asdict(card), **scores, "floor": fl, "floor_n": floor_n(es, n)})
     return rows

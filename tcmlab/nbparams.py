@@ -8,7 +8,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from .config import PRESETS, preset
+from .config import PRESETS, preset, with_overrides
 
 
 def as_float(name: str, value) -> float:
@@ -48,9 +48,42 @@ def with_steps(cfg, steps):
     return cfg if steps is None else dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, steps=steps))
 
 
-def stage2_config(preset_name, stage1_run, tprime, w_b, rho, psi_scale, psi_nu, steps=None, teacher_dropout=True):
+# (dfid_every, dfid_n) per preset: a few evaluations per stage, n large enough for a stable FD at that scale.
+DFID_DEFAULTS = {"ci": (10, 200), "digits": (500, 300), "toy2d": (500, 1000), "cifar10": (10_000, 5_000)}
+
+
+def dfid_settings(preset_name: str, dfid_every, dfid_n) -> tuple[int, int]:
+    """dFID_t cadence and size: the parameters, or the preset's defaults where they are 0."""
+    every, n = DFID_DEFAULTS[check_preset(preset_name)]
+    return as_steps("dfid_every", dfid_every) or every, as_steps("dfid_n", dfid_n) or n
+
+
+def parse_overrides(text) -> list[str]:
+    """`overrides` parameter: whitespace-separated field=value items (as `--set`), e.g. "net.channels=16 train.batch=8"."""
+    if text in (None, ""):
+        return []
+    if not isinstance(text, str):
+        raise ValueError(f"parameter overrides must be a string of field=value items, got {text!r}")
+    return text.split()
+
+
+def stage01_configs(preset_name, out, steps0=0, steps1=0, pretrain=True, init_from="", overrides=""):
+    """Notebook 01's stage-0 and stage-1 RunConfigs. Stage 0 is None where the preset has none (cifar10: stage 1
+    starts from EDM's checkpoint, `init_from`) or `pretrain` is false; stage 1 starts from `init_from` if given, else
+    from this notebook's stage 0."""
+    name, items = check_preset(preset_name), parse_overrides(overrides)
+    cfg0 = None
+    if PRESETS[name][0] is not None and as_bool("pretrain", pretrain) and not init_from:
+        cfg0 = with_steps(with_overrides(preset(name, 0), items), as_steps("steps0", steps0))
+    start = str(init_from) if init_from else (str(Path(out) / "stage0") if cfg0 is not None else None)
+    cfg1 = with_steps(with_overrides(preset(name, 1, init_from=start), items), as_steps("steps1", steps1))
+    return cfg0, cfg1
+
+
+def stage2_config(preset_name, stage1_run, tprime, w_b, rho, psi_scale, psi_nu, steps=None, teacher_dropout=True,
+                  overrides=""):
     """The stage-2 RunConfig of notebook 02's parameters; TCMConfig names the offending parameter on bad input."""
-    cfg = preset(check_preset(preset_name), 2, init_from=str(stage1_run))
+    cfg = with_overrides(preset(check_preset(preset_name), 2, init_from=str(stage1_run)), parse_overrides(overrides))
     loss = dataclasses.replace(cfg.loss, t_prime=as_float("tprime", tprime), w_b=as_float("w_b", w_b),
                                rho=as_float("rho", rho), psi_scale=as_float("psi_scale", psi_scale),
                                psi_nu=as_float("psi_nu", psi_nu),

@@ -135,7 +135,8 @@ def test_crafted_inception_weights_never_execute(tmp_path, monkeypatch):
     path = tmp_path / "weights-inception-2015-12-05-6726825d.pth"
     path.write_bytes(pickle.dumps({"x": Marker(marker)}))
     monkeypatch.setenv("TCMLAB_INCEPTION_WEIGHTS", str(path))
-    with pytest.raises(ValueError, match="not torch-fidelity's"):
+    monkeypatch.delenv("TCMLAB_INCEPTION_SHA256", raising=False)
+    with pytest.raises(ValueError, match="not the expected 6726825d"):
         metrics.cifar10_eval_set(tmp_path / "cifar")
     assert not marker.exists()
 

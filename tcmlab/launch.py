@@ -1,0 +1,105 @@
+"""Run a training stage in one process or under `torchrun` from Python (notebooks), with the same live metrics.
+
+`run_stage(cfg, run_dir, gpus=1, ...)` calls `train()` in this process when gpus == 1; with gpus > 1 it starts
+`python -m torch.distributed.run --standalone --nproc-per-node=gpus -m tcmlab train --config ... --outdir run_dir`
+and streams the rows it appends to metrics.jsonl into `on_log` (the live plots) while it runs. Either way it first
+says whether the run directory already holds a finished run (reused, not retrained) or a partial one (resumed).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable
+
+from . import rundir
+from .config import RunConfig, to_json
+from .model import CKPT_NAME, load_state
+from .train import train
+
+
+def describe_existing(cfg: RunConfig, run_dir: Path) -> str:
+    """What `run_stage` will do with `run_dir`: train from scratch, resume at step k, or reuse a finished run."""
+    ckpt = Path(run_dir) / CKPT_NAME
+    if not ckpt.exists():
+        return f"training {run_dir} from step 0 to {cfg.train.steps}"
+    state = load_state(ckpt, "cpu")[0]
+    rundir.check_same_run(Path(run_dir), cfg, state)  # never reuse a different run by mistake
+    step = int(state["step"])
+    if step >= cfg.train.steps:
+        return f"found {run_dir} at step {step}: reused, not retrained"
+    return f"found {run_dir} at step {step}: resuming to {cfg.train.steps}"
+
+
+def _tail(path: Path, seen: int, on_log) -> int:
+    """Feed rows past the first `seen` complete lines of metrics.jsonl to on_log; return the new count."""
+    if not path.exists():
+        return seen
+    lines = path.read_text().split("\n")[:-1]  # the part after the last newline may be half written
+    if len(lines) < seen:  # truncated back to the checkpoint at start
+        seen = 0
+    for line in lines[seen:]:
+        if line.strip() and on_log is not None:
+            on_log(json.loads(line))
+    return len(lines)
+
+
+def train_torchrun(cfg: RunConfig, run_dir: str | Path, gpus: int, *, steps: int | None = None,
+                   on_log: Callable[[dict], None] | None = None, dfid_every: int = 0, dfid_n: int | None = None,
+                   data_root: str | None = None, poll: float = 1.0) -> dict:
+    """Train under torchrun with `gpus` processes (GPUs when present, else CPU processes with gloo); stream metrics
+    rows to `on_log`; return the last row. A failure raises with the tail of torchrun's output."""
+    run_dir = Path(run_dir)
+    with tempfile.NamedTemporaryFile("w", suffix=".json", prefix="tcmlab-config-", delete=False) as fh:
+        fh.write(to_json(cfg))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={gpus}", "-m", "tcmlab",
+           "train", "--config", fh.name, "--outdir", str(run_dir)]
+    if steps:
+        cmd += ["--steps", str(steps)]
+    if dfid_every:
+        cmd += ["--dfid-every", str(dfid_every)] + (["--dfid-n", str(dfid_n)] if dfid_n else [])
+    if data_root:
+        cmd += ["--data-root", str(data_root)]
+    log = tempfile.TemporaryFile("w+")
+    try:
+        p = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, text=True)
+        seen = 0
+        while p.poll() is None:
+            time.sleep(poll)
+            seen = _tail(run_dir / "metrics.jsonl", seen, on_log)
+        _tail(run_dir / "metrics.jsonl", seen, on_log)
+        if p.returncode != 0:
+            log.seek(0)
+            tail = "\n".join(log.read().splitlines()[-30:])
+            raise RuntimeError(f"torchrun with {gpus} processes failed (exit {p.returncode}):\n{tail}")
+    finally:
+        log.close()
+        Path(fh.name).unlink(missing_ok=True)
+    rows = rundir.read_metrics(run_dir / "metrics.jsonl")
+    return rows[-1] if rows else {}
+
+
+def run_stage(cfg: RunConfig, run_dir: str | Path, *, gpus: int = 1, steps: int | None = None,
+              on_log: Callable[[dict], None] | None = None, eval_fn=None, eval_every: int = 0, dfid_n: int | None = None,
+              data_root: str | None = None, progress: bool = True) -> str:
+    """Train (or resume, or reuse) one stage in `run_dir`, in-process or under torchrun; returns what it did.
+
+    In-process, `eval_fn` runs every `eval_every` steps; under torchrun the trainer builds the dFID callback itself
+    from the run's data (every `eval_every` steps on `dfid_n` images)."""
+    run_dir = Path(run_dir)
+    what = describe_existing(cfg, run_dir)
+    print(f"[tcmlab] {what}" + (f" on {gpus} processes (torchrun)" if gpus > 1 else ""), flush=True)
+    if "reused" in what:
+        for row in rundir.read_metrics(run_dir / "metrics.jsonl") if on_log is not None else ():
+            on_log(row)  # the live plots show the reused run's history
+        return what
+    if gpus > 1:
+        train_torchrun(cfg, run_dir, gpus, steps=steps, on_log=on_log, dfid_every=eval_every, dfid_n=dfid_n,
+                       data_root=data_root)
+    else:
+        train(cfg, run_dir, steps=steps, progress=progress, on_log=on_log, eval_fn=eval_fn, eval_every=eval_every)
+    return what

@@ -1,4 +1,5 @@
 import importlib
+import numpy as np
 import json
 import math
 
@@ -147,3 +148,15 @@ def test_inception_missing_weights_names_the_setting(tmp_path, monkeypatch):
         metrics.cifar10_eval_set(tmp_path)
     with pytest.raises(FileNotFoundError, match="does not exist"):
         metrics.cifar10_eval_set(tmp_path, inception_weights=tmp_path / "nope.pth")
+
+
+@pytest.mark.parametrize("n, d", [(50, 8), (300, 64), (20, 64)])  # n < d: singular covariances, as with few images
+def test_frechet_distance_matches_torch_fidelity(n, d):
+    # Parity with torch-fidelity's own FID formula (general eigenvalues of Σ1·Σ2) on the same features.
+    from torch_fidelity.metric_fid import fid_features_to_statistics, fid_statistics_to_metric
+    g = torch.Generator().manual_seed(n)
+    a = torch.randn(n, d, generator=g, dtype=torch.float64)
+    b = torch.randn(n + 7, d, generator=g, dtype=torch.float64) @ torch.randn(d, d, generator=g, dtype=torch.float64) * 0.3 + 0.2
+    ref = fid_statistics_to_metric(fid_features_to_statistics(a), fid_features_to_statistics(b), False)
+    ours = metrics.frechet_distance(a.numpy().mean(0), np.cov(a.numpy(), rowvar=False), metrics.gaussian_stats(b))
+    assert ours == pytest.approx(ref["frechet_inception_distance"], rel=1e-6, abs=1e-8)

@@ -113,7 +113,7 @@ def write_inception_weights(path):
 def test_notebooks_01_02_at_cifar10_tiny(tmp_path):
     from tcmlab.checkpoint import sha256
     from tests.test_data import write_cifar
-    write_cifar(tmp_path / "cifar", n=4)  # 5 batches of 4 CIFAR-format images
+    write_cifar(tmp_path / "cifar", n=2)  # 5 batches of 2 CIFAR-format images
     weights = tmp_path / "inception.pth"
     write_inception_weights(weights)
     env = {"TCMLAB_INCEPTION_WEIGHTS": str(weights), "TCMLAB_INCEPTION_SHA256": sha256(weights)}

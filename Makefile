@@ -5,7 +5,7 @@ STAMP  := $(VENV)/.tcmlab-installed
 RUNS   ?= runs
 PRESET ?= digits
 
-.PHONY: setup demo test bench mutate clean
+.PHONY: setup demo test test-gpu bench mutate clean
 
 setup: $(STAMP)
 

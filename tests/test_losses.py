@@ -133,15 +133,11 @@ def test_routed_and_full_teacher_passes_agree_with_dropout():
     assert outs[0].teacher_rows == outs[1].teacher_rows >= 4
 
 
-def test_weighting_cout_sq():
+def test_unknown_weighting_is_refused():
+    # (the value of the 'cout_sq' weighting is checked in test_mutation_kills.py against 1/c_out(t)² written out)
     x, eps = batch(4)
-    f = Marker(0.0, True)
-    t = torch.full((4,), 2.0)
-    out = ect_loss(f, x, eps, t, 0.999, 0.06, "cout_sq")
-    c_out = 2.0 * 0.5 / (4.25**0.5)
-    assert torch.allclose(out.per_sample, pseudo_huber(torch.zeros_like(x), torch.zeros_like(x), 0.06) / c_out**2 + 0)
     with pytest.raises(ValueError, match="weighting"):
-        ect_loss(f, x, eps, t, 0.999, 0.06, "nope")
+        ect_loss(Marker(0.0, True), x, eps, torch.full((4,), 2.0), 0.999, 0.06, "nope")
 
 
 class MaskRecorder(nn.Module):

@@ -151,27 +151,23 @@ class Stop(Exception):
 
 
 class DeviceProbe(nn.Module):
-    """Records the devices of its inputs, then stops the sampler (the meta device has no data to copy back)."""
+    """Weights on the CPU; records the devices of its inputs, then stops the sampler (meta tensors hold no data)."""
 
-    def __init__(self, device="cpu"):
+    def __init__(self):
         super().__init__()
-        self.w = nn.Parameter(torch.zeros(1, device=device))
+        self.w = nn.Parameter(torch.zeros(1))
 
     def forward(self, x, t):
         self.devices = (x.device, t.device)
         raise Stop
 
 
-def test_generate_runs_the_net_on_its_own_device_or_the_given_one():
-    meta = torch.device("meta")
-    f = DeviceProbe("meta")  # weights on `meta`: device=None means "where the weights live"
-    with pytest.raises(Stop):
-        generate(f, 2, (3,), (80.0,))
-    assert f.devices == (meta, meta)
-    f = DeviceProbe("cpu")
+def test_generate_runs_the_net_on_the_device_it_is_given():
+    # device=None (where the weights live): tests/test_samplers.py::test_functions_that_run_a_network_take_its_device
+    f = DeviceProbe()
     with pytest.raises(Stop):
         generate(f, 2, (3,), (80.0,), device="meta")
-    assert f.devices == (meta, meta)
+    assert f.devices == (torch.device("meta"), torch.device("meta"))
 
 
 # ---------------------------------------------------------------------------------------------------- schedules
@@ -211,7 +207,8 @@ def test_psi_rejects_nu_zero():
         TruncatedLogStudentT(nu=0.0)
 
 
-DISTS = [LogNormal(), LogNormal(0.3, 0.7, 0.01, 20.0), TruncatedLogStudentT(), TruncatedLogStudentT(1.5, 80.0, 0.5, 2.0)]
+DISTS = [LogNormal(), LogNormal(0.3, 0.7, 0.01, 20.0),
+         TruncatedLogStudentT(), TruncatedLogStudentT(1.5, 80.0, 0.5, 2.0)]
 
 
 def lo_of(dist):
@@ -249,7 +246,8 @@ def test_pdf_and_cdf_evaluate_float32_input_in_float64(dist):
 
 
 def test_log_student_t_cdf_with_t_prime_other_than_one():
-    # ln t = ln t′ + s·Z, Z ~ t(ν), truncated to [t′, T]: F(t) = (T_ν(z(t)) − T_ν(0)) / (T_ν(z(T)) − T_ν(0))
+    # ln t = ln t′ + s·Z, Z ~ t(ν), truncated to [t′, T]:
+    # F(t) = (T_ν(z(t)) − T_ν(0)) / (T_ν(z(T)) − T_ν(0)), z(t) = (ln t − ln t′)/s
     tp, T, s, nu = 1.5, 80.0, 0.5, 2.0
     psi = TruncatedLogStudentT(tp, T, s, nu)
     zT = (math.log(T) - math.log(tp)) / s

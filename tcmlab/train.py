@@ -20,6 +20,7 @@ import shutil
 import signal
 import threading
 import time
+import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
@@ -210,8 +211,12 @@ def _train(cfg, run_dir, rank, world, device, b_rank, b_gpu, created, steps, pro
             # trains against the same teacher even if the stage-1 run moved on or is gone (docs/decisions.md §10).
             # Dropout on (official code) or off (paper), docs/decisions.md §8.
             f0 = frozen_copy(f)
-            if state is not None:
+            if state is not None and "teacher" in state:
                 f0.load_state_dict(state["teacher"])
+            elif state is not None:  # a checkpoint written before θ0 was kept in the run: θ0 from init_from, once
+                warnings.warn(f"{ckpt_file} holds no copy of θ0 (written by an older tcmlab): θ0 is read from "
+                              f"init_from={cfg.init_from} and kept in the run from now on", stacklevel=2)
+                f0.load_state_dict(_init_state(cfg, f, shape)[0])
             f0.train(cfg.loss.teacher_dropout)
     except Exception as e:
         error = e

@@ -233,3 +233,16 @@ def test_sigterm_checkpoints_and_the_same_command_resumes(tmp_path, ci_runs):
                                    "--steps", "3"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert load_state(run)[0]["step"] == step + 3
+
+
+def test_stage2_checkpoint_without_teacher_copy_resumes_from_init_from(tmp_path, ci_runs):
+    run = tmp_path / "old"
+    cfg = preset("ci", 2, init_from=str(ci_runs / "s1"))
+    train(cfg, run, steps=3, progress=False)
+    state = checkpoint.load(run / "latest.safetensors")
+    del state["teacher"]  # as written before θ0 was kept in the run
+    checkpoint.save(run / "latest.safetensors", state)
+    with pytest.warns(UserWarning, match="holds no copy of θ0"):
+        train(cfg, run, steps=2, progress=False)
+    after = load_state(run)[0]
+    assert after["step"] == 5 and states_equal(after["teacher"], load_state(ci_runs / "s1")[0]["ema"])

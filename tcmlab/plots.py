@@ -15,6 +15,7 @@ import numpy as np
 import plotly.graph_objects as go
 import torch
 
+from . import rundir
 from .config import RunConfig, from_dict
 from .precond import T_MAX
 from .schedules import LogNormal, TruncatedLogStudentT, delta_t, ect_ratio, n_boundary
@@ -63,9 +64,8 @@ def run_config(run: str | Path) -> RunConfig:
 
 
 def read_metrics(run: str | Path, kind: str = "train") -> list[dict]:
-    path = Path(run) / "metrics.jsonl"
-    rows = [json.loads(l) for l in path.read_text().splitlines() if l.strip()] if path.exists() else []
-    return [r for r in rows if r.get("kind") == kind]
+    """The rows of one kind of a run's metrics.jsonl (read as training reads it: a torn last line is dropped)."""
+    return [r for r in rundir.read_metrics(Path(run) / "metrics.jsonl") if r.get("kind") == kind]
 
 
 def loss_by_t(run: str | Path) -> go.Figure:

@@ -1,4 +1,5 @@
-"""Command line: `python -m tcmlab demo|train|sample|evaluate` (thin wrappers around tcmlab.train / samplers / metrics).
+"""Command line: `python -m tcmlab demo|train|sample|evaluate|sweep` (thin wrappers around tcmlab.train / samplers /
+metrics / sweep).
 
 Every expected failure (missing, damaged or mismatched files, permissions, a full disk, bad values) ends in one
 `error:` line saying what to do, with exit code 2; `--debug` shows the traceback instead. SIGTERM/SIGINT during
@@ -24,6 +25,7 @@ from safetensors import SafetensorError
 from .config import from_dict, preset, with_overrides
 from .model import load_model
 from .samplers import generate
+from .sweep import EXECUTORS, Dispatch, evaluate_run, load_spec, run_sweep
 from .train import Interrupted, train
 from .viz import save_samples
 
@@ -113,13 +115,9 @@ def cmd_evaluate(args) -> None:
     # A checkpoint's stored paths are data: shown, never followed; the CIFAR-10 folder comes from --data-root.
     es = metrics.eval_set(m.cfg.data, data_root=args.data_root, inception_weights=args.inception_weights)
     es.cuda = torch.device(args.device).type == "cuda"
-    g = torch.Generator().manual_seed(args.seed)
-    ts = sorted(set(metrics.dfid_ts(m.t_max)) | ({m.t_prime} if m.t_prime else set()))
-    d = metrics.dfid(m.f, es, ts, n=args.n, generator=g, batch=args.batch)
-    rows = metrics.sample_quality(m, es, t_mid=args.t_mid, n=args.n, seed=args.seed, batch=args.batch)
+    rows = evaluate_run(m, es, n=args.n, seed=args.seed, t_mid=args.t_mid, batch=args.batch, progress=True)
     n_q = metrics.floor_n(es, args.n)
-    rows += [{"card": metrics.asdict(metrics.dfid_card(es, t, n_q, m.which, args.seed, m.step)), "fid": v,
-              "floor": rows[0]["floor"], "floor_n": n_q} for t, v in d.items()]
+    d = {r["card"]["steps"][0]: r["fid"] for r in rows if r["card"]["metric"] == "dfid"}
     path = run_dir / "eval.jsonl"
     old = path.read_text() if path.exists() else ""
     atomic_write_text(path, old + "".join(json.dumps(r) + "\n" for r in rows))
@@ -130,6 +128,17 @@ def cmd_evaluate(args) -> None:
         print(f"  FID {len(r['card']['steps'])}-step {r['fid']:.2f}   KID {r['kid_mean']:.4g} ± {r['kid_std']:.2g}")
     print("  dFID_t: " + ", ".join(f"{t:g}: {v:.1f}" for t, v in d.items()))
     print(f"  appended to {path} in {time.perf_counter() - t0:.1f} s")
+
+
+def cmd_sweep(args) -> None:
+    spec = load_spec(args.spec, out=args.out)
+    dispatch = Dispatch(args.executor, args.workers, args.device, args.partition, args.time, args.gpus, args.cpus,
+                        args.mem_gb)
+    r = run_sweep(spec, dispatch, dry_run=args.dry_run, report_only=args.report_only, png=not args.no_png)
+    if r.failed:
+        first = next(iter(r.failed.items()))
+        raise RuntimeError(f"{len(r.failed)} sweep task(s) failed or were not run, first: {first[0]}: {first[1]}. "
+                           f"Fix that and run the same command again: finished points are kept")
 
 
 def _positive(min_value: int):
@@ -195,6 +204,24 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--n", type=_positive(2), help="images to score (default: the query half / reference size)")
     e.add_argument("--data-root", help="CIFAR-10: folder holding cifar-10-batches-py (never taken from the checkpoint)")
     e.add_argument("--inception-weights", help="local Inception weights file (CIFAR-10; or $TCMLAB_INCEPTION_WEIGHTS)")
+    w = sub.add_parser("sweep", help="train and evaluate a grid of runs over seeds (TOML spec, e.g. sweeps/ci.toml)",
+                       description="Train and evaluate every point of a sweep spec not yet done (resumable), then "
+                                   "rebuild results.csv, summary.csv and figures/ in the output folder.")
+    w.add_argument("spec", help="sweep spec, a TOML file (format: tcmlab/sweep.py, example: sweeps/ci.toml)")
+    w.add_argument("--out", help="output folder (default: the spec's `out`)")
+    w.add_argument("--executor", choices=EXECUTORS, default="processes",
+                   help="processes: worker processes here (default); submitit-local: submitit's local executor; "
+                        "slurm: SLURM jobs through submitit; inline: this process, one task at a time")
+    w.add_argument("--workers", type=_positive(1), help="tasks in flight at most (default: CPU count; slurm: all)")
+    w.add_argument("--device", help="device of every task (default: CUDA when present)")
+    w.add_argument("--partition", help="SLURM partition")
+    w.add_argument("--time", type=_positive(1), default=60, help="time limit of each job in minutes (submitit)")
+    w.add_argument("--gpus", type=_positive(0), default=0, help="GPUs per job (submitit)")
+    w.add_argument("--cpus", type=_positive(1), default=1, help="CPUs (and torch threads) per job (submitit)")
+    w.add_argument("--mem-gb", type=_positive(1), help="memory per job in GB (submitit)")
+    w.add_argument("--no-png", action="store_true", help="figures as .json/.html only (no kaleido rendering)")
+    w.add_argument("--dry-run", action="store_true", help="list the points and their status; run nothing")
+    w.add_argument("--report-only", action="store_true", help="rebuild the table and figures only; run nothing")
     return ap
 
 
@@ -204,10 +231,17 @@ EXPECTED = (ValueError, OSError, RuntimeError, LookupError, ArithmeticError, Saf
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        {"demo": cmd_demo, "train": cmd_train, "sample": cmd_sample, "evaluate": cmd_evaluate}[args.cmd](args)
+        {"demo": cmd_demo, "train": cmd_train, "sample": cmd_sample, "evaluate": cmd_evaluate,
+         "sweep": cmd_sweep}[args.cmd](args)
     except Interrupted as e:
         print(f"[tcmlab] {e}", file=sys.stderr)
         return 128 + e.signum
+    except KeyboardInterrupt:
+        if args.cmd != "sweep":
+            raise
+        print("[tcmlab] sweep interrupted; running points wrote checkpoints. Run the same command again to resume.",
+              file=sys.stderr)
+        return 130
     except EXPECTED as e:
         if args.debug:
             raise

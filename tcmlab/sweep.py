@@ -62,6 +62,9 @@ SPEC_KEYS = ("preset", "seeds", "out", "stages", "control", "stage0", "stage1", 
 STAGE_KEYS = ("steps", "set", "grid")
 
 
+TASK_ERROR = "[tcmlab task] "  # marks the reason line in a failed task's text (a submitit traceback holds it)
+
+
 class SpecError(ValueError):
     """A sweep spec that cannot be used; the message names the file, the table and the field."""
 
@@ -574,7 +577,7 @@ def run_task(task: Task, ev: EvalSpec, device: str | None = None, threads: int =
         torch.set_num_threads(threads)
         return do_task(task, ev, device)
     except BaseException as e:  # noqa: BLE001 - reported to the sweep process as text
-        raise RuntimeError(f"{type(e).__name__}: {e}\n{traceback.format_exc()}") from None
+        raise RuntimeError(f"{TASK_ERROR}{type(e).__name__}: {e}\n{traceback.format_exc()}") from None
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -639,16 +642,17 @@ def _submitter(d: Dispatch, ev: EvalSpec, folder: Path):
 
 
 def _one_line(e: BaseException) -> str:
-    text = str(e).strip()
-    for line in text.splitlines():  # our RuntimeError: "<Type>: <message>" first; submitit: the traceback text
-        if line.strip() and not line.startswith(("Traceback", "  ", "submitit", "Job ", "has failed")):
-            return line.strip()
-    return text.splitlines()[-1] if text else type(e).__name__
+    """The reason of a failure in one line: the line `run_task` marked, else the last line of the message."""
+    lines = [line.strip() for line in str(e).strip().splitlines() if line.strip()]
+    marked = [line.partition(TASK_ERROR)[2] for line in lines if TASK_ERROR in line]
+    return marked[0] if marked else (lines[-1] if lines else type(e).__name__)
 
 
-def schedule(tasks: list[Task], submit, poll_s: float, limit: int, log: Callable[[str], None]) -> dict[str, str]:
+def schedule(tasks: list[Task], submit, poll_s: float, limit: int, log: Callable[[str], None],
+             details: dict[str, str] | None = None) -> dict[str, str]:
     """Run tasks as their dependencies finish, at most `limit` at a time, training before evaluation; return the
-    failed (or skipped because a dependency failed) task keys with a one-line reason."""
+    failed (or skipped because a dependency failed) task keys with a one-line reason; `details` receives the full
+    text (traceback) of each failure."""
     pending = {t.key: t for t in tasks}
     running, done, failed = {}, set(), {}
     while pending or running:
@@ -676,6 +680,8 @@ def schedule(tasks: list[Task], submit, poll_s: float, limit: int, log: Callable
                 log(f"{key}: done in {time.perf_counter() - t0:.1f} s")
             except Exception as e:
                 failed[key] = _one_line(e)
+                if details is not None:
+                    details[key] = str(e)
                 log(f"{key}: FAILED: {failed[key]}")
     return failed
 
@@ -781,6 +787,8 @@ def figures(summary: list[dict], folder: Path, png: bool = True) -> tuple[list[P
     if floors:  # a dotted line (a trace, not add_hline, whose annotation breaks log axes)
         for fig in (fid, dfid):
             x = [d for tr in fig.data for d in tr.x]
+            if not x:
+                continue
             x = [x[0], x[-1]] if fig is fid else [min(x), max(x)]
             fig.add_scatter(x=x, y=[statistics.fmean(floors)] * 2, mode="lines", line_dash="dot",
                             name="real-vs-real floor")
@@ -824,6 +832,15 @@ def report(spec: SweepSpec, points: list[Point], log: Callable[[str], None], png
 # The sweep
 
 
+def _write_failures(path: Path, details: dict[str, str], log) -> None:
+    """The full text of this call's failures (tracebacks), or no file when nothing failed."""
+    if details:
+        path.write_text("".join(f"=== {k}\n{v}\n\n" for k, v in details.items()))
+        log(f"tracebacks of the failed tasks: {path}")
+    else:
+        path.unlink(missing_ok=True)
+
+
 @dataclass
 class SweepResult:
     points: list[Point]
@@ -844,15 +861,16 @@ def run_sweep(spec: SweepSpec, dispatch: Dispatch = Dispatch(), *, dry_run: bool
     n_train = sum(t.action == "train" for t in tasks)
     log(f"{spec.path}: {len(points)} points ({len(spec.seeds)} seeds) in {spec.out}: {counts['done']} done, "
         f"{n_train} to train ({counts['partial']} resumed), {len(tasks) - n_train} to evaluate")
-    failed = {}
+    failed, details = {}, {}
     if tasks and not (dry_run or report_only):
         Path(spec.out).mkdir(parents=True, exist_ok=True)
         submit, close, poll = _submitter(dispatch, spec.eval, Path(spec.out) / "submitit")
         log(f"executor {dispatch.executor}, at most {dispatch.limit()} tasks at a time")
         try:
-            failed = schedule(tasks, submit, poll, dispatch.limit(), log)
+            failed = schedule(tasks, submit, poll, dispatch.limit(), log, details)
         finally:
             close()
+        _write_failures(Path(spec.out) / "failures.txt", details, log)
     if dry_run:
         for p in points:
             log(f"  {states[p.id]:8s} {p.id}  ({p.kind}, {p.cfg.train.steps} steps)")

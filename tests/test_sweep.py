@@ -1,0 +1,245 @@
+"""The sweep runner (tcmlab.sweep, `python -m tcmlab sweep`): spec parsing and grid expansion, an end-to-end ci sweep
+through the CLI on worker processes, the control point, resuming an interrupted sweep, bad specs, and dispatch
+through submitit's LocalExecutor. Total time: about two minutes on two shared CPU cores."""
+
+import csv
+import dataclasses
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+import torch
+
+from tcmlab import sweep
+from tcmlab.__main__ import main
+from tcmlab.model import load_state
+
+ROOT = Path(__file__).resolve().parents[1]
+CI_SPEC = ROOT / "sweeps" / "ci.toml"
+
+GRID_SPEC = """
+preset = "ci"
+seeds = [0, 1]
+control = true
+[stage1]
+steps = 10
+grid = { "loss.q" = [2.0, 4] }
+[stage2]
+steps = 7
+set = { "loss.rho" = 0.5 }
+grid = { "loss.t_prime" = [0.5, 1.0], "loss.w_b" = [0, 0.1] }
+"""
+
+
+def _read_csv(path):
+    with open(path, newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def test_grid_expansion_shares_stage0_and_stage1_per_seed(tmp_path):
+    spec = sweep.parse_spec(tomllib.loads(GRID_SPEC), "grid.toml", out=tmp_path)
+    points = sweep.expand(spec)
+    by_id = {p.id: p for p in points}
+    kinds = [p.kind for p in points]
+    # per seed: 1 stage-0 run, 2 stage-1 runs (q), 2 × 2 × 2 stage-2 runs, one control per stage-1 run
+    assert (kinds.count("stage0"), kinds.count("stage1"), kinds.count("stage2"), kinds.count("control")) == (2, 4, 16, 4)
+    assert len({p.run_dir for p in points}) == len(points) == 26
+    for p in points:
+        assert p.cfg.train.seed == p.seed
+        parent = by_id.get(p.parent)
+        if p.kind == "stage0":
+            assert parent is None and p.cfg.init_from is None
+            continue
+        assert parent.seed == p.seed and p.parent_dir == parent.run_dir
+        if p.kind == "control":  # the stage-1 run continued: same config but for train.steps = 10 + 7
+            assert parent.kind == "stage1" and p.cfg.train.steps == 17 and p.cfg.stage == 1
+            assert dataclasses.replace(p.cfg.train, steps=10) == parent.cfg.train
+            assert p.cfg.loss == parent.cfg.loss and p.cfg.init_from == parent.cfg.init_from
+            continue
+        assert p.cfg.init_from == parent.run_dir and parent.kind == f"stage{p.stage - 1}"
+        values = dict(p.values)
+        if p.kind == "stage1":
+            assert p.cfg.loss.q == values["s1.loss.q"] and p.cfg.train.steps == 10
+        if p.kind == "stage2":  # its stage-1 run is the one with the same seed and q
+            assert values["s1.loss.q"] == dict(parent.values)["s1.loss.q"] == by_id[p.parent].cfg.loss.q
+            assert (p.cfg.loss.t_prime, p.cfg.loss.w_b) == (values["s2.loss.t_prime"], values["s2.loss.w_b"])
+            assert p.cfg.loss.rho == 0.5 and p.cfg.train.steps == 7 and isinstance(p.cfg.loss.w_b, float)
+    stage2_parents = {(p.seed, p.parent) for p in points if p.kind == "stage2"}
+    assert len(stage2_parents) == 4  # 16 stage-2 runs hang off 4 stage-1 runs
+    tasks, states = sweep.plan(points, spec.eval)
+    assert set(states.values()) == {"new"}
+    deps = {t.key: t.deps for t in tasks}
+    for p in points:
+        if p.parent is not None:
+            assert deps[f"train {p.id}"] == (f"train {p.parent}",)
+    assert sweep.grid_columns(spec) == ["s1.loss.q", "s2.loss.t_prime", "s2.loss.w_b"]
+
+
+def test_ci_spec_file_expands_to_ten_points(tmp_path):
+    spec = sweep.load_spec(CI_SPEC, out=tmp_path)
+    points = sweep.expand(spec)
+    assert [p.id for p in points if p.seed == 0] == ["seed0/s0", "seed0/s1", "seed0/s2__t_prime=0.5",
+                                                     "seed0/s2__t_prime=1.0", "seed0/control"]
+    assert len(points) == 10 and spec.eval.n == 50
+
+
+@pytest.mark.parametrize("text, expected", [
+    ('preset = "ci"\n[stage2]\ngrid = { "loss.tprime" = [0.5] }', ["loss.tprime", "not a field", "loss.t_prime"]),
+    ('preset = "ci"\n[stage2]\ngrid = { "loss.t_prime" = ["a"] }', ["loss.t_prime", "must be a number"]),
+    ('preset = "ci"\n[stage2]\ngrid = { "loss.t_prime" = [100] }', ["loss.t_prime", "(0, T=80)"]),
+    ('preset = "ci"\nseed = [0]', ["unknown key 'seed'", "seeds"]),
+    ('preset = "ci"\n[stage2]\nset = { "train.seed" = 3 }', ["train.seed", "seeds = [...]"]),
+    ('preset = "ci"\n[stage1]\nsteps = "many"', ["[stage1] steps", "integer"]),
+    ('preset = "ci"\n[eval]\nn = 1', ["[eval] n", ">= 2"]),
+    ('preset = "nope"', ["preset", "ci"]),
+    ('preset = "ci', ["not valid TOML"]),
+    (None, ["does not exist"]),
+])
+def test_bad_spec_is_one_error_line(tmp_path, capsys, text, expected):
+    path = tmp_path / "spec.toml"
+    if text is not None:
+        path.write_text(text)
+    assert main(["sweep", str(path), "--dry-run", "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: "), err
+    for part in expected:
+        assert part in err[0]
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.fixture(scope="module")
+def ci_sweep(tmp_path_factory):
+    """sweeps/ci.toml run once through the CLI on two worker processes."""
+    out = tmp_path_factory.mktemp("ci_sweep")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    p = subprocess.run([sys.executable, "-m", "tcmlab", "sweep", str(CI_SPEC), "--out", str(out), "--workers", "2"],
+                       capture_output=True, text=True, env=env, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:] + p.stdout[-3000:]
+    return out, p.stdout
+
+
+def test_cli_sweep_end_to_end(ci_sweep):
+    out, stdout = ci_sweep
+    assert "10 to train" in stdout and "8 to evaluate" in stdout
+    table = _read_csv(out / "results.csv")
+    points = {r["point"] for r in table}
+    assert points == {f"seed{s}/{n}" for s in (0, 1) for n in ("s1", "s2__t_prime=0.5", "s2__t_prime=1.0", "control")}
+    for r in table:
+        if r["metric"] in ("fid_1step", "fid_2step", "dfid"):
+            assert float(r["floor"]) > 0 and r["n"] == r["floor_n"] == "50"
+        assert json.loads(r["card"])["n"] == 50
+    # stage-2 points: dFID at their own t′ (and at T = 80 = the 1-step FID's noise level)
+    for r in (r for r in table if r["kind"] == "stage2" and r["metric"] == "fid_1step"):
+        ts = {float(x["t"]) for x in table if x["point"] == r["point"] and x["metric"] == "dfid"}
+        assert float(r["s2.loss.t_prime"]) in ts and 80.0 in ts
+    steps = {r["kind"]: r["steps"] for r in table}
+    assert steps == {"stage1": "20", "stage2": "20", "control": "40"}
+    # summary: mean and sample std of each grid point over the 2 seeds, computed here from results.csv
+    summary = _read_csv(out / "summary.csv")
+    assert len(summary) == len(table) // 2
+    for s in summary:
+        vals = [float(r["value"]) for r in table if all(r[c] == s[c] for c in
+                                                        ("kind", "s2.loss.t_prime", "metric", "t", "n"))]
+        assert len(vals) == int(s["count"]) == 2
+        assert float(s["mean"]) == pytest.approx(statistics.fmean(vals))
+        assert float(s["std"]) == pytest.approx(statistics.stdev(vals))
+    assert sweep.summarize(table) == sweep.summarize(sweep.read_csv(out / "results.csv"))
+    for name in ("fid", "dfid"):
+        assert (out / "figures" / f"{name}.json").stat().st_size > 100
+        assert (out / "figures" / f"{name}.html").exists()
+        assert (out / "figures" / f"{name}.png").exists() or "PNG figures skipped" in stdout
+    # the stage-2 runs of a seed start from that seed's stage-1 run, trained once
+    for seed in (0, 1):
+        for t in ("0.5", "1.0"):
+            cfg = json.loads((out / f"seed{seed}" / f"s2__t_prime={t}" / "config.json").read_text())
+            assert cfg["init_from"] == str(out / f"seed{seed}" / "s1") and cfg["train"]["seed"] == seed
+
+
+def test_control_is_stage1_trained_longer(ci_sweep, tmp_path):
+    """The control (stage 1 continued from the shared stage-1 checkpoint) equals a stage-1 run trained for
+    20 + 20 steps in one go from the same stage-0 run and seed."""
+    from tcmlab.config import preset
+    from tcmlab.train import train
+
+    out, _ = ci_sweep
+    cfg = json.loads((out / "seed1" / "control" / "config.json").read_text())
+    assert cfg["train"]["steps"] == 40 and cfg["stage"] == 1
+    direct = preset("ci", 1, init_from=str(out / "seed1" / "s0"))
+    direct = dataclasses.replace(direct, train=dataclasses.replace(direct.train, steps=40, seed=1))
+    train(direct, tmp_path / "direct", progress=False)
+    a, b = load_state(out / "seed1" / "control")[0], load_state(tmp_path / "direct")[0]
+    assert a["step"] == b["step"] == 40
+    for k in a["ema"]:
+        torch.testing.assert_close(a["ema"][k], b["ema"][k])
+
+
+def test_resume_after_interruption(ci_sweep, monkeypatch):
+    """Lost results are recomputed, a run that never started is trained, a half-trained run resumes from its
+    checkpoint, and nothing finished is trained or evaluated again (the last test on this sweep: it changes it)."""
+    from tcmlab.train import train
+
+    out, _ = ci_sweep
+    spec = sweep.load_spec(CI_SPEC, out=out)
+    by_id = {p.id: p for p in sweep.expand(spec)}
+    lost, gone, half = by_id["seed0/s2__t_prime=0.5"], by_id["seed1/control"], by_id["seed1/s2__t_prime=1.0"]
+    before = _read_csv(out / "results.csv")
+    lost.results_path.unlink()
+    sweep.shutil.rmtree(gone.run_dir)
+    gone.results_path.unlink()
+    sweep.shutil.rmtree(half.run_dir)
+    half.results_path.unlink()
+    train(half.cfg, half.run_dir, steps=10, progress=False)  # interrupted at step 10 of 20
+    untouched = [f for p in by_id.values() if p not in (gone, half)
+                 for f in (Path(p.run_dir) / "latest.safetensors", p.results_path) if f.exists()]
+    mtimes = {f: f.stat().st_mtime_ns for f in untouched}
+    assert len(mtimes) == 8 + 5  # the other 8 checkpoints (the lost results' one too), the other 5 results
+
+    trained, evaluated = [], []
+    train_point, evaluate_point = sweep._train_point, sweep._evaluate_point
+    monkeypatch.setattr(sweep, "_train_point", lambda p, d: trained.append(
+        (p.id, sweep.checkpoint_step(p.run_dir))) or train_point(p, d))
+    monkeypatch.setattr(sweep, "_evaluate_point", lambda p, e, d: evaluated.append(p.id) or evaluate_point(p, e, d))
+    r = sweep.run_sweep(spec, sweep.Dispatch("inline"), png=False, log=lambda s: None)
+
+    assert r.failed == {}
+    assert r.states == {**{k: "done" for k in by_id}, lost.id: "trained", gone.id: "new", half.id: "partial"}
+    assert sorted(trained) == [(gone.id, None), (half.id, 10)]  # resumed at step 10, not restarted
+    assert sorted(evaluated) == sorted([lost.id, gone.id, half.id])
+    assert {f: f.stat().st_mtime_ns for f in untouched} == mtimes
+    after = _read_csv(out / "results.csv")
+    assert len(after) == len(before)
+    old = {(r["point"], r["metric"], r["t"]): r["value"] for r in before}
+    for row in after:  # the same checkpoint evaluated again gives the same numbers
+        if row["point"] == lost.id:
+            assert row["value"] == old[(row["point"], row["metric"], row["t"])]
+    # a second call finds everything done
+    assert set(sweep.run_sweep(spec, sweep.Dispatch("inline"), png=False, log=lambda s: None).states.values()) \
+        == {"done"}
+
+
+def test_submitit_local_executor(tmp_path):
+    """The same scheduling through submitit (here its LocalExecutor, one process per task; SLURM on a cluster)."""
+    spec_file = tmp_path / "tiny.toml"
+    spec_file.write_text('preset = "ci"\nstages = [1, 2]\n[stage1]\nsteps = 5\n'
+                         '[stage2]\nsteps = 5\ngrid = { "loss.t_prime" = [1.0] }\n'
+                         '[eval]\nn = 20\ndfid = false\nkinds = ["stage2"]\n')
+    spec = sweep.load_spec(spec_file, out=tmp_path / "out")
+    logs = []
+    r = sweep.run_sweep(spec, sweep.Dispatch("submitit-local", workers=2), png=False, log=logs.append)
+    assert r.failed == {}, logs
+    assert [row["metric"] for row in r.table] == ["fid_1step", "kid_1step", "fid_2step", "kid_2step"]
+    assert r.table[0]["point"] == "seed0/s2__t_prime=1.0" and r.table[0]["steps"] == 5
+    jobs = list((tmp_path / "out" / "submitit").glob("*/*_result.pkl"))
+    assert len(jobs) == 3  # train s1, train s2, evaluate s2: one job each
+    # a failing job is reported with its reason, and its dependants are not run
+    (tmp_path / "out" / "seed0" / "s1" / "latest.safetensors").write_bytes(b"not a checkpoint")
+    sweep.shutil.rmtree(tmp_path / "out" / "seed0" / "s2__t_prime=1.0")
+    r = sweep.run_sweep(spec, sweep.Dispatch("submitit-local"), png=False, log=logs.append)
+    assert "damaged" in r.failed["train seed0/s1"]
+    assert r.failed["train seed0/s2__t_prime=1.0"] == "not run: train seed0/s1 failed"
+    assert "Traceback" in (tmp_path / "out" / "failures.txt").read_text()

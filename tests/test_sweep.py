@@ -181,6 +181,7 @@ def test_control_is_stage1_trained_longer(ci_sweep, tmp_path):
 def test_resume_after_interruption(ci_sweep, monkeypatch):
     """Lost results are recomputed, a run that never started is trained, a half-trained run resumes from its
     checkpoint, and nothing finished is trained or evaluated again (the last test on this sweep: it changes it)."""
+    import tcmlab.train
     from tcmlab.train import train
 
     out, _ = ci_sweep
@@ -199,16 +200,17 @@ def test_resume_after_interruption(ci_sweep, monkeypatch):
     mtimes = {f: f.stat().st_mtime_ns for f in untouched}
     assert len(mtimes) == 8 + 5  # the other 8 checkpoints (the lost results' one too), the other 5 results
 
-    trained, evaluated = [], []
-    train_point, evaluate_point = sweep._train_point, sweep._evaluate_point
-    monkeypatch.setattr(sweep, "_train_point", lambda p, d: trained.append(
-        (p.id, sweep.checkpoint_step(p.run_dir))) or train_point(p, d))
+    trained, evaluated = [], []  # (run, the checkpoint step train() finds there) and evaluated points
+    evaluate_point = sweep._evaluate_point
+    monkeypatch.setattr(tcmlab.train, "train", lambda cfg, run_dir, **kw: trained.append(
+        (str(run_dir), sweep.checkpoint_step(run_dir))) or train(cfg, run_dir, **kw))
     monkeypatch.setattr(sweep, "_evaluate_point", lambda p, e, d: evaluated.append(p.id) or evaluate_point(p, e, d))
     r = sweep.run_sweep(spec, sweep.Dispatch("inline"), png=False, log=lambda s: None)
 
     assert r.failed == {}
     assert r.states == {**{k: "done" for k in by_id}, lost.id: "trained", gone.id: "new", half.id: "partial"}
-    assert sorted(trained) == [(gone.id, None), (half.id, 10)]  # resumed at step 10, not restarted
+    assert sorted(trained) == [(gone.run_dir, 20), (half.run_dir, 10)]  # the control starts from stage 1's step 20;
+    # the half-trained run resumes at step 10, not from scratch
     assert sorted(evaluated) == sorted([lost.id, gone.id, half.id])
     assert {f: f.stat().st_mtime_ns for f in untouched} == mtimes
     after = _read_csv(out / "results.csv")

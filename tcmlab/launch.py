@@ -17,19 +17,27 @@ from pathlib import Path
 from typing import Callable
 
 from . import rundir
+from .display import Progress
 from .config import RunConfig, to_json
 from .model import CKPT_NAME, load_state
 from .train import train
 
 
-def describe_existing(cfg: RunConfig, run_dir: Path) -> str:
-    """What `run_stage` will do with `run_dir`: train from scratch, resume at step k, or reuse a finished run."""
+def existing_step(cfg: RunConfig, run_dir: Path) -> int:
+    """The step `run_dir`'s checkpoint is at (0 where there is none); a checkpoint of a different run is refused."""
     ckpt = Path(run_dir) / CKPT_NAME
     if not ckpt.exists():
-        return f"training {run_dir} from step 0 to {cfg.train.steps}"
+        return 0
     state = load_state(ckpt, "cpu")[0]
     rundir.check_same_run(Path(run_dir), cfg, state)  # never reuse a different run by mistake
-    step = int(state["step"])
+    return int(state["step"])
+
+
+def describe_existing(cfg: RunConfig, run_dir: Path, step: int | None = None) -> str:
+    """What `run_stage` will do with `run_dir`: train from scratch, resume at step k, or reuse a finished run."""
+    step = existing_step(cfg, run_dir) if step is None else step
+    if step == 0:
+        return f"training {run_dir} from step 0 to {cfg.train.steps}"
     if step >= cfg.train.steps:
         return f"found {run_dir} at step {step}: reused, not retrained"
     return f"found {run_dir} at step {step}: resuming to {cfg.train.steps}"
@@ -89,17 +97,34 @@ def run_stage(cfg: RunConfig, run_dir: str | Path, *, gpus: int = 1, steps: int 
     """Train (or resume, or reuse) one stage in `run_dir`, in-process or under torchrun; returns what it did.
 
     In-process, `eval_fn` runs every `eval_every` steps; under torchrun the trainer builds the dFID callback itself
-    from the run's data (every `eval_every` steps on `dfid_n` images)."""
+    from the run's data (every `eval_every` steps on `dfid_n` images). Progress is drawn from the metrics rows
+    (`display.Progress`), so a notebook saved after the run shows where it ended, not a frozen bar."""
     run_dir = Path(run_dir)
-    what = describe_existing(cfg, run_dir)
+    start = existing_step(cfg, run_dir)
+    what = describe_existing(cfg, run_dir, start)
     print(f"[tcmlab] {what}" + (f" on {gpus} processes (torchrun)" if gpus > 1 else ""), flush=True)
     if "reused" in what:
         for row in rundir.read_metrics(run_dir / "metrics.jsonl") if on_log is not None else ():
             on_log(row)  # the live plots show the reused run's history
         return what
-    if gpus > 1:
-        train_torchrun(cfg, run_dir, gpus, steps=steps, on_log=on_log, dfid_every=eval_every, dfid_n=dfid_n,
-                       data_root=data_root)
-    else:
-        train(cfg, run_dir, steps=steps, progress=progress, on_log=on_log, eval_fn=eval_fn, eval_every=eval_every)
+    end = cfg.train.steps if steps is None else min(cfg.train.steps, start + steps)
+    bar = Progress(f"stage {cfg.stage} [{cfg.name}] {run_dir.name}", start, end) if progress else None
+
+    def log(row):
+        if bar is not None:
+            bar.on_log(row)
+        if on_log is not None:
+            on_log(row)
+    try:
+        if gpus > 1:
+            train_torchrun(cfg, run_dir, gpus, steps=steps, on_log=log, dfid_every=eval_every, dfid_n=dfid_n,
+                           data_root=data_root)
+        else:
+            train(cfg, run_dir, steps=steps, progress=False, on_log=log, eval_fn=eval_fn, eval_every=eval_every)
+    except BaseException as e:
+        if bar is not None:
+            bar.close(f" — stopped: {type(e).__name__}")
+        raise
+    if bar is not None:
+        bar.close(" — done")
     return what

@@ -52,6 +52,19 @@ def with_steps(cfg, steps):
 DFID_DEFAULTS = {"ci": (10, 200), "digits": (500, 300), "toy2d": (500, 1000), "cifar10": (10_000, 5_000)}
 
 
+PRESET_NOTES = {
+    "ci": "preset ci is a smoke-test size (20 steps per stage, a tiny net): samples look like noise and FID is in "
+          "the thousands. That is expected. For real results run with -p preset digits (CPU minutes).",
+    "toy2d": "preset toy2d trains on 2-D points; scores are energy distances of the points, not FID.",
+    "cifar10": "preset cifar10 is the paper's scale: run it on GPUs (-p gpus 8 trains under torchrun).",
+}
+
+
+def preset_note(preset_name: str) -> str:
+    """A line the notebooks print under their parameters: what this preset's numbers can and cannot mean."""
+    return PRESET_NOTES.get(check_preset(preset_name), "")
+
+
 def dfid_settings(preset_name: str, dfid_every, dfid_n) -> tuple[int, int]:
     """dFID_t cadence and size: the parameters, or the preset's defaults where they are 0."""
     every, n = DFID_DEFAULTS[check_preset(preset_name)]

@@ -1,7 +1,7 @@
 """plotly figures for the notebooks: every number comes from tcmlab functions; notebooks only call these.
 
-Live plots use `go.FigureWidget` (anywidget) while a frontend is attached; `show(fig)` then emits the static plotly
-JSON so a notebook executed headlessly by papermill still shows its figures when opened later.
+Every figure has titled axes. Figures reach the notebook through `tcmlab.display` (`show`, `LiveFigure`): plotly JSON
+plus a PNG copy, so a notebook executed headlessly by papermill still shows its figures when opened later.
 """
 
 from __future__ import annotations
@@ -14,16 +14,16 @@ from pathlib import Path
 import numpy as np
 import plotly.graph_objects as go
 import torch
+from plotly.subplots import make_subplots
 
 from . import rundir
 from .config import RunConfig, from_dict
+from .display import LiveFigure, show
 from .precond import T_MAX
 from .schedules import LogNormal, TruncatedLogStudentT, delta_t, ect_ratio, n_boundary
+from .viz import to_uint8
 
-
-def show(fig) -> None:
-    """Display a (possibly live) figure as static plotly JSON, viewable later without re-running."""
-    go.Figure(fig).show(renderer="plotly_mimetype")
+__all__ = ["show"]  # re-exported: notebooks call plots.show(fig)
 
 
 def mark_x(fig, x: float, text: str, log: bool) -> None:
@@ -33,17 +33,24 @@ def mark_x(fig, x: float, text: str, log: bool) -> None:
     fig.add_annotation(x=math.log10(x) if log else x, y=1, yref="paper", text=text, showarrow=False, yanchor="bottom")
 
 
-def _log_x(fig, title):
-    fig.update_layout(title=title, xaxis_type="log", height=350, margin=dict(l=40, r=20, t=50, b=40))
+T_AXIS = "noise level t (log scale)"
+
+
+def _log_x(fig, title, x_title=T_AXIS, y_title=None):
+    fig.update_layout(title=title, xaxis_type="log", xaxis_title=x_title, yaxis_title=y_title, height=380,
+                      margin=dict(l=60, r=20, t=60, b=50))
     return fig
 
 
 def t_histogram(dist, n: int = 20_000, seed: int = 0, name: str = "sampled t") -> go.Figure:
+    """A histogram of n draws of t on 60 log-spaced bins; each bar spans its bin (on a log axis a bar's width is
+    in data units, so a fixed width would shrink to a hairline at large t)."""
     t = dist.sample(n, torch.Generator().manual_seed(seed)).numpy()
     bins = np.geomspace(t.min(), t.max(), 60)
     counts, edges = np.histogram(t, bins)
-    fig = go.Figure(go.Bar(x=np.sqrt(edges[1:] * edges[:-1]), y=counts / n, name=name))
-    return _log_x(fig, f"{type(dist).__name__}: share of t per log-bin")
+    fig = go.Figure(go.Bar(x=(edges[1:] + edges[:-1]) / 2, width=np.diff(edges), y=counts / n, name=name,
+                           marker_line_width=0))
+    return _log_x(fig, f"{type(dist).__name__}: share of t per log-bin", y_title="share of samples in the bin")
 
 
 def curriculum(q: float, d: int, ratio_max: float, steps: int, ts=(0.01, 0.1, 1.0, 10.0)) -> go.Figure:
@@ -53,8 +60,10 @@ def curriculum(q: float, d: int, ratio_max: float, steps: int, ts=(0.01, 0.1, 1.
     fig = go.Figure(go.Scatter(x=i, y=ratio, name="ratio(i)", yaxis="y"))
     for t in ts:
         fig.add_scatter(x=i, y=[float(delta_t(torch.tensor(t), r)) for r in ratio], name=f"Δt at t={t:g}", yaxis="y2")
-    fig.update_layout(title="ECT curriculum", yaxis=dict(title="ratio"), height=350,
-                      yaxis2=dict(title="Δt", overlaying="y", side="right", type="log"))
+    fig.update_layout(title="ECT curriculum: ratio(i) (left) and Δt at a few t (right)", height=400,
+                      xaxis_title="training iteration i", yaxis=dict(title="ratio(i) = 1 − Δt-shrink"),
+                      yaxis2=dict(title="Δt (log scale)", overlaying="y", side="right", type="log"),
+                      legend=dict(orientation="h", yanchor="top", y=-0.2, x=0), margin=dict(l=60, r=60, t=60, b=90))
     return fig
 
 
@@ -78,21 +87,49 @@ def loss_by_t(run: str | Path) -> go.Figure:
         ys = [r["loss_by_t"][b] for r in rows]
         if any(y is not None for y in ys):
             fig.add_scatter(x=[r["step"] for r in rows], y=ys, name=f"t∈[{edges[b]:.3g},{edges[b+1]:.3g})")
-    fig.update_layout(title="loss by t", yaxis_type="log", height=350)
+    fig.update_layout(title="per-sample loss by t-bin over training", yaxis_type="log", height=380,
+                      xaxis_title="training step", yaxis_title="mean per-sample loss (log scale)")
+    return fig
+
+
+def training_curves(run: str | Path) -> go.Figure:
+    """Loss and gradient norm (before clipping or scaling) over training, from a run's metrics.jsonl."""
+    rows = read_metrics(run)
+    steps = [r["step"] for r in rows]
+    fig = make_subplots(rows=1, cols=2, subplot_titles=("training loss", "gradient norm"))
+    fig.add_scatter(x=steps, y=[r["loss"] for r in rows], name="loss", row=1, col=1)
+    fig.add_scatter(x=steps, y=[r["grad_norm"] for r in rows], name="grad norm", row=1, col=2)
+    fig.update_xaxes(title_text="training step")
+    fig.update_yaxes(type="log")
+    fig.update_yaxes(title_text="loss (log scale)", row=1, col=1)
+    fig.update_yaxes(title_text="‖∇θ loss‖ (log scale)", row=1, col=2)
+    fig.update_layout(title=f"loss and gradient norm: {Path(run).name}", height=360, showlegend=False)
     return fig
 
 
 class LiveDFID:
-    """dFID_t over training, one line per t (TCM Fig. 2/3 style); pass `.on_log` to `train(..., on_log=...)`."""
+    """dFID_t over training, one line per t (TCM Fig. 2/3 style); pass `.on_log` to `train(..., on_log=...)`.
+
+    With `live=True` (in a notebook) the figure is displayed at once and redrawn after every eval row; use it as a
+    context manager (or call `finish()`) so that the final state gets its PNG copy."""
 
     def __init__(self, title: str = "dFID_t during training", t_prime: float | None = None, live: bool = True):
-        try:
-            self.fig = go.FigureWidget() if live else go.Figure()
-        except ImportError:  # no anywidget: static figure, still shown at the end
-            self.fig = go.Figure()
+        self.fig = go.Figure()
         self.fig.update_layout(title=title + ("" if t_prime is None else f" (t′ = {t_prime:g}: dashed below)"),
-                               yaxis_type="log", xaxis_title="step", yaxis_title="dFID", height=380)
+                               yaxis_type="log", xaxis_title="training step", yaxis_title="dFID_t (log scale)",
+                               height=400)
         self.t_prime = t_prime
+        self.view = LiveFigure(self.fig) if live else None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.finish()
+
+    def finish(self) -> None:
+        if self.view is not None:
+            self.view.finish()
 
     def on_log(self, row: dict) -> None:
         if row.get("kind") != "eval":
@@ -113,6 +150,8 @@ class LiveDFID:
             tr = self.fig.data[names.index(name)]
             tr.x = tuple(tr.x or ()) + (row["step"],)
             tr.y = tuple(tr.y or ()) + (v,)
+        if self.view is not None:
+            self.view.refresh()
 
 
 def dfid_over_training(run: str | Path, t_prime: float | None = None) -> go.Figure:
@@ -125,17 +164,79 @@ def dfid_over_training(run: str | Path, t_prime: float | None = None) -> go.Figu
 
 
 def dfid_curves(runs: dict[str, str | Path], t_prime: float | None = None) -> go.Figure:
-    """Final dFID_t against t for several runs (from their last eval rows), with t′ marked."""
+    """Final dFID_t against t for several runs (from their last eval rows), with t′ marked; a run without eval rows
+    is named in the title instead of silently missing."""
     fig = go.Figure()
+    missing = []
     for label, run in runs.items():
         ev = read_metrics(run, "eval")
         if ev:
             d = ev[-1]["dfid"]
-            fig.add_scatter(x=[float(t) for t in d], y=list(d.values()), name=label, mode="lines+markers")
+            fig.add_scatter(x=[float(t) for t in d], y=list(d.values()), mode="lines+markers",
+                            name=f"{label} (step {ev[-1]['step']}, n={ev[-1].get('n', '?')})")
+        else:
+            missing.append(label)
     if t_prime is not None:
         mark_x(fig, t_prime, "t′", log=True)
-    fig.update_layout(yaxis_type="log")
-    return _log_x(fig, "dFID_t across t")
+    fig.update_layout(yaxis_type="log", showlegend=True)
+    title = "dFID_t across t (last evaluation of each run)"
+    if missing:
+        title += f"<br>no dFID rows in: {', '.join(missing)}"
+    return _log_x(fig, title, y_title="dFID_t (log scale)")
+
+
+def _picture(x: torch.Tensor) -> go.Image | go.Scatter:
+    """One panel: an image grid for [N, C, H, W] in [−1, 1] (grey images as RGB), a scatter for [N, 2] points."""
+    if x.ndim == 2:
+        p = x.detach().float().cpu().numpy()
+        return go.Scatter(x=p[:, 0], y=p[:, 1], mode="markers", marker=dict(size=3), showlegend=False)
+    from torchvision.utils import make_grid
+    grid = make_grid(to_uint8(x), nrow=int(math.ceil(math.sqrt(len(x)))), padding=1, pad_value=255)
+    return go.Image(z=grid.permute(1, 2, 0).numpy())
+
+
+def picture_panels(rows: dict[str, dict[str, torch.Tensor]], title: str, height_per_row: int = 260) -> go.Figure:
+    """A grid of sample pictures: rows[row_label][col_label] = images [N, C, H, W] or 2-D points [N, 2]."""
+    row_labels = list(rows)
+    col_labels = list(next(iter(rows.values())))
+    fig = make_subplots(rows=len(row_labels), cols=len(col_labels), horizontal_spacing=0.02, vertical_spacing=0.08,
+                        subplot_titles=[f"{r}: {c}" for r in row_labels for c in col_labels])
+    for i, r in enumerate(row_labels, 1):
+        for j, c in enumerate(col_labels, 1):
+            fig.add_trace(_picture(rows[r][c]), row=i, col=j)
+    fig.update_xaxes(showticklabels=False)
+    fig.update_yaxes(showticklabels=False)
+    fig.update_layout(title=title, height=80 + height_per_row * len(row_labels), margin=dict(l=20, r=20, t=90, b=20))
+    return fig
+
+
+@torch.no_grad()
+def sample_panels(models: dict, t_mid: float, n: int = 64, seed: int = 0) -> go.Figure:
+    """1-step (T) and 2-step (T → t_mid) samples of each `TrainedModel` from the same noise (same seed), side by side."""
+    from .samplers import generate
+    rows = {"1 step": {}, f"2 steps (T → {t_mid:g})": {}}
+    for label, m in models.items():
+        for (row, ts) in zip(rows, ((m.t_max,), (m.t_max, t_mid))):
+            g = torch.Generator().manual_seed(seed)
+            rows[row][label] = generate(m.f, n, m.shape, ts, generator=g, t_prime=m.t_prime)
+    return picture_panels(rows, f"samples from the same noise (seed {seed}), EMA weights")
+
+
+@torch.no_grad()
+def denoise_strip(models: dict, x: torch.Tensor, ts=(0.1, 0.5, 1.0, 2.0, 5.0, 20.0), seed: int = 0) -> go.Figure:
+    """What dFID_t scores (TCM §2.2): real x noised to x + tε (top row, rescaled by 1/√(1+t²) to the data's range) and
+    each `TrainedModel`'s one-step denoising f(x + tε, t) of the same noisy inputs (one row per model), at a few t.
+    x: real data in the model's range, [N, C, H, W] images or [N, 2] points."""
+    from .metrics import denoise
+    rows = {"(x + tε)/√(1+t²)": {}}
+    for t in ts:
+        eps = torch.randn(x.shape, generator=torch.Generator().manual_seed(seed))
+        rows["(x + tε)/√(1+t²)"][f"t={t:g}"] = (x + t * eps) / math.sqrt(1 + t * t)
+    for label, m in models.items():
+        # metrics.denoise draws ε the same way from the same seed: the same noisy inputs as the top row
+        rows[f"{label} (step {m.step}): f(x + tε, t)"] = {
+            f"t={t:g}": denoise(m.f, x, t, torch.Generator().manual_seed(seed)) for t in ts}
+    return picture_panels(rows, "one-step denoising of real data (what dFID_t scores)", height_per_row=200)
 
 
 def boundary_mass(w_b: float) -> float:
@@ -160,7 +261,7 @@ def psi_figure(t_prime: float, scale: float, nu: float, rho: float, w_b: float =
                          name=f"λ_b·δ(t−t′): mass λ_b = w_b/(1+w_b) = {lam:.3f}<br>"
                               f"(ρ = {rho:g}: {n_boundary(1000, rho) / 10:g}% of each batch at t′)")]
     dt = float(delta_t(torch.tensor(t_prime), ratio))
-    title = (f"ψ_t (TCM Eq. 7): t′={t_prime:g}, scale={scale:g}, ν={nu:g}, w_b={w_b:g}<br>"
+    title = (f"ψ_t (TCM Eq. 7): t′={t_prime:.3g}, scale={scale:.3g}, ν={nu:.3g}, w_b={w_b:.3g}<br>"
              f"Δt at t′ = {dt:.2e} · median ψ̄ = {float(psi.quantile(0.5)):.3g}")
     with fig.batch_update() if isinstance(fig, go.FigureWidget) else contextlib.nullcontext():
         if len(fig.data) == 3:
@@ -169,7 +270,8 @@ def psi_figure(t_prime: float, scale: float, nu: float, rho: float, w_b: float =
         else:
             for tr in traces:
                 fig.add_trace(tr)
-        fig.update_layout(title=title, xaxis_type="log", xaxis_title="noise level t", height=420,
-                          yaxis_title="density per ln t (spike: its mass λ_b)", margin=dict(t=90))
+        fig.update_layout(title=title, xaxis_type="log", xaxis_title=T_AXIS, height=440,
+                          yaxis_title="density per ln t (spike: its mass λ_b)", margin=dict(t=90),
+                          legend=dict(orientation="h", yanchor="top", y=-0.2, x=0))
     return fig
 

@@ -5,7 +5,7 @@ STAMP  := $(VENV)/.tcmlab-installed
 RUNS   ?= runs
 PRESET ?= digits
 
-.PHONY: setup demo test test-gpu bench mutate clean
+.PHONY: setup chromium demo screenshot test test-gpu bench mutate clean
 
 setup: $(STAMP)
 
@@ -18,11 +18,36 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e '.[dev]'
 	touch $@
 
-demo: $(STAMP)
-	$(PY) -m tcmlab demo --preset $(PRESET) --out $(RUNS)/demo
+# Debian's Chromium, for kaleido's PNG copies of figures and the real-browser test (tests/test_browser.py). Installed
+# with apt-get where we are root and it is missing (never `playwright install`); elsewhere a note says what is lost.
+chromium:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "installing chromium (apt-get install -y chromium)"; \
+	    apt-get install -y -qq chromium >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq chromium >/dev/null; } \
+	      || echo "NOTE: apt-get could not install chromium: no PNG copies of figures; the browser test will skip"; \
+	  else echo "NOTE: no chromium (Debian: apt-get install -y chromium): no PNG copies of figures; the browser test will skip"; fi; }
 
-# Unit tests, then every notebook at the `ci` preset through nbval (notebooks/conftest.py gives them a temp folder).
-test: $(STAMP)
+# The demo is the notebooks: papermill runs 01 -> 02 -> 03 at $(PRESET) into $(DEMO) (run directories and executed
+# notebooks side by side), and nbconvert writes an HTML copy of each that opens in any browser.
+DEMO ?= $(RUNS)/demo
+NOTEBOOKS := 01_consistency_training 02_truncated_training 03_tradeoff_explorer
+demo: $(STAMP) chromium
+	mkdir -p $(DEMO)
+	cd notebooks && for nb in $(NOTEBOOKS); do \
+	  env -u TCMLAB_NB_OUT ../$(PY) -m papermill $$nb.ipynb $(abspath $(DEMO))/$$nb.ipynb -p preset $(PRESET) \
+	    -p out $(abspath $(DEMO)) --no-progress-bar --log-output || exit 1; \
+	  ../$(PY) -m jupyter nbconvert --to html --log-level WARN $(abspath $(DEMO))/$$nb.ipynb || exit 1; \
+	done
+	@echo "demo done: executed notebooks and their HTML copies in $(DEMO)/ (0*.ipynb, 0*.html); runs in $(DEMO)/stage*"
+
+# The README's picture of notebook 03: taken by the real-browser test in Chromium.
+screenshot: $(STAMP) chromium
+	TCMLAB_SCREENSHOT=$(abspath docs/img/03_tradeoff_explorer.png) $(PY) -m pytest -q tests/test_browser.py
+
+# Unit tests (with the real-browser test), then every notebook at the `ci` preset through nbval
+# (notebooks/conftest.py gives them a temp folder).
+test: $(STAMP) chromium
 	$(PY) -m pytest -q tests
 	cd notebooks && ../$(PY) -m pytest -q --nbval -p no:cacheprovider .
 

@@ -1,4 +1,6 @@
 import json
+import math
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -84,12 +86,63 @@ def papermill(tmp_path, notebook, *params, env_extra=None, timeout=900):
     return json.loads((tmp_path / f"out-{notebook}").read_text())
 
 
-def test_notebooks_01_02_at_toy2d(tmp_path):
+PLOTLY = "application/vnd.plotly.v1+json"
+WIDGET = "application/vnd.jupyter.widget-view+json"
+
+
+def outputs(nb):
+    return [o for c in nb["cells"] if c["cell_type"] == "code" for o in c["outputs"]]
+
+
+def check_saved_outputs(nb) -> list[dict]:
+    """What a papermill output shows when opened without a kernel: no widget reprs, progress lines that finished,
+    figures with a PNG copy (where kaleido has a Chromium), titled axes, annotations inside their log axes' range.
+    Returns the figures."""
+    figures = []
+    for o in outputs(nb):
+        data = o.get("data", {})
+        text = "".join(data.get("text/plain", ""))
+        assert not text.startswith(("FigureWidget(", "Figure(", "VBox(", "HBox(", "FloatProgress(")), text[:200]
+        if WIDGET in data:
+            assert text.startswith("[interactive:"), text[:200]  # display.widget: a note, not the widget's repr
+        if "<progress" in "".join(data.get("text/html", "")):
+            assert "(100%)" in text and text.endswith("done"), text  # the bar's final state was saved
+        if PLOTLY in data:
+            fig = data[PLOTLY]
+            figures.append(fig)
+            if Path("/usr/bin/chromium").exists():
+                assert "image/png" in data, text
+            layout, traces = fig["layout"], fig["data"]
+            if all(t.get("type") == "image" for t in traces) or layout.get("xaxis", {}).get("showticklabels") is False:
+                continue  # picture panels: no data axes
+            for axis in {"xaxis", "yaxis"} | {k for k in layout if re.fullmatch(r"[xy]axis\d*", k)}:
+                assert layout.get(axis, {}).get("title", {}).get("text"), f"untitled {axis} in {text}"
+            xs = [x for t in traces for x in (t.get("x") or []) if isinstance(x, (int, float)) and x > 0]
+            for a in layout.get("annotations", []):
+                if layout.get("xaxis", {}).get("type") == "log" and a.get("xref", "x") == "x" and xs:
+                    assert a["x"] <= math.log10(max(xs)) + 1, f"annotation {a['text']} at 10^{a['x']} in {text}"
+    return figures
+
+
+def test_notebooks_01_02_03_at_toy2d_read_well_when_saved(tmp_path):
     # toy2d scores on 2-D points (energy distance), not with the digits CNN; 50 steps per stage.
-    papermill(tmp_path, "01_consistency_training.ipynb", ("preset", "toy2d"), ("steps0", 50), ("steps1", 50),
-              ("dfid_every", 25), ("dfid_n", 300))
-    papermill(tmp_path, "02_truncated_training.ipynb", ("preset", "toy2d"), ("steps", 50), ("dfid_every", 25),
-              ("dfid_n", 300))
+    nb1 = papermill(tmp_path, "01_consistency_training.ipynb", ("preset", "toy2d"), ("steps0", 50), ("steps1", 50),
+                    ("dfid_every", 25), ("dfid_n", 300))
+    nb2 = papermill(tmp_path, "02_truncated_training.ipynb", ("preset", "toy2d"), ("steps", 50), ("dfid_every", 25),
+                    ("dfid_n", 300))
+    nb3 = papermill(tmp_path, "03_tradeoff_explorer.ipynb", ("preset", "toy2d"))
+    titles = {}
+    for name, nb in (("01", nb1), ("02", nb2), ("03", nb3)):
+        titles[name] = [f["layout"]["title"]["text"] for f in check_saved_outputs(nb)]
+        assert len(json.dumps(nb)) < 2_000_000, name  # no widget state or plotly.js bundle in the file
+    assert any("stage 1: dFID_t during training" in t for t in titles["01"])
+    assert any("loss and gradient norm" in t for t in titles["02"])
+    assert any("samples from the same noise" in t for t in titles["02"])
+    assert any("one-step denoising" in t for t in titles["02"])
+    text2 = json.dumps(nb2)
+    assert "stage 1: using the run in" in text2 and "reused, not retrained" in text2  # 02 reuses 01's stage 1
+    assert "no dFID rows" not in "".join(titles["02"])  # stage 1 and stage 2 both have dFID_t curves
+    assert "toy2d trains on 2-D points" in json.dumps(nb1)  # the preset note
     rows = [json.loads(l) for l in (tmp_path / "runs" / "stage1" / "metrics.jsonl").read_text().splitlines()]
     evals = [r for r in rows if r["kind"] == "eval"]
     assert [r["step"] for r in evals] == [25, 50] and evals[0]["extractor"] == "energy-distance-2d"
@@ -136,3 +189,29 @@ def test_notebook_01_trains_under_torchrun_with_gpus_2(tmp_path):
     rows = [json.loads(l) for l in (tmp_path / "runs" / "stage1" / "metrics.jsonl").read_text().splitlines()]
     assert {r["world"] for r in rows if r["kind"] == "train"} == {2}
     assert [r["step"] for r in rows if r["kind"] == "eval"] == [3, 6]
+
+
+def test_saved_output_checker_catches_what_it_looks_for():
+    # check_saved_outputs must fail on each thing it exists to catch (the notebooks' figures pass it above).
+    from tcmlab import display, plots
+    import plotly.graph_objects as go
+
+    def nb(*outs):
+        return {"cells": [{"cell_type": "code", "outputs": list(outs)}]}
+
+    def fig_output(fig):
+        return {"output_type": "display_data", "data": display.bundle(fig)}
+    good = plots.psi_figure(1.0, 0.2, 0.01, 0.25)
+    assert len(check_saved_outputs(nb(fig_output(good)))) == 1
+    bad = [nb({"output_type": "display_data", "data": {"text/plain": "FigureWidget({'data': []})"}}),
+           nb({"output_type": "display_data", "data": {WIDGET: {"model_id": "x"}, "text/plain": "VBox(children=())"}}),
+           nb({"output_type": "display_data", "data": {"text/plain": "stage 1: step 0/20 (0%)",
+                                                       "text/html": "<progress value='0' max='20'></progress>"}}),
+           nb(fig_output(go.Figure(go.Scatter(x=[1, 2], y=[1, 2]), layout=dict(title="untitled axes"))))]
+    unplaced = go.Figure(go.Scatter(x=[0.1, 10], y=[1, 2]))
+    unplaced.update_layout(xaxis_type="log", xaxis_title="t", yaxis_title="y")
+    unplaced.add_annotation(x=10.0, y=1, yref="paper", text="t′")  # a log axis reads x=10 as 10^10
+    bad.append(nb(fig_output(unplaced)))
+    for notebook in bad:
+        with pytest.raises(AssertionError):
+            check_saved_outputs(notebook)

@@ -14,6 +14,7 @@ import argparse
 import errno
 import json
 import os
+import signal
 import sys
 import tempfile
 import time
@@ -134,7 +135,11 @@ def cmd_sweep(args) -> None:
     spec = load_spec(args.spec, out=args.out)
     dispatch = Dispatch(args.executor, args.workers, args.device, args.partition, args.time, args.gpus, args.cpus,
                         args.mem_gb)
-    r = run_sweep(spec, dispatch, dry_run=args.dry_run, report_only=args.report_only, png=not args.no_png)
+    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM stops a sweep like Ctrl-C
+    try:
+        r = run_sweep(spec, dispatch, dry_run=args.dry_run, report_only=args.report_only, png=not args.no_png)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     if r.failed:
         first = next(iter(r.failed.items()))
         raise RuntimeError(f"{len(r.failed)} sweep task(s) failed or were not run, first: {first[0]}: {first[1]}. "

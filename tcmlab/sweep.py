@@ -44,6 +44,7 @@ import json
 import multiprocessing
 import os
 import shutil
+import signal
 import statistics
 import time
 import tomllib
@@ -624,21 +625,49 @@ class Dispatch:
         return 10 ** 6 if self.executor == "slurm" else (os.cpu_count() or 1)
 
 
-def _submitter(d: Dispatch, ev: EvalSpec, folder: Path):
-    """(submit(task) -> object with done()/result(), close(), seconds between polls) for the dispatch kind."""
+@dataclass(frozen=True)
+class _Submitter:
+    """How a dispatch kind runs tasks: submit(task) -> a handle with done()/result(); interrupt(handles) asks the
+    running tasks to stop (training checkpoints first); close() waits for the workers; poll_s between polls."""
+
+    submit: Callable
+    interrupt: Callable = lambda handles: None
+    close: Callable = lambda: None
+    poll_s: float = 0.0
+
+
+def _worker_init() -> None:
+    """Pool workers ignore Ctrl-C except while training (train() installs its own handler, which checkpoints and
+    stops): an interrupted sweep stops its runs cleanly instead of breaking the pool."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _submitter(d: Dispatch, ev: EvalSpec, folder: Path) -> _Submitter:
     if d.executor == "inline":
-        return (lambda t: _Done(do_task, t, ev, d.device)), (lambda: None), 0.0
+        return _Submitter(lambda t: _Done(do_task, t, ev, d.device))
     if d.executor == "processes":
-        pool = concurrent.futures.ProcessPoolExecutor(d.limit(), mp_context=multiprocessing.get_context("spawn"))
-        return ((lambda t: pool.submit(run_task, t, ev, d.device, 1)),
-                (lambda: pool.shutdown(wait=True, cancel_futures=True)), 0.2)
+        pool = concurrent.futures.ProcessPoolExecutor(d.limit(), mp_context=multiprocessing.get_context("spawn"),
+                                                      initializer=_worker_init)
+
+        def interrupt(handles):
+            for proc in list((getattr(pool, "_processes", None) or {}).values()):  # the pool's worker processes
+                if proc.is_alive():
+                    os.kill(proc.pid, signal.SIGINT)
+
+        return _Submitter(lambda t: pool.submit(run_task, t, ev, d.device, 1), interrupt,
+                          lambda: pool.shutdown(wait=True, cancel_futures=True), 0.2)
     import submitit
 
     ex = submitit.AutoExecutor(folder=folder / "%j", cluster="slurm" if d.executor == "slurm" else "local")
     ex.update_parameters(timeout_min=d.time_min, gpus_per_node=d.gpus, cpus_per_task=d.cpus, mem_gb=d.mem_gb,
                          name="tcmlab-sweep", slurm_partition=d.partition)
-    return (lambda t: ex.submit(run_task, t, ev, d.device, d.cpus)), (lambda: None), \
-        (5.0 if d.executor == "slurm" else 0.5)
+
+    def cancel(handles):  # scancel: SIGTERM, then train() checkpoints; local jobs get SIGINT
+        for job in handles:
+            job.cancel(check=False)
+
+    return _Submitter(lambda t: ex.submit(run_task, t, ev, d.device, d.cpus), cancel, lambda: None,
+                      5.0 if d.executor == "slurm" else 0.5)
 
 
 def _one_line(e: BaseException) -> str:
@@ -648,13 +677,24 @@ def _one_line(e: BaseException) -> str:
     return marked[0] if marked else (lines[-1] if lines else type(e).__name__)
 
 
-def schedule(tasks: list[Task], submit, poll_s: float, limit: int, log: Callable[[str], None],
+def schedule(tasks: list[Task], runner: _Submitter, limit: int, log: Callable[[str], None],
              details: dict[str, str] | None = None) -> dict[str, str]:
     """Run tasks as their dependencies finish, at most `limit` at a time, training before evaluation; return the
     failed (or skipped because a dependency failed) task keys with a one-line reason; `details` receives the full
-    text (traceback) of each failure."""
+    text (traceback) of each failure. On KeyboardInterrupt (Ctrl-C, or SIGTERM through the CLI) the running tasks
+    are asked to stop and the interrupt is raised again."""
+    running: dict = {}
+    try:
+        return _schedule(tasks, runner, limit, log, details, running)
+    except KeyboardInterrupt:
+        log(f"interrupted: stopping {len(running)} running task(s) (training writes a checkpoint first)")
+        runner.interrupt([h for h, _ in running.values()])
+        raise
+
+
+def _schedule(tasks, runner, limit, log, details, running) -> dict[str, str]:
     pending = {t.key: t for t in tasks}
-    running, done, failed = {}, set(), {}
+    done, failed = set(), {}
     while pending or running:
         for key, t in list(pending.items()):
             bad = next((d for d in t.deps if d in failed), None)
@@ -664,13 +704,13 @@ def schedule(tasks: list[Task], submit, poll_s: float, limit: int, log: Callable
         ready = sorted((t for t in pending.values() if all(d in done for d in t.deps)),
                        key=lambda t: t.action != "train")
         for t in ready[: max(0, limit - len(running))]:
-            running[t.key] = (submit(t), time.perf_counter())
+            running[t.key] = (runner.submit(t), time.perf_counter())
             del pending[t.key]
         if pending and not running and not ready:
             raise RuntimeError(f"sweep tasks wait on tasks that are not planned: {sorted(pending)[:3]}")
         finished = [k for k, (h, _) in running.items() if h.done()]
         if not finished:
-            time.sleep(poll_s)
+            time.sleep(runner.poll_s)
             continue
         for key in finished:
             h, t0 = running.pop(key)
@@ -864,12 +904,12 @@ def run_sweep(spec: SweepSpec, dispatch: Dispatch = Dispatch(), *, dry_run: bool
     failed, details = {}, {}
     if tasks and not (dry_run or report_only):
         Path(spec.out).mkdir(parents=True, exist_ok=True)
-        submit, close, poll = _submitter(dispatch, spec.eval, Path(spec.out) / "submitit")
+        runner = _submitter(dispatch, spec.eval, Path(spec.out) / "submitit")
         log(f"executor {dispatch.executor}, at most {dispatch.limit()} tasks at a time")
         try:
-            failed = schedule(tasks, submit, poll, dispatch.limit(), log, details)
+            failed = schedule(tasks, runner, dispatch.limit(), log, details)
         finally:
-            close()
+            runner.close()
         _write_failures(Path(spec.out) / "failures.txt", details, log)
     if dry_run:
         for p in points:

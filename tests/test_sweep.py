@@ -6,9 +6,11 @@ import csv
 import dataclasses
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
+import time
 import tomllib
 from pathlib import Path
 
@@ -224,24 +226,48 @@ def test_resume_after_interruption(ci_sweep, monkeypatch):
         == {"done"}
 
 
+def test_sigterm_stops_the_sweep_with_checkpoints(tmp_path):
+    """SIGTERM to `python -m tcmlab sweep` reaches the worker processes: each running run writes a checkpoint and
+    stops, the sweep exits with 130, and the next call resumes those runs."""
+    spec = tmp_path / "long.toml"
+    spec.write_text('preset = "ci"\nstages = [1]\n[stage1]\nsteps = 100000\n')
+    out = tmp_path / "out"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    p = subprocess.Popen([sys.executable, "-m", "tcmlab", "sweep", str(spec), "--out", str(out), "--workers", "1"],
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while sweep.checkpoint_step(out / "seed0" / "s1") is None and time.monotonic() < deadline:
+            time.sleep(0.5)
+        p.send_signal(signal.SIGTERM)
+        log = p.communicate(timeout=60)[0]
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+    assert p.returncode == 130, log
+    assert "Run the same command again to resume" in log
+    step = sweep.checkpoint_step(out / "seed0" / "s1")
+    assert 0 < step < 100000
+    tasks, states = sweep.plan(sweep.expand(sweep.load_spec(spec, out=out)), sweep.EvalSpec())
+    assert states == {"seed0/s1": "partial"} and [t.key for t in tasks] == ["train seed0/s1", "evaluate seed0/s1"]
+
+
 def test_submitit_local_executor(tmp_path):
     """The same scheduling through submitit (here its LocalExecutor, one process per task; SLURM on a cluster)."""
     spec_file = tmp_path / "tiny.toml"
-    spec_file.write_text('preset = "ci"\nstages = [1, 2]\n[stage1]\nsteps = 5\n'
-                         '[stage2]\nsteps = 5\ngrid = { "loss.t_prime" = [1.0] }\n'
-                         '[eval]\nn = 20\ndfid = false\nkinds = ["stage2"]\n')
+    spec_file.write_text('preset = "ci"\nstages = [1]\n[stage1]\nsteps = 5\n'
+                         '[eval]\nn = 20\ndfid = false\nkinds = ["stage1"]\n')
     spec = sweep.load_spec(spec_file, out=tmp_path / "out")
     logs = []
     r = sweep.run_sweep(spec, sweep.Dispatch("submitit-local", workers=2), png=False, log=logs.append)
     assert r.failed == {}, logs
     assert [row["metric"] for row in r.table] == ["fid_1step", "kid_1step", "fid_2step", "kid_2step"]
-    assert r.table[0]["point"] == "seed0/s2__t_prime=1.0" and r.table[0]["steps"] == 5
+    assert r.table[0]["point"] == "seed0/s1" and r.table[0]["steps"] == 5
     jobs = list((tmp_path / "out" / "submitit").glob("*/*_result.pkl"))
-    assert len(jobs) == 3  # train s1, train s2, evaluate s2: one job each
-    # a failing job is reported with its reason, and its dependants are not run
+    assert len(jobs) == 2  # train, then evaluate: one job each
+    # a failing job is reported with its reason, and the task depending on it is not run
     (tmp_path / "out" / "seed0" / "s1" / "latest.safetensors").write_bytes(b"not a checkpoint")
-    sweep.shutil.rmtree(tmp_path / "out" / "seed0" / "s2__t_prime=1.0")
     r = sweep.run_sweep(spec, sweep.Dispatch("submitit-local"), png=False, log=logs.append)
     assert "damaged" in r.failed["train seed0/s1"]
-    assert r.failed["train seed0/s2__t_prime=1.0"] == "not run: train seed0/s1 failed"
+    assert r.failed["evaluate seed0/s1"] == "not run: train seed0/s1 failed"
     assert "Traceback" in (tmp_path / "out" / "failures.txt").read_text()

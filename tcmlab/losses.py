@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .nets.dropout import dropout_rows, get_rng_state, replay_rng
+from .nets.dropout import SharedMasks, dropout_rows, get_rng_state, replay_rng
 from .precond import SIGMA_DATA, append_dims, edm_scalings
 from .schedules import ect_r
 
@@ -77,31 +77,63 @@ def ect_loss(f, x: torch.Tensor, eps: torch.Tensor, t: torch.Tensor, ratio: floa
     return LossOut(_mean(per, n_total), per.detach(), t, r)
 
 
-def tcm_targets(f, f0, y_r: torch.Tensor, r: torch.Tensor, t_prime: float, rng_state, teacher_passes: str):
+def teacher_routing(r: torch.Tensor, t_prime: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """The row partition of TCM Eq. (5)/(6): (use_f0 [B] bool, rows of θ0, rows of θ⁻, n0) with use_f0 = r < t′.
+
+    n0 is read to the host once (the only synchronisation of a stage-2 step on CUDA); the index tensors then come
+    from `torch.nonzero_static` with host-known sizes, so no further read waits for the device.
+    """
+    use_f0 = r < t_prime
+    n0 = int(use_f0.sum())
+    rows0 = torch.nonzero_static(use_f0, size=n0).flatten()
+    rows1 = torch.nonzero_static(~use_f0, size=use_f0.numel() - n0).flatten()
+    return use_f0, rows0, rows1, n0
+
+
+def tcm_targets(f, f0, y_r: torch.Tensor, r: torch.Tensor, t_prime: float, rng_state, teacher_passes: str,
+                routing=None):
     """Targets of TCM Eq. (5)/(6): f_θ0(y_r, r) where r < t′, else f_θ⁻(y_r, r); no gradient flows.
 
-    teacher_passes='routed' (ours): θ0 runs only on its rows and θ⁻ only on the rest, so the teacher work is B rows.
-    teacher_passes='full' (official TCM code): each network runs on the whole batch and unused rows are dropped.
-    Both replay the student's RNG state, and `dropout_rows` gives every row the student's dropout mask, so the two
-    strategies return the same targets; afterwards the RNG is where the student pass left it (docs/decisions.md §7, §9).
+    teacher_passes='routed' (ours): θ0 runs only on its rows and θ⁻ only on the rest, so the teacher work is B rows;
+    both passes share one draw of the full-batch dropout masks (`SharedMasks`), so the masks cost what stage 1's
+    single target pass costs. teacher_passes='full' (official TCM code): each network runs on the whole batch and
+    `torch.where` keeps its rows. Both replay the student's RNG state, and `dropout_rows` gives every row the
+    student's dropout mask, so the two strategies return the same targets; afterwards the RNG is where the student
+    pass left it (docs/decisions.md §7, §9). A network with no rows is not run. `routing`: `teacher_routing(r,
+    t_prime)` if the caller has it already.
     """
+    if teacher_passes not in ("routed", "full"):
+        raise ValueError(f"teacher_passes must be 'routed' or 'full', got {teacher_passes!r}")
     B = y_r.shape[0]
-    use_f0 = r < t_prime
-    target = torch.empty_like(y_r, dtype=torch.float32)
+    use_f0, rows0, rows1, n0 = teacher_routing(r, t_prime) if routing is None else routing
     with torch.no_grad():
-        for net, rows in ((f0, use_f0), (f, ~use_f0)):
-            if not bool(rows.any()):
+        if teacher_passes == "routed":
+            target = torch.empty_like(y_r, dtype=torch.float32)
+            masks = SharedMasks()
+            for net, rows in ((f0, rows0), (f, rows1)):
+                if rows.numel() == 0:
+                    continue
+                with replay_rng(y_r.device, rng_state), dropout_rows(rows, B, masks):
+                    out = net(y_r.index_select(0, rows), r.index_select(0, rows))
+                target.index_copy_(0, rows, out.to(torch.float32))
+            return target, n0
+        outs = []
+        for net, rows in ((f0, rows0), (f, rows1)):
+            if rows.numel() == 0:
+                outs.append(None)
                 continue
             with replay_rng(y_r.device, rng_state):
-                if teacher_passes == "routed":
-                    idx = rows.nonzero().flatten()
-                    with dropout_rows(idx, B):
-                        target[idx] = net(y_r[idx], r[idx])
-                elif teacher_passes == "full":
-                    target[rows] = net(y_r, r)[rows]
-                else:
-                    raise ValueError(f"teacher_passes must be 'routed' or 'full', got {teacher_passes!r}")
-    return target, int(use_f0.sum())
+                outs.append(net(y_r, r).to(torch.float32))
+        out0, out1 = outs
+        if out0 is None or out1 is None:
+            return out1 if out0 is None else out0, n0
+        return torch.where(append_dims(use_f0, y_r.ndim), out0, out1), n0
+
+
+def _masked_mean(values: torch.Tensor, mask: torch.Tensor, n_total: int | None) -> torch.Tensor:
+    """Σ values[mask] / n_total (default: the number of rows in `mask`), without a data-dependent shape."""
+    n = mask.sum().clamp(min=1) if n_total is None else max(n_total, 1)
+    return torch.where(mask, values, 0.0).sum() / n
 
 
 def tcm_loss(f, f0, x: torch.Tensor, eps: torch.Tensor, t: torch.Tensor, is_boundary: torch.Tensor, t_prime: float,
@@ -112,12 +144,16 @@ def tcm_loss(f, f0, x: torch.Tensor, eps: torch.Tensor, t: torch.Tensor, is_boun
     All t ≥ t′, so the student f_θ runs on every row (with gradient). Boundary rows (t = t′) and consistency rows
     with r < t′ take their target from the frozen θ0 (`f0`, requires_grad False), the rest from stopgrad(θ).
     Boundary and consistency rows share d and the weighting (official code). `f_minus` as in `ect_loss`.
+    The routing is read before the student pass, so on CUDA its one synchronisation finds the queue nearly empty.
     """
     r = ect_r(t, ratio)
+    routing = teacher_routing(r, t_prime)
     state = get_rng_state(x.device)
     D_yt = f(x + append_dims(t, x.ndim) * eps, t)
     f_minus = f if f_minus is None else f_minus
-    D_yr, n_teacher = tcm_targets(f_minus, f0, x + append_dims(r, x.ndim) * eps, r, t_prime, state, teacher_passes)
+    D_yr, n_teacher = tcm_targets(f_minus, f0, x + append_dims(r, x.ndim) * eps, r, t_prime, state, teacher_passes,
+                                  routing)
     per = pseudo_huber(D_yt, D_yr, c) * consistency_weight(t, r, weighting)
-    loss = w_b * _mean(per[is_boundary], n_boundary_total) + _mean(per[~is_boundary], n_consistency_total)
+    loss = (w_b * _masked_mean(per, is_boundary, n_boundary_total)
+            + _masked_mean(per, ~is_boundary, n_consistency_total))
     return LossOut(loss, per.detach(), t, r, is_boundary, n_teacher)

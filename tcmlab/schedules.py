@@ -3,7 +3,8 @@
 - `ect_ratio(i, q, d, ratio_max)`: the ECT/TCM curriculum (TCM App. E, official-code form).
 - `ect_r(t, ratio)` / `delta_t(t, ratio)`: r and Δt = (1 + 8·sigmoid(−t))·(1 − ratio)·t with r = t − Δt clamped at ≥ 1e-6 (TCM App. E).
 - `LogNormal`: stage-0/1 time distribution, log-normal truncated to [t_min, t_max] by inverse CDF.
-- `TruncatedLogStudentT`: stage-2 ψ̄_t, ln t = ln t′ + s·Z with Z ~ Student-t(ν), truncated to [t′, T].
+- `TruncatedLogStudentT`: stage-2 ψ̄_t, ln t = ln t′ + s·Z with Z ~ Student-t(ν), truncated to [t′, T]; sampled
+  in torch from a cached table of its exact log-quantile (`log_quantile_table`, cubic Hermite, |Δ ln t| ≤ 1e-8).
 - `n_boundary` / `tcm_times`: TCM Eq. (7) / Algorithm 1 batch partition: N_B = int(B·ρ) boundary rows at t′, at random
   positions of the batch, the rest from ψ̄_t (docs/decisions.md §5).
 - `inverse_sqrt_lr`: α_ref / √max(i / t_ref, 1) (TCM App. E, EDM2).
@@ -11,6 +12,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -128,9 +130,10 @@ class TruncatedLogStudentT:
         return stats.t.cdf(self._z(self.t_prime), self.nu), stats.t.cdf(self._z(self.t_max), self.nu)
 
     def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
-        a, b = self._mass()
-        z = stats.t.ppf(_uniform(n, a, b, generator), self.nu)
-        t = np.exp(math.log(self.t_prime) + self.scale * z)
+        """Inverse CDF of float64 uniforms u from `generator`: t = Q(u), Q = `quantile`, evaluated through
+        `log_quantile_table(self)` (built once per distribution; |ln Q(u) − table| ≤ 1e-8, checked when built)."""
+        u = torch.rand(n, generator=generator, dtype=torch.float64).numpy()
+        t = np.exp(log_quantile_table(self).log_quantile(u))
         return torch.from_numpy(t).clamp(self.t_prime, self.t_max).float()
 
     def pdf(self, t) -> np.ndarray:
@@ -146,9 +149,63 @@ class TruncatedLogStudentT:
         return (stats.t.cdf(self._z(t), self.nu) - a) / (b - a)
 
     def quantile(self, p) -> np.ndarray:
+        """Q(p) = exp(ln t′ + s·F_ν⁻¹(F_ν(z(t′)) + (F_ν(z(T)) − F_ν(z(t′)))·p)), exact (scipy)."""
+        return np.exp(self.log_quantile(p))
+
+    def log_quantile(self, p) -> np.ndarray:
+        """ln Q(p), exact (scipy)."""
+        a, b = self._mass()
+        return math.log(self.t_prime) + self.scale * stats.t.ppf(a + (b - a) * np.asarray(p, dtype=np.float64), self.nu)
+
+    def log_quantile_slope(self, p) -> np.ndarray:
+        """d ln Q / dp = s·(F(b) − F(a)) / f_ν(F_ν⁻¹(·)): the derivative of the inverse CDF (exact, scipy)."""
         a, b = self._mass()
         z = stats.t.ppf(a + (b - a) * np.asarray(p, dtype=np.float64), self.nu)
-        return np.exp(math.log(self.t_prime) + self.scale * z)
+        return self.scale * (b - a) / stats.t.pdf(z, self.nu)
+
+
+QUANTILE_TOL = 1e-8  # largest |Δ ln t| allowed between the table and the exact quantile (float32 ulp: 6e-8 relative)
+TABLE_SIZES = tuple(2**k + 1 for k in range(12, 21))  # tried in turn by `log_quantile_table`
+
+
+@dataclass(frozen=True)
+class QuantileTable:
+    """ln Q(p) on a uniform grid of p in [0, 1] with its exact slopes, evaluated by cubic Hermite interpolation."""
+
+    values: np.ndarray  # [K] float64, ln Q(k/(K − 1))
+    slopes: np.ndarray  # [K] float64, d ln Q / dp at the same points
+
+    def log_quantile(self, u) -> np.ndarray:
+        """Cubic Hermite interpolation of ln Q at u ∈ [0, 1] (float64)."""
+        K = self.values.size
+        x = np.asarray(u, dtype=np.float64) * (K - 1)
+        k = np.clip(np.floor(x), 0, K - 2).astype(np.intp)
+        s, h = x - k, 1.0 / (K - 1)
+        y0, y1 = self.values[k], self.values[k + 1]
+        m0, m1 = self.slopes[k] * h, self.slopes[k + 1] * h
+        s2 = s * s
+        s3 = s2 * s
+        return (2 * s3 - 3 * s2 + 1) * y0 + (s3 - 2 * s2 + s) * m0 + (3 * s2 - 2 * s3) * y1 + (s3 - s2) * m1
+
+
+def build_quantile_table(dist: TruncatedLogStudentT, size: int) -> tuple[QuantileTable, float]:
+    """The table of `dist` on `size` points and its largest |Δ ln Q| against the exact quantile at the quarter,
+    half and three-quarter points of every interval."""
+    p = np.linspace(0.0, 1.0, size)
+    table = QuantileTable(dist.log_quantile(p), dist.log_quantile_slope(p))
+    probe = (p[:-1, None] + np.array([0.25, 0.5, 0.75]) / (size - 1)).ravel()
+    return table, float(np.abs(table.log_quantile(probe) - dist.log_quantile(probe)).max())
+
+
+@functools.lru_cache(maxsize=32)
+def log_quantile_table(dist: TruncatedLogStudentT) -> QuantileTable:
+    """The smallest table of TABLE_SIZES (4097, 8193, ... 2^20 + 1 points) within QUANTILE_TOL of ln Q; built once per
+    distribution (cached). Raises if none is: the distribution then cannot be sampled to float32 accuracy this way."""
+    for size in TABLE_SIZES:
+        table, err = build_quantile_table(dist, size)
+        if err <= QUANTILE_TOL:
+            return table
+    raise ValueError(f"{dist}: no quantile table up to {size} points is within {QUANTILE_TOL} of ln Q (error {err:.3g})")
 
 
 def n_boundary(batch: int, rho: float) -> int:

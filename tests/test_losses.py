@@ -204,3 +204,50 @@ def test_tcm_loss_normalisers_eq_11():
     out2 = tcm_loss(f, f0, x, eps, t, is_b, 1.0, 0.999, 1e-8, "inv_dt", w_b=0.5, n_boundary_total=8,
                     n_consistency_total=24)  # global normalisers for data-parallel ranks
     assert out2.loss.item() == pytest.approx(float(0.5 * per[:4].sum() / 8 + per[4:].sum() / 24), rel=1e-5)
+
+
+@pytest.mark.parametrize("teacher_dropout", [True, False])
+def test_routed_and_full_agree_whichever_teacher_draws_the_shared_masks(teacher_dropout):
+    # θ0 in train mode draws the full-batch masks and θ⁻ reuses them; in eval mode θ0 draws nothing and θ⁻ draws.
+    f, f0 = dropout_net(0), dropout_net(1).requires_grad_(False).train(teacher_dropout)
+    x, eps = batch()
+    t = torch.tensor([1.0] * 4 + [1.001] * 4 + [3.0] * 8)
+    is_b = torch.arange(16) < 4
+    outs = []
+    for passes in ("routed", "full"):
+        torch.manual_seed(7)
+        outs.append(tcm_loss(f, f0, x, eps, t, is_b, 1.0, 0.999, 1e-8, "inv_dt", 0.1, teacher_passes=passes))
+        outs.append(torch.get_rng_state())
+    assert torch.allclose(outs[0].per_sample, outs[2].per_sample, rtol=1e-5, atol=1e-6)
+    assert torch.equal(outs[1], outs[3])  # both leave the RNG where the student pass left it
+
+
+def test_shared_masks_reuse_the_first_draw_and_check_the_architecture():
+    from tcmlab.nets.dropout import SharedMasks
+    f = dropout_net()
+    x, _ = batch()
+    t = torch.full((16,), 2.0)
+    state = get_rng_state("cpu")
+    full = f(x, t)  # the student's masks
+    rows0, rows1 = torch.tensor([0, 3, 9]), torch.tensor([1, 2, 4, 5, 6, 7, 8, 10, 11, 12, 13, 14, 15])
+    masks = SharedMasks()
+    set_rng_state("cpu", state)
+    with dropout_rows(rows0, 16, masks):
+        out0 = f(x[rows0], t[rows0])
+    assert len(masks.masks) == 2  # one full-batch mask per RowDropout call (2 blocks)
+    torch.manual_seed(999)  # a different RNG state: the second block must not draw
+    with dropout_rows(rows1, 16, masks):
+        out1 = f(x[rows1], t[rows1])
+    assert torch.allclose(out0, full[rows0], atol=1e-6) and torch.allclose(out1, full[rows1], atol=1e-6)
+    other = Precond(MLP((1, 8, 8), hidden=32, depth=2, dropout=0.5)).train()  # another width: other mask shapes
+    with pytest.raises(RuntimeError, match="shared dropout masks"), dropout_rows(rows1, 16, masks):
+        other(x[rows1], t[rows1])
+
+
+def test_teacher_routing_partition():
+    from tcmlab.losses import teacher_routing
+    r = torch.tensor([0.5, 1.0, 0.999, 3.0, 0.2, 1.001])
+    use_f0, rows0, rows1, n0 = teacher_routing(r, 1.0)
+    assert isinstance(n0, int) and n0 == 3
+    assert rows0.tolist() == [0, 2, 4] and rows1.tolist() == [1, 3, 5]
+    assert use_f0.tolist() == [True, False, True, False, True, False]

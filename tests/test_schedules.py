@@ -108,3 +108,57 @@ def test_inverse_sqrt_lr():
 def test_psi_rejects_bad_values(kw, field):
     with pytest.raises(ValueError, match=field):
         TruncatedLogStudentT(**kw)
+
+
+PSIS = [TruncatedLogStudentT(), TruncatedLogStudentT(1.5, 80.0, 0.5, 2.0), TruncatedLogStudentT(0.5, 80.0, 0.2, 0.01)]
+
+
+@pytest.mark.parametrize("psi", PSIS)
+def test_psi_sample_is_the_exact_inverse_cdf_to_float32(psi):
+    # The sampler interpolates a cached table of ln Q; each draw must equal Q(u) of the exact (scipy) quantile at the
+    # same float64 uniform u to float32 rounding, so the sampled distribution is ψ̄ itself (TCM Eq. 7).
+    n = 20_000
+    t = psi.sample(n, torch.Generator().manual_seed(5)).double().numpy()
+    u = torch.rand(n, generator=torch.Generator().manual_seed(5), dtype=torch.float64).numpy()
+    exact = np.clip(psi.quantile(u), psi.t_prime, psi.t_max)
+    assert np.abs(np.log(t) - np.log(exact)).max() <= 1.2e-7  # float32 rounding (6e-8) + table (1e-8)
+    assert np.mean(t == exact.astype(np.float32)) > 0.99  # almost every draw is the float32 of the exact one
+
+
+def test_psi_samples_follow_the_paper_psi_bar():
+    # Kolmogorov–Smirnov against ψ̄'s CDF (ln t = ln t′ + 0.2·Z, Z ~ t(0.01), truncated to [1, 80]): 200k draws.
+    from scipy import stats
+    psi = TruncatedLogStudentT(1.0, 80.0, 0.2, 0.01)
+    t = psi.sample(200_000, torch.Generator().manual_seed(11)).double().numpy()
+    ks = stats.kstest(t, psi.cdf)
+    assert ks.statistic < 0.004 and ks.pvalue > 1e-3
+    wrong = TruncatedLogStudentT(1.0, 80.0, 0.25, 0.01)  # the test can tell a nearby distribution apart
+    assert stats.kstest(t, wrong.cdf).pvalue < 1e-6
+
+
+def test_quantile_table_is_cached_and_within_tolerance():
+    from tcmlab.schedules import QUANTILE_TOL, build_quantile_table, log_quantile_table
+    psi = TruncatedLogStudentT()
+    assert log_quantile_table(psi) is log_quantile_table(TruncatedLogStudentT(1.0, 80.0, 0.2, 0.01))
+    assert log_quantile_table(psi).values.size == 4097
+    table, err = build_quantile_table(psi, 4097)
+    assert err <= QUANTILE_TOL
+    coarse, err_coarse = build_quantile_table(psi, 65)
+    assert err_coarse > QUANTILE_TOL  # the probe sees interpolation error where there is some
+    p = np.array([0.0, 0.3, 0.77, 1.0])
+    assert np.allclose(table.log_quantile(p), psi.log_quantile(p), rtol=0, atol=1e-12)  # exact at grid points
+
+
+def test_log_quantile_slope_is_the_derivative():
+    psi = TruncatedLogStudentT(1.5, 80.0, 0.5, 2.0)
+    p, h = np.array([0.01, 0.3, 0.9, 0.99]), 1e-6
+    fd = (psi.log_quantile(p + h) - psi.log_quantile(p - h)) / (2 * h)
+    assert np.allclose(psi.log_quantile_slope(p), fd, rtol=1e-6)
+
+
+def test_quantile_table_refuses_what_it_cannot_reach(monkeypatch):
+    from tcmlab import schedules
+    monkeypatch.setattr(schedules, "TABLE_SIZES", (5, 9))
+    psi = TruncatedLogStudentT(1.0, 80.0, 0.3, 0.7)  # not cached by another test
+    with pytest.raises(ValueError, match="quantile table"):
+        schedules.log_quantile_table(psi)

@@ -8,6 +8,10 @@ TCM stage 2 runs the teachers on row subsets (θ0 on rows with r < t′, θ⁻ o
 would differ from the student's mask for those rows, so inside `dropout_rows(rows, batch)` every `RowDropout` draws
 the mask for the whole batch and keeps `rows`: each row sees exactly the mask it saw in the student pass.
 
+TCM's two teacher passes replay the same RNG state, so they would draw the same full-batch masks twice. Passing one
+`SharedMasks()` to both `dropout_rows` blocks draws them once: the first block that draws keeps each full-batch mask,
+later blocks take them in call order (the masks are the ones a redraw would give; only the drawing is saved).
+
 `replay_rng(device, state)` runs a teacher pass from the student's RNG state and then puts the generator back where
 the student pass left it, so the next micro-batch or step draws fresh masks whatever the teacher passes drew (or did
 not draw: a teacher in eval mode draws nothing). docs/decisions.md §9.
@@ -17,17 +21,49 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from contextvars import ContextVar
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-_ROWS: ContextVar[tuple[torch.Tensor, int] | None] = ContextVar("tcmlab_dropout_rows", default=None)
+
+class SharedMasks:
+    """Full-batch keep-masks carried from one `dropout_rows` block to the next, in `RowDropout` call order."""
+
+    def __init__(self):
+        self.masks: list[tuple[float, torch.Tensor]] = []
+
+
+@dataclass
+class _Rows:
+    rows: torch.Tensor  # [n] long: the batch rows this pass runs on
+    batch: int  # full batch size the masks are drawn for
+    shared: SharedMasks | None
+    calls: int = 0  # RowDropout calls so far in this block
+
+    def full_mask(self, shape: tuple[int, ...], p: float, device) -> torch.Tensor:
+        """The keep-mask of call number `calls` for the full batch: drawn (rand ≥ p), or taken from `shared`."""
+        k, self.calls = self.calls, self.calls + 1
+        if self.shared is not None and k < len(self.shared.masks):
+            p_k, keep = self.shared.masks[k]
+            if p_k != p or tuple(keep.shape) != shape:
+                raise RuntimeError(f"shared dropout masks: call {k} has p={p}, shape {shape}; the mask drawn for it "
+                                   f"has p={p_k}, shape {tuple(keep.shape)} (teacher nets must share one architecture)")
+            return keep
+        keep = torch.rand(shape, device=device) >= p
+        if self.shared is not None:
+            self.shared.masks.append((p, keep))
+        return keep
+
+
+_ROWS: ContextVar[_Rows | None] = ContextVar("tcmlab_dropout_rows", default=None)
 
 
 @contextmanager
-def dropout_rows(rows: torch.Tensor, batch: int):
-    """Within this block, `RowDropout` draws masks for `batch` rows and applies the masks of `rows` only."""
-    token = _ROWS.set((rows, batch))
+def dropout_rows(rows: torch.Tensor, batch: int, shared: SharedMasks | None = None):
+    """Within this block, `RowDropout` draws masks for `batch` rows and applies the masks of `rows` (a long index
+    tensor) only; with `shared`, masks drawn by an earlier block with the same `shared` are reused, not redrawn."""
+    token = _ROWS.set(_Rows(rows, batch, shared))
     try:
         yield
     finally:
@@ -47,10 +83,10 @@ class RowDropout(nn.Module):
         if not self.training or self.p == 0:
             return x
         sel = _ROWS.get()
-        shape = x.shape if sel is None else (sel[1],) + tuple(x.shape[1:])
-        keep = torch.rand(shape, device=x.device) >= self.p
-        if sel is not None:
-            keep = keep[sel[0]]
+        if sel is None:
+            keep = torch.rand(x.shape, device=x.device) >= self.p
+        else:
+            keep = sel.full_mask((sel.batch,) + tuple(x.shape[1:]), self.p, x.device).index_select(0, sel.rows)
         return x * keep.to(x.dtype) / (1 - self.p)
 
     def extra_repr(self) -> str:

@@ -1,0 +1,83 @@
+"""`python -m tcmlab.bench`: the JSON record of a tiny run (fields, ratios to stage 1, the command line)."""
+
+import json
+
+import pytest
+
+from tcmlab import bench
+
+TINY = ["--net", "mlp", "--batch", "8", "--rounds", "2", "--per-round", "1"]
+
+
+@pytest.fixture(scope="module")
+def record(tmp_path_factory):
+    path = tmp_path_factory.mktemp("bench") / "rec.json"
+    returned = bench.main(TINY + ["--json", str(path)])
+    return returned, json.loads(path.read_text())
+
+
+def test_record_is_written_and_returned(record):
+    returned, rec = record
+    assert rec == json.loads(json.dumps(returned))
+    for key in ("command", "device", "torch", "net", "batch", "precision", "memory_method", "variants", "reference",
+                "routed_over_full", "target", "threads"):
+        assert key in rec, key
+    assert rec["command"] == "python -m tcmlab.bench " + " ".join(TINY + ["--json", rec["argv"][-1]])
+    assert rec["net"] == "mlp" and rec["batch"] == 8 and rec["reference"] == "stage1 (ECT)"
+    assert set(rec["variants"]) == {"stage0 (EDM)", "stage1 (ECT)", "stage2 routed", "stage2 full (official)"}
+
+
+def test_ratios_are_to_stage_1(record):
+    _, rec = record
+    v = rec["variants"]
+    ref = v["stage1 (ECT)"]
+    assert ref["time_ratio_to_ref"] == 1.0 and ref["memory_ratio_to_ref"] == 1.0
+    for name, row in v.items():
+        assert len(row["ms_per_round"]) == 2 and row["ms_per_step"] > 0 and row["peak_mib"] > 0
+        assert row["time_ratio_to_ref"] == pytest.approx(row["ms_per_step"] / ref["ms_per_step"], rel=1e-12)
+        assert row["memory_ratio_to_ref"] == pytest.approx(row["peak_mib"] / ref["peak_mib"], rel=1e-12)
+        assert row["memory_ratio_to_ref_without_theta0"] == pytest.approx(
+            row["peak_mib_without_theta0"] / ref["peak_mib_without_theta0"], rel=1e-12)
+        paired = sorted(a / b for a, b in zip(row["ms_per_round"], ref["ms_per_round"]))
+        assert row["time_ratio_to_ref_paired"] == pytest.approx(sum(paired) / 2, rel=1e-9)
+    routed, full = v["stage2 routed"], v["stage2 full (official)"]
+    assert rec["routed_over_full"]["time"] == pytest.approx(routed["ms_per_step"] / full["ms_per_step"])
+    assert rec["target"]["met_time"] == (routed["time_ratio_to_ref"] <= 1.05)
+
+
+def test_theta0_is_counted_for_stage_2_only(record):
+    _, rec = record
+    v = rec["variants"]
+    theta0 = v["stage2 routed"]["peak_mib"] - v["stage2 routed"]["peak_mib_without_theta0"]
+    assert theta0 > 0  # θ0's weights
+    assert v["stage2 full (official)"]["peak_mib"] - v["stage2 full (official)"]["peak_mib_without_theta0"] == \
+        pytest.approx(theta0)
+    for name in ("stage0 (EDM)", "stage1 (ECT)"):
+        assert v[name]["peak_mib"] == v[name]["peak_mib_without_theta0"]
+
+
+def test_step_samples_times_inside_the_timed_step(monkeypatch):
+    calls = []
+    stage = bench.STAGES["stage2 routed"]
+    original = type(stage).sample_times
+    monkeypatch.setattr(type(stage), "sample_times", lambda self, b, g: calls.append(b) or original(self, b, g))
+    steps = bench.make_steps("mlp", 4, bench.torch.device("cpu"), names=("stage2 routed",))
+    times = bench.time_steps(steps, rounds=2, per_round=3, device=bench.torch.device("cpu"), warmup=1)
+    assert len(times["stage2 routed"]) == 2 and calls == [4] * (1 + 2 * 3)
+
+
+def test_cpu_step_rise_counts_the_largest_live_allocation():
+    import torch
+
+    def fn():
+        a = torch.ones(1024, 256)  # 1 MiB
+        b = torch.ones(1024, 256)  # 2 MiB live
+        del a, b
+        torch.ones(1024, 128)  # 0.5 MiB, after the peak
+
+    assert bench.cpu_step_rise(fn) == pytest.approx(2 * 2**20, rel=0.01)
+
+
+def test_bad_arguments_are_refused():
+    with pytest.raises(SystemExit):
+        bench.main(["--rounds", "0"])

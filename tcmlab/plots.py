@@ -257,7 +257,7 @@ def psi_figure(t_prime: float, scale: float, nu: float, rho: float, w_b: float =
     dens_t = t * psi.pdf(t) * (1 - lam)  # density per unit ln t
     traces = [go.Scatter(x=t, y=t * lognormal.pdf(t), name="stage 1: log-normal"),
               go.Scatter(x=t, y=dens_t, name="stage 2: (1−λ_b)·ψ̄_t"),
-              go.Scatter(x=[t_prime, t_prime], y=[0, lam], mode="lines", line=dict(width=4),
+              go.Scatter(x=[t_prime, t_prime], y=[0, lam], mode="lines", line=dict(width=4), yaxis="y2",
                          name=f"λ_b·δ(t−t′): mass λ_b = w_b/(1+w_b) = {lam:.3f}<br>"
                               f"(ρ = {rho:g}: {n_boundary(1000, rho) / 10:g}% of each batch at t′)")]
     dt = float(delta_t(torch.tensor(t_prime), ratio))
@@ -271,7 +271,9 @@ def psi_figure(t_prime: float, scale: float, nu: float, rho: float, w_b: float =
             for tr in traces:
                 fig.add_trace(tr)
         fig.update_layout(title=title, xaxis_type="log", xaxis_title=T_AXIS, height=440,
-                          yaxis_title="density per ln t (spike: its mass λ_b)", margin=dict(t=90),
+                          yaxis_title="density per ln t (lines)", margin=dict(t=90),
+                          yaxis2=dict(title="Dirac mass at t′ (bar)", overlaying="y", side="right", range=[0, 1],
+                                      tickmode="linear", tick0=0, dtick=0.2, showgrid=False),
                           legend=dict(orientation="h", yanchor="top", y=-0.2, x=0))
     return fig
 

@@ -205,7 +205,8 @@ def log_quantile_table(dist: TruncatedLogStudentT) -> QuantileTable:
         table, err = build_quantile_table(dist, size)
         if err <= QUANTILE_TOL:
             return table
-    raise ValueError(f"{dist}: no quantile table up to {size} points is within {QUANTILE_TOL} of ln Q (error {err:.3g})")
+    raise ValueError(f"{dist}: no quantile table up to {size} points is within {QUANTILE_TOL} of ln Q "
+                     f"(error {err:.3g})")
 
 
 def n_boundary(batch: int, rho: float) -> int:

@@ -81,3 +81,20 @@ def test_cpu_step_rise_counts_the_largest_live_allocation():
 def test_bad_arguments_are_refused():
     with pytest.raises(SystemExit):
         bench.main(["--rounds", "0"])
+
+
+def test_compare_recipes_reports_the_fast_recipe_over_fp32(tmp_path, monkeypatch):
+    # torch.compile is replaced by the identity here (compiling takes minutes on a CPU); the record's arithmetic
+    # and the two recipes (fp32 contiguous vs bf16 + channels_last + compile) are what is checked.
+    compiled = []
+    monkeypatch.setattr(bench.torch, "compile", lambda m: compiled.append(m) or m)
+    path = tmp_path / "recipes.json"
+    rec = bench.main(["--compare-recipes", "--batch", "4", "--rounds", "1", "--per-round", "1", "--no-memory",
+                      "--json", str(path)])
+    assert json.loads(path.read_text())["recipe_speedup"] == rec["recipe_speedup"]
+    v = rec["variants"]
+    assert set(v) == {"stage1 fp32", "stage1 bf16+channels_last+compile"} and rec["reference"] == "stage1 fp32"
+    assert rec["recipe_speedup"] == pytest.approx(v["stage1 fp32"]["ms_per_step"]
+                                                  / v["stage1 bf16+channels_last+compile"]["ms_per_step"])
+    assert rec["target"] == {"recipe_speedup": 1.3, "met": rec["recipe_speedup"] >= 1.3}
+    assert len(compiled) == 2 and all(m.autocast_dtype == bench.torch.bfloat16 for m in compiled)

@@ -24,13 +24,21 @@ It answers "is stage 2 better than the same compute spent on more stage 1?".
 
 Layout: `<out>/seed<S>/<point>/` is a run directory, `<out>/seed<S>/<point>.json` its evaluation (1- and 2-step
 FID/KID, dFID_t at `metrics.dfid_ts(T)` and, for stage 2, at t′; each with its eval card and the real-vs-real
-floor at its n). `<out>/results.csv` (one row per point × metric, rebuilt from the JSONs on every call),
-`<out>/summary.csv` (`summarize`: mean, std, count over seeds) and `<out>/figures/`.
+floor at its n). Rebuilt from the JSONs on every call: `<out>/results.csv`, one row per point × metric with columns
+point, kind (stage0/stage1/stage2/control), stage, seed, one column per grid field ('s2.loss.t_prime'), steps
+(training steps of the checkpoint), metric (fid_1step, fid_2step, kid_1step, kid_2step, dfid), t (dFID's noise
+level), value, kid_std (KID's spread over subsets), n, floor (real-vs-real FD at floor_n; None for KID and for
+CIFAR-10), floor_n, card (the eval card, JSON); `<out>/summary.csv` (`summarize`: mean, std, count over seeds per
+grid point and metric); `<out>/figures/` (FID and dFID_t, mean ± std over seeds); `<out>/failures.txt` (the
+tracebacks of this call's failed tasks, if any).
 
 Resuming: a point whose checkpoint is at its target step and whose JSON matches its config and the eval settings
 is skipped; a partial run resumes from its checkpoint (`train` does that); a trained run without a current JSON is
 only evaluated. Runs that need it train on worker processes (one torch thread each; `--workers`), on submitit's
 local executor, or on SLURM (`--executor slurm`); a task starts once the tasks it depends on have finished.
+Ctrl-C or SIGTERM stops the running trainings after a checkpoint (the same command resumes them). A changed spec
+value that changes a finished run's config makes that point fail with "holds a different run" (train's check):
+use a new `out`. Only train.steps may grow: extending stage 1 does not mark its stage-2 runs stale.
 """
 
 from __future__ import annotations
@@ -317,11 +325,12 @@ class Point:
 
 
 def _fmt(v) -> str:
+    """A grid value in a directory name: floats exactly (repr), tuples joined by 'x', no path separators."""
     if isinstance(v, bool):
         return str(v).lower()
     if isinstance(v, tuple):
         return "x".join(_fmt(x) for x in v)
-    return repr(v) if isinstance(v, float) else str(v)
+    return (repr(v) if isinstance(v, float) else str(v)).replace(os.sep, "_")
 
 
 def _short_names(spec: SweepSpec) -> dict[str, str]:
@@ -498,8 +507,9 @@ def evaluate_run(m, es, *, n: int | None = None, seed: int = 0, t_mid: float = 1
         d = metrics.dfid(m.f, es, ts, n=n, generator=g, batch=batch, device=device, progress=progress)
     rows = metrics.sample_quality(m, es, t_mid=t_mid, n=n, seed=seed, batch=batch, device=device)
     n_q = metrics.floor_n(es, n)
+    fl = metrics.floor(es, n_q) if es.disjoint else None  # CIFAR-10's train-vs-train protocol has no floor
     rows += [{"card": dataclasses.asdict(metrics.dfid_card(es, t, n_q, m.which, seed, m.step)), "fid": v,
-              "floor": metrics._floor_or_none(es, n_q), "floor_n": n_q} for t, v in d.items()]
+              "floor": fl, "floor_n": n_q} for t, v in d.items()]
     return rows
 
 
@@ -518,20 +528,19 @@ def _eval_set(cfg: RunConfig, ev: EvalSpec, cuda: bool):
 
 
 def _start_control(point: Point) -> None:
-    """A control run starts as a copy of its stage-1 run's checkpoint and metrics (copied, then renamed: atomic)."""
-    from .checkpoint import _temp_beside
+    """A control run starts as a copy of its stage-1 run's checkpoint and metrics, each copied under a temporary
+    name and then renamed, the checkpoint last: once it is there, the copy is complete."""
     from .model import CKPT_NAME
 
     dst = Path(point.run_dir)
     if (dst / CKPT_NAME).exists():
         return
     dst.mkdir(parents=True, exist_ok=True)
-    for name in ("metrics.jsonl", CKPT_NAME):  # the checkpoint last: its presence means the copy is complete
-        src = Path(point.parent_dir) / name
+    for name in ("metrics.jsonl", CKPT_NAME):
+        src, tmp = Path(point.parent_dir) / name, dst / f".{name}.copying"
         if src.exists():
-            with _temp_beside(dst / name) as tmp:
-                shutil.copyfile(src, tmp)
-                os.replace(tmp, dst / name)
+            shutil.copyfile(src, tmp)
+            os.replace(tmp, dst / name)
 
 
 def _train_point(point: Point, device: str | None) -> dict:
@@ -730,7 +739,7 @@ def _schedule(tasks, runner, limit, log, details, running) -> dict[str, str]:
 # Table, summary, figures
 
 COLUMNS_HEAD = ("point", "kind", "stage", "seed")
-COLUMNS_TAIL = ("steps", "metric", "t", "value", "std", "n", "floor", "floor_n", "card")
+COLUMNS_TAIL = ("steps", "metric", "t", "value", "kid_std", "n", "floor", "floor_n", "card")
 
 
 def _metric_rows(r: dict) -> list[dict]:
@@ -742,17 +751,18 @@ def _metric_rows(r: dict) -> list[dict]:
     k = len(card["steps"])
     out = [{"metric": f"fid_{k}step", "value": r["fid"], "floor": r["floor"], **common}]
     if "kid_mean" in r:
-        out.append({"metric": f"kid_{k}step", "value": r["kid_mean"], "std": r["kid_std"], **common})
+        out.append({"metric": f"kid_{k}step", "value": r["kid_mean"], "kid_std": r["kid_std"], **common})
     return out
 
 
-def results_table(points: list[Point], columns: list[str]) -> list[dict]:
-    """One row per point × metric from the points' JSONs (points without one are left out)."""
+def results_table(points: list[Point], columns: list[str], ev: EvalSpec) -> list[dict]:
+    """One row per point × metric from the points' JSONs; points without a current one (missing, or written for
+    another config, step or eval settings) are left out."""
     rows = []
     for p in points:
-        r = read_results(p) if p.evaluate else None
-        if r is None:
+        if not p.evaluate or status(p, ev) != "done":
             continue
+        r = read_results(p)
         base = {"point": p.id, "kind": p.kind, "stage": p.stage, "seed": p.seed,
                 **{c: v for c, v in p.values}, "steps": r["step"]}
         for er in r["rows"]:
@@ -766,10 +776,10 @@ def _number(v) -> float | None:
 
 
 def summarize(table: list[dict]) -> list[dict]:
-    """Group the table's rows by grid point (every column except point, seed, value, std, floor, floor_n, card) and
-    give mean, std (sample standard deviation over seeds; None for one seed), count and the mean floor. Works on
+    """Group the table's rows by grid point (every column except point, seed, value, kid_std, floor, floor_n, card)
+    and give mean, std (sample standard deviation over seeds; None for one seed), count and the mean floor. Works on
     `results_table` rows and on rows read back from results.csv (strings)."""
-    skip = {"point", "seed", "value", "std", "floor", "floor_n", "card"}
+    skip = {"point", "seed", "value", "kid_std", "floor", "floor_n", "card"}
     groups: dict[tuple, list[dict]] = {}
     for row in table:
         groups.setdefault(tuple((c, row[c]) for c in row if c not in skip), []).append(row)
@@ -853,8 +863,12 @@ def report(spec: SweepSpec, points: list[Point], log: Callable[[str], None], png
            ) -> tuple[list[dict], list[dict]]:
     """Rebuild results.csv, summary.csv and the figures from the points' JSONs; return (table, summary)."""
     out = Path(spec.out)
-    table = results_table(points, grid_columns(spec))
+    table = results_table(points, grid_columns(spec), spec.eval)
     summary = summarize(table)
+    missing = [p.id for p in points if p.evaluate and p.id not in {r["point"] for r in table}]
+    if missing:
+        log(f"{len(missing)} point(s) not (currently) evaluated, left out of the table: {', '.join(missing[:5])}"
+            + (" ..." if len(missing) > 5 else ""))
     if not table:
         log("no evaluated points yet: no table written")
         return table, summary

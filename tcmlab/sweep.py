@@ -651,6 +651,20 @@ def _worker_init() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
+def submitit_executor(d: Dispatch, folder: Path):
+    """submitit.AutoExecutor for 'slurm' (SLURM through sbatch; needs srun on PATH) or 'submitit-local', with the
+    dispatch's time limit, GPUs, CPUs, memory and partition; job files and logs go to `folder/<job id>/`."""
+    import submitit
+
+    if d.executor == "slurm" and shutil.which("srun") is None:
+        raise RuntimeError("--executor slurm: no SLURM here (srun is not on PATH). Run the sweep on a SLURM login "
+                           "node, or use --executor processes on this machine")
+    ex = submitit.AutoExecutor(folder=folder / "%j", cluster="slurm" if d.executor == "slurm" else "local")
+    ex.update_parameters(timeout_min=d.time_min, gpus_per_node=d.gpus, cpus_per_task=d.cpus, mem_gb=d.mem_gb,
+                         name="tcmlab-sweep", slurm_partition=d.partition)
+    return ex
+
+
 def _submitter(d: Dispatch, ev: EvalSpec, folder: Path) -> _Submitter:
     if d.executor == "inline":
         return _Submitter(lambda t: _Done(do_task, t, ev, d.device))
@@ -665,11 +679,7 @@ def _submitter(d: Dispatch, ev: EvalSpec, folder: Path) -> _Submitter:
 
         return _Submitter(lambda t: pool.submit(run_task, t, ev, d.device, 1), interrupt,
                           lambda: pool.shutdown(wait=True, cancel_futures=True), 0.2)
-    import submitit
-
-    ex = submitit.AutoExecutor(folder=folder / "%j", cluster="slurm" if d.executor == "slurm" else "local")
-    ex.update_parameters(timeout_min=d.time_min, gpus_per_node=d.gpus, cpus_per_task=d.cpus, mem_gb=d.mem_gb,
-                         name="tcmlab-sweep", slurm_partition=d.partition)
+    ex = submitit_executor(d, folder)
 
     def cancel(handles):  # scancel: SIGTERM, then train() checkpoints; local jobs get SIGINT
         for job in handles:

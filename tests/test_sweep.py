@@ -287,3 +287,18 @@ def test_submitit_local_executor(tmp_path):
     assert "damaged" in r.failed["train seed0/s1"]
     assert r.failed["evaluate seed0/s1"] == "not run: train seed0/s1 failed"
     assert "Traceback" in (tmp_path / "out" / "failures.txt").read_text()
+
+
+def test_slurm_job_parameters(tmp_path, monkeypatch, capsys):
+    """--executor slurm: the sbatch script submitit would submit carries the partition, time, CPUs, GPUs and memory;
+    without SLURM (no srun) the CLI says so in one error line before doing anything."""
+    monkeypatch.setenv("PATH", str(tmp_path))
+    assert main(["sweep", str(CI_SPEC), "--out", str(tmp_path / "out"), "--executor", "slurm"]) == 2
+    assert "no SLURM here" in capsys.readouterr().err
+    (tmp_path / "srun").write_text("#!/bin/sh\nexit 0\n")
+    (tmp_path / "srun").chmod(0o755)
+    d = sweep.Dispatch("slurm", partition="gpu", time_min=30, gpus=1, cpus=4, mem_gb=16)
+    ex = sweep.submitit_executor(d, tmp_path / "jobs")
+    script = ex._executor._make_submission_file_text("python -m x", "UID")
+    for line in ("--partition=gpu", "--time=30", "--cpus-per-task=4", "--gpus-per-node=1", "--mem=16GB"):
+        assert f"#SBATCH {line}\n" in script

@@ -206,7 +206,9 @@ def picture_panels(rows: dict[str, dict[str, torch.Tensor]], title: str, height_
             fig.add_trace(_picture(rows[r][c]), row=i, col=j)
     fig.update_xaxes(showticklabels=False)
     fig.update_yaxes(showticklabels=False)
-    fig.update_layout(title=title, height=80 + height_per_row * len(row_labels), margin=dict(l=20, r=20, t=90, b=20))
+    title_px = 90  # room for the title and the first row's subplot titles
+    fig.update_layout(title=title, height=title_px + height_per_row * len(row_labels),
+                      margin=dict(l=20, r=20, t=title_px, b=20))
     return fig
 
 

@@ -5,7 +5,7 @@ STAMP  := $(VENV)/.tcmlab-installed
 RUNS   ?= runs
 PRESET ?= digits
 
-.PHONY: setup chromium demo screenshot test test-gpu bench mutate clean
+.PHONY: setup chromium demo screenshot test test-gpu bench sweep mutate clean
 
 setup: $(STAMP)
 
@@ -57,6 +57,11 @@ test-gpu: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m tcmlab.bench
+
+# A sweep spec from sweeps/ (resumable: run it again to continue), e.g. make sweep SWEEP=digits_control
+SWEEP ?= ci
+sweep: $(STAMP)
+	$(PY) -m tcmlab sweep sweeps/$(SWEEP).toml
 
 # Mutation testing of losses/schedules/precond/samplers ([tool.mutmut] in pyproject.toml; docs/testing.md records the
 # score). Not part of `make test`. Starts from a fresh mutants/ so the score never mixes in cached results of older

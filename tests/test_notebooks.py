@@ -215,3 +215,30 @@ def test_saved_output_checker_catches_what_it_looks_for():
     for notebook in bad:
         with pytest.raises(AssertionError):
             check_saved_outputs(notebook)
+
+
+def test_notebook_03_slider_over_a_tprime_sweep(tmp_path):
+    # The ci t′ sweep (2 seeds × t′ ∈ {0.5, 1} + control), then notebook 03 reading it: the trade-off figure for the
+    # chosen trained t′ and its samples beside stage 1's, saved as static figures.
+    sweep = tmp_path / "sweep"
+    r = subprocess.run([sys.executable, "-m", "tcmlab", "sweep", str(NB.parent / "sweeps" / "ci.toml"), "--out",
+                        str(sweep), "--workers", "2", "--no-png"], capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    nb = papermill(tmp_path, "03_tradeoff_explorer.ipynb", ("sweep", sweep), ("tprime", 0.5))
+    figs = {f["layout"]["title"]["text"]: f for f in check_saved_outputs(nb)}
+    tradeoff = next(f for t, f in figs.items() if t.startswith("the trade-off at t′ = 0.5 (2 seeds"))
+    names = [tr.get("name", "") for tr in tradeoff["data"]]
+    assert any(n.startswith("stage 2, t′ = 0.5") for n in names) and any(n.startswith("control") for n in names)
+    fid_vs_tprime = next(tr for tr in tradeoff["data"] if tr.get("name") == "stage 2 (each t′)")
+    assert list(fid_vs_tprime["x"]) == [0.5, 1.0]
+    assert any(t.startswith("samples from the same noise") for t in figs)
+    assert "[interactive: a slider over the trained t′ values" in json.dumps(nb, ensure_ascii=False)
+
+
+def test_tprime_sweep_reader_says_what_to_run(tmp_path):
+    from tcmlab.explore import TPrimeSweep
+    with pytest.raises(FileNotFoundError, match="python -m tcmlab sweep"):
+        TPrimeSweep(tmp_path)
+    (tmp_path / "results.csv").write_text("point,kind,stage,seed,metric,value\nseed0/s1,stage1,1,0,fid_1step,3\n")
+    with pytest.raises(ValueError, match="does not vary t′"):
+        TPrimeSweep(tmp_path)

@@ -114,3 +114,21 @@ def find_stage1(stage1_run: str | None, out: str | Path) -> Path | None:
         return p
     p = Path(out) / "stage1"
     return p if (p / "latest.safetensors").exists() else None
+
+
+# The sweep notebook 04 runs per preset when no spec is given (sweeps/ in the repository).
+SWEEP_DEFAULTS = {"ci": "ci.toml", "digits": "digits_control.toml"}
+
+
+def sweep_spec(preset_name: str, spec) -> Path:
+    """Notebook 04's sweep spec: the `spec` parameter, or the preset's default from the repository's sweeps/."""
+    if spec:
+        path = Path(spec)
+    elif check_preset(preset_name) in SWEEP_DEFAULTS:
+        path = Path(__file__).resolve().parents[1] / "sweeps" / SWEEP_DEFAULTS[preset_name]
+    else:
+        raise ValueError(f"parameter spec is needed for preset {preset_name!r} (defaults exist for "
+                         f"{sorted(SWEEP_DEFAULTS)}): a sweep TOML file, see sweeps/")
+    if not path.exists():
+        raise ValueError(f"parameter spec: {path} not found (sweep specs are in the repository's sweeps/ folder)")
+    return path

@@ -826,13 +826,11 @@ def _label(row: dict) -> str:
     return " ".join([row["kind"], *values])
 
 
-def figures(summary: list[dict], folder: Path, png: bool = True) -> tuple[list[Path], str | None]:
-    """Two plotly figures of the summary (mean ± std over seeds): 1- and 2-step FID per point with the floor, and
-    dFID_t curves. Written as .json and .html always, as .png when asked and kaleido can render (else the reason is
-    returned)."""
+def summary_figures(summary: list[dict]) -> dict[str, Any]:
+    """Two plotly figures of the summary (mean ± std over seeds): 'fid', 1- and 2-step FID per point with the
+    real-vs-real floor, and 'dfid', the dFID_t curves."""
     import plotly.graph_objects as go
 
-    folder.mkdir(parents=True, exist_ok=True)
     fid = go.Figure()
     for metric in ("fid_1step", "fid_2step"):
         rows = [r for r in summary if r["metric"] == metric]
@@ -852,11 +850,19 @@ def figures(summary: list[dict], folder: Path, png: bool = True) -> tuple[list[P
             x = [x[0], x[-1]] if fig is fid else [min(x), max(x)]
             fig.add_scatter(x=x, y=[statistics.fmean(floors)] * 2, mode="lines", line_dash="dot",
                             name="real-vs-real floor")
-    fid.update_layout(title="FID (mean ± std over seeds)", yaxis_type="log", height=450)
+    fid.update_layout(title="FID (mean ± std over seeds)", yaxis_type="log", height=450,
+                      xaxis_title="sweep point (kind and grid values)", yaxis_title="FID (log scale)")
     dfid.update_layout(title="dFID_t (mean ± std over seeds)", xaxis_type="log", yaxis_type="log", height=450,
-                       xaxis_title="t")
+                       xaxis_title="noise level t (log scale)", yaxis_title="dFID_t (log scale)")
+    return {"fid": fid, "dfid": dfid}
+
+
+def figures(summary: list[dict], folder: Path, png: bool = True) -> tuple[list[Path], str | None]:
+    """`summary_figures` written as .json and .html always, as .png when asked and kaleido can render (else the
+    reason is returned)."""
+    folder.mkdir(parents=True, exist_ok=True)
     paths, png_note = [], None if png else "PNG figures not asked for"
-    for name, fig in (("fid", fid), ("dfid", dfid)):
+    for name, fig in summary_figures(summary).items():
         fig.write_json(folder / f"{name}.json")
         fig.write_html(folder / f"{name}.html", include_plotlyjs="directory")
         paths += [folder / f"{name}.json", folder / f"{name}.html"]
@@ -867,6 +873,16 @@ def figures(summary: list[dict], folder: Path, png: bool = True) -> tuple[list[P
             except Exception as e:  # kaleido needs a Chromium; without one the PNGs are skipped, not the sweep
                 png_note = f"PNG figures skipped: kaleido could not render ({_one_line(e)})"
     return paths, png_note
+
+
+def summary_markdown(summary: list[dict], metrics=("fid_1step", "fid_2step", "kid_1step")) -> str:
+    """The summary's sample-quality rows as a markdown table: point, metric, mean ± std over seeds (count), floor."""
+    lines = ["| point | metric | mean ± std | seeds | real-vs-real floor |", "|---|---|---|---|---|"]
+    for r in sorted((r for r in summary if r["metric"] in metrics), key=lambda r: (r["metric"], _label(r))):
+        std = "" if r["std"] in (None, "") else f" ± {float(r['std']):.4g}"
+        floor = "" if r["floor"] in (None, "") else f"{float(r['floor']):.4g}"
+        lines.append(f"| {_label(r)} | {r['metric']} | {float(r['mean']):.4g}{std} | {r['count']} | {floor} |")
+    return "\n".join(lines)
 
 
 def report(spec: SweepSpec, points: list[Point], log: Callable[[str], None], png: bool = True

@@ -5,7 +5,7 @@ STAMP  := $(VENV)/.tcmlab-installed
 RUNS   ?= runs
 PRESET ?= digits
 
-.PHONY: setup chromium demo screenshot test test-gpu bench sweep mutate clean
+.PHONY: setup chromium demo screenshot test test-gpu bench sweep results mutate clean
 
 setup: $(STAMP)
 
@@ -62,6 +62,12 @@ bench: $(STAMP)
 SWEEP ?= ci
 sweep: $(STAMP)
 	$(PY) -m tcmlab sweep sweeps/$(SWEEP).toml
+
+# The README's results table: stage 2 against stage 1 continued, 3 seeds on digits (resumable; about an hour on 2
+# cores), then its summary as markdown.
+results: $(STAMP)
+	$(PY) -m tcmlab sweep sweeps/digits_control.toml --workers 2
+	cat runs/sweeps/digits_control/summary.md
 
 # Mutation testing of losses/schedules/precond/samplers ([tool.mutmut] in pyproject.toml; docs/testing.md records the
 # score). Not part of `make test`. Starts from a fresh mutants/ so the score never mixes in cached results of older

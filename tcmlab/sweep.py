@@ -23,14 +23,14 @@ trained for longer from the same seed (same lr, EMA and ratio schedule), at the 
 It answers "is stage 2 better than the same compute spent on more stage 1?".
 
 Layout: `<out>/seed<S>/<point>/` is a run directory, `<out>/seed<S>/<point>.json` its evaluation (1- and 2-step
-FID/KID, dFID_t at `metrics.dfid_ts(T)` and, for stage 2, at t′; each with its eval card and the real-vs-real
-floor at its n). Rebuilt from the JSONs on every call: `<out>/results.csv`, one row per point × metric with columns
-point, kind (stage0/stage1/stage2/control), stage, seed, one column per grid field ('s2.loss.t_prime'), steps
-(training steps of the checkpoint), metric (fid_1step, fid_2step, kid_1step, kid_2step, dfid), t (dFID's noise
-level), value, kid_std (KID's spread over subsets), n, floor (real-vs-real FD at floor_n; None for KID and for
-CIFAR-10), floor_n, card (the eval card, JSON); `<out>/summary.csv` (`summarize`: mean, std, count over seeds per
-grid point and metric); `<out>/figures/` (FID and dFID_t, mean ± std over seeds); `<out>/failures.txt` (the
-tracebacks of this call's failed tasks, if any).
+FID/KID, dFID_t at `metrics.dfid_ts(T)` and, for stage 2, at t′; each with its eval card and the real-vs-real floor
+at its n). Rebuilt from the JSONs on every call: `<out>/results.csv`, one row per point × metric with columns point,
+kind (stage0/stage1/stage2/control), stage, seed, one column per grid field ('s2.loss.t_prime'), steps (training
+steps of the checkpoint), metric (fid_1step, fid_2step, kid_1step, kid_2step, dfid), t (dFID's noise level), value,
+kid_std (KID's spread over subsets), n, floor (real-vs-real FD at floor_n; None for KID and for CIFAR-10), floor_n,
+card (the eval card, JSON); `<out>/summary.csv` (`summarize`: mean, std, count over seeds per grid point and metric)
+and `<out>/summary.md` (its sample-quality rows as a markdown table); `<out>/figures/` (FID and dFID_t, mean ± std
+over seeds); `<out>/failures.txt` (the tracebacks of this call's failed tasks, if any).
 
 Resuming: a point whose checkpoint is at its target step and whose JSON matches its config and the eval settings
 is skipped; a partial run resumes from its checkpoint (`train` does that); a trained run without a current JSON is
@@ -900,6 +900,8 @@ def report(spec: SweepSpec, points: list[Point], log: Callable[[str], None], png
         return table, summary
     write_csv(out / "results.csv", table)
     write_csv(out / "summary.csv", summary)
+    from .checkpoint import atomic_write_text
+    atomic_write_text(out / "summary.md", summary_markdown(summary) + "\n")
     paths, note = figures(summary, out / "figures", png)
     log(f"table: {out / 'results.csv'} ({len(table)} rows), summary: {out / 'summary.csv'} ({len(summary)} rows), "
         f"figures: {out / 'figures'}")

@@ -152,6 +152,9 @@ def test_cli_sweep_end_to_end(ci_sweep):
         assert float(s["mean"]) == pytest.approx(statistics.fmean(vals))
         assert float(s["std"]) == pytest.approx(statistics.stdev(vals))
     assert sweep.summarize(table) == sweep.summarize(sweep.read_csv(out / "results.csv"))
+    md = (out / "summary.md").read_text()  # the markdown table (make results prints it)
+    one = next(s for s in summary if s["kind"] == "control" and s["metric"] == "fid_1step")
+    assert f"| control | fid_1step | {float(one['mean']):.4g} ± {float(one['std']):.4g} | 2 |" in md
     for name, traces in (("fid", 3), ("dfid", 5)):  # 1- and 2-step FID / stage 1, two t′, control; and the floor
         fig = json.loads((out / "figures" / f"{name}.json").read_text())
         assert len(fig["data"]) == traces

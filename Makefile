@@ -63,7 +63,7 @@ SWEEP ?= ci
 sweep: $(STAMP)
 	$(PY) -m tcmlab sweep sweeps/$(SWEEP).toml
 
-# The README's results table: stage 2 against stage 1 continued, 3 seeds on digits (resumable; about an hour on 2
+# The README's results table: stage 2 against stage 1 continued, 3 seeds on digits (resumable; an hour or more on 2
 # cores), then its summary as markdown.
 results: $(STAMP)
 	$(PY) -m tcmlab sweep sweeps/digits_control.toml --workers 2

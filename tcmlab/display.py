@@ -30,23 +30,28 @@ def in_ipython() -> bool:
     return get_ipython() is not None
 
 
-def png(fig, width: int = 820, height: int | None = None) -> bytes | None:
+def png(fig, width: int | None = None, height: int | None = None) -> bytes | None:
     """A PNG of a plotly figure through kaleido (a persistent Chromium, started on first use), or None where no
-    Chromium is available (the reason is in `png_unavailable()`)."""
+    Chromium is available (the reason is in `png_unavailable()`; a figure that fails alone gets None too)."""
     if _KALEIDO["state"] is False:
         return None
     import plotly.io as pio
-    try:
-        if _KALEIDO["state"] is None:
+    if _KALEIDO["state"] is None:
+        try:
             import kaleido
             kaleido.start_sync_server(silence_warnings=True)
             atexit.register(kaleido.stop_sync_server, silence_warnings=True)
             _KALEIDO["state"] = True
+        except Exception as e:  # no Chromium, or kaleido cannot start it: figures stay plotly JSON only
+            _KALEIDO["state"], _KALEIDO["reason"] = False, f"{type(e).__name__}: {e}".splitlines()[0][:200]
+            return None
+    try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # plotly: "the kopts argument is ignored if using a server"
-            return pio.to_image(fig, format="png", width=width, height=height or fig.layout.height or 420)
-    except Exception as e:  # no Chromium, or kaleido cannot start it: figures stay plotly JSON only
-        _KALEIDO["state"], _KALEIDO["reason"] = False, f"{type(e).__name__}: {e}".splitlines()[0][:200]
+            return pio.to_image(fig, format="png", width=width or fig.layout.width or 820,
+                                height=height or fig.layout.height or 420)
+    except Exception as e:
+        _KALEIDO["reason"] = f"{type(e).__name__}: {e}".splitlines()[0][:200]
         return None
 
 

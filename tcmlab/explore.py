@@ -36,6 +36,11 @@ class TPrimeSweep:
         self.rows = read_csv(path)
         if not self.rows or T_PRIME not in self.rows[0]:
             raise ValueError(f"{path} has no {T_PRIME} column: this sweep does not vary t′")
+        others = [c for c in self.rows[0] if c.startswith(("s0.", "s1.", "s2.")) and c != T_PRIME
+                  and len({r[c] for r in self.rows if r["kind"] == "stage2"}) > 1]
+        if others:
+            raise ValueError(f"{path} varies {', '.join(others)} besides t′: this view needs a sweep over t′ alone "
+                             f"(points differing in those would be averaged as if they were seeds)")
         self.t_primes = sorted({float(r[T_PRIME]) for r in self.rows if r["kind"] == "stage2"})
         if not self.t_primes:
             raise ValueError(f"{path} holds no evaluated stage-2 points")
@@ -105,8 +110,11 @@ class TPrimeSweep:
         return fig
 
     def samples(self, t_prime: float, device: str = "cpu", n: int = 36) -> go.Figure:
-        """1- and 2-step samples of the stage-2 model trained at t′ beside stage 1's (lowest seed, same noise)."""
+        """1- and 2-step samples of the stage-2 model trained at t′ beside stage 1's (lowest seed, same noise;
+        stage 1 only where the sweep evaluated it)."""
         from .model import load_model
-        models = {"stage 1": load_model(self.run_dir("stage1"), device=device),
-                  f"stage 2, t′ = {t_prime:g}": load_model(self.run_dir("stage2", t_prime), device=device)}
+        models = {}
+        if self._select("stage1", None, "fid_1step"):  # a sweep may leave stage 1 out of its evaluation
+            models["stage 1"] = load_model(self.run_dir("stage1"), device=device)
+        models[f"stage 2, t′ = {t_prime:g}"] = load_model(self.run_dir("stage2", t_prime), device=device)
         return sample_panels(models, t_mid=max(1.0, t_prime), n=n)

@@ -103,12 +103,15 @@ def run_stage(cfg: RunConfig, run_dir: str | Path, *, gpus: int = 1, steps: int 
     start = existing_step(cfg, run_dir)
     what = describe_existing(cfg, run_dir, start)
     print(f"[tcmlab] {what}" + (f" on {gpus} processes (torchrun)" if gpus > 1 else ""), flush=True)
-    if "reused" in what:
+    if start >= cfg.train.steps:
         for row in rundir.read_metrics(run_dir / "metrics.jsonl") if on_log is not None else ():
             on_log(row)  # the live plots show the reused run's history
         return what
     end = cfg.train.steps if steps is None else min(cfg.train.steps, start + steps)
-    bar = Progress(f"stage {cfg.stage} [{cfg.name}] {run_dir.name}", start, end) if progress else None
+    desc = f"stage {cfg.stage} [{cfg.name}] {run_dir.name}"
+    if end < cfg.train.steps:
+        desc += f" (this call: to step {end} of {cfg.train.steps})"
+    bar = Progress(desc, start, end) if progress else None
 
     def log(row):
         if bar is not None:

@@ -18,13 +18,10 @@ from plotly.subplots import make_subplots
 
 from . import rundir
 from .config import RunConfig, from_dict
-from .display import LiveFigure, show
+from .display import LiveFigure, show  # noqa: F401  (notebooks call plots.show)
 from .precond import T_MAX
 from .schedules import LogNormal, TruncatedLogStudentT, delta_t, ect_ratio, n_boundary
 from .viz import to_uint8
-
-__all__ = ["show"]  # re-exported: notebooks call plots.show(fig)
-
 
 def mark_x(fig, x: float, text: str, log: bool) -> None:
     """A dotted vertical line at x with a label on top. plotly places annotations on a log axis by log10 of the
@@ -61,9 +58,10 @@ def curriculum(q: float, d: int, ratio_max: float, steps: int, ts=(0.01, 0.1, 1.
     for t in ts:
         fig.add_scatter(x=i, y=[float(delta_t(torch.tensor(t), r)) for r in ratio], name=f"Δt at t={t:g}", yaxis="y2")
     fig.update_layout(title="ECT curriculum: ratio(i) (left) and Δt at a few t (right)", height=400,
-                      xaxis_title="training iteration i", yaxis=dict(title="ratio(i) = 1 − Δt-shrink"),
-                      yaxis2=dict(title="Δt (log scale)", overlaying="y", side="right", type="log"),
-                      legend=dict(orientation="h", yanchor="top", y=-0.2, x=0), margin=dict(l=60, r=60, t=60, b=90))
+                      xaxis_title="training iteration i", yaxis=dict(title="ratio(i)  (Δt ∝ 1 − ratio)"),
+                      yaxis2=dict(title="Δt (log scale)", overlaying="y", side="right", type="log", dtick=1,
+                                  exponentformat="power", automargin=True),
+                      legend=dict(orientation="h", yanchor="top", y=-0.2, x=0), margin=dict(l=60, r=90, t=60, b=90))
     return fig
 
 
@@ -196,19 +194,22 @@ def _picture(x: torch.Tensor) -> go.Image | go.Scatter:
 
 
 def picture_panels(rows: dict[str, dict[str, torch.Tensor]], title: str, height_per_row: int = 260) -> go.Figure:
-    """A grid of sample pictures: rows[row_label][col_label] = images [N, C, H, W] or 2-D points [N, 2]."""
+    """A grid of sample pictures: rows[row_label][col_label] = images [N, C, H, W] or 2-D points [N, 2]. Column
+    labels head the top row; each row's label is its first panel's y-axis title; the figure widens with the columns
+    (its PNG copy too)."""
     row_labels = list(rows)
     col_labels = list(next(iter(rows.values())))
-    fig = make_subplots(rows=len(row_labels), cols=len(col_labels), horizontal_spacing=0.02, vertical_spacing=0.08,
-                        subplot_titles=[f"{r}: {c}" for r in row_labels for c in col_labels])
+    fig = make_subplots(rows=len(row_labels), cols=len(col_labels), horizontal_spacing=0.02, vertical_spacing=0.06,
+                        column_titles=col_labels)
     for i, r in enumerate(row_labels, 1):
         for j, c in enumerate(col_labels, 1):
             fig.add_trace(_picture(rows[r][c]), row=i, col=j)
+        fig.update_yaxes(title_text=r, row=i, col=1)
     fig.update_xaxes(showticklabels=False)
     fig.update_yaxes(showticklabels=False)
-    title_px = 90  # room for the title and the first row's subplot titles
+    title_px = 90  # room for the title and the column titles
     fig.update_layout(title=title, height=title_px + height_per_row * len(row_labels),
-                      margin=dict(l=20, r=20, t=title_px, b=20))
+                      width=max(820, 160 * len(col_labels) + 200), margin=dict(l=120, r=20, t=title_px, b=20))
     return fig
 
 
@@ -273,8 +274,9 @@ def psi_figure(t_prime: float, scale: float, nu: float, rho: float, w_b: float =
             for tr in traces:
                 fig.add_trace(tr)
         fig.update_layout(title=title, xaxis_type="log", xaxis_title=T_AXIS, height=440,
-                          yaxis_title="density per ln t (lines)", margin=dict(t=90),
-                          yaxis2=dict(title="Dirac mass at t′ (bar)", overlaying="y", side="right", range=[0, 1],
+                          yaxis=dict(title="density per ln t (curves)", rangemode="tozero"), margin=dict(t=90),
+                          yaxis2=dict(title="Dirac mass at t′ (vertical line)", overlaying="y", side="right",
+                                      range=[0, 1],
                                       tickmode="linear", tick0=0, dtick=0.2, showgrid=False),
                           legend=dict(orientation="h", yanchor="top", y=-0.2, x=0))
     return fig

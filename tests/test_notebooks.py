@@ -134,7 +134,7 @@ def test_notebooks_01_02_03_at_toy2d_read_well_when_saved(tmp_path):
     titles = {}
     for name, nb in (("01", nb1), ("02", nb2), ("03", nb3)):
         titles[name] = [f["layout"]["title"]["text"] for f in check_saved_outputs(nb)]
-        assert len(json.dumps(nb)) < 2_000_000, name  # no widget state or plotly.js bundle in the file
+        assert len(json.dumps(nb)) < 2_000_000, name  # no plotly.js bundle (FigureWidget state) in the file
     assert any("stage 1: dFID_t during training" in t for t in titles["01"])
     assert any("loss and gradient norm" in t for t in titles["02"])
     assert any("samples from the same noise" in t for t in titles["02"])

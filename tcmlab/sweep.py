@@ -44,255 +44,31 @@ use a new `out`. Only train.steps may grow: extending stage 1 does not mark its 
 from __future__ import annotations
 
 import concurrent.futures
-import csv
 import dataclasses
-import io
 import itertools
 import json
 import multiprocessing
 import os
 import shutil
 import signal
-import statistics
 import time
 import tomllib
 import traceback
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from .config import PRESETS, RunConfig, preset, to_dict
+from .config import RunConfig, preset, to_dict
+from .sweep_spec import KINDS, TOP_FIELDS, EvalSpec, SpecError, StageSpec, SweepSpec, parse_spec  # noqa: F401
+from .sweep_table import figures, read_csv, summarize, summary_figures, summary_markdown, write_csv  # noqa: F401
 
-KINDS = ("stage0", "stage1", "stage2", "control")
 EXECUTORS = ("processes", "submitit-local", "slurm", "inline")
-SECTIONS = ("data", "net", "train", "loss")
-TOP_FIELDS = ("name", "init_from", "from_scratch")
-SPEC_KEYS = ("preset", "seeds", "out", "stages", "control", "stage0", "stage1", "stage2", "eval")
-STAGE_KEYS = ("steps", "set", "grid")
+
 
 
 TASK_ERROR = "[tcmlab task] "  # marks the reason line in a failed task's text (a submitit traceback holds it)
 
 
-class SpecError(ValueError):
-    """A sweep spec that cannot be used; the message names the file, the table and the field."""
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# The spec
-
-
-@dataclass(frozen=True)
-class StageSpec:
-    """One stage of the sweep: train.steps (None = the preset's), fixed overrides, and a grid (field -> values)."""
-
-    steps: int | None = None
-    set: tuple[tuple[str, Any], ...] = ()
-    grid: tuple[tuple[str, tuple], ...] = ()
-
-
-@dataclass(frozen=True)
-class EvalSpec:
-    """Evaluation of each finished point (`evaluate_run`). n: images per score (None = the whole query set);
-    kinds: which point kinds are evaluated."""
-
-    n: int | None = None
-    t_mid: float = 1.0
-    seed: int = 0
-    batch: int = 1024
-    dfid: bool = True
-    kinds: tuple[str, ...] = ("stage1", "stage2", "control")
-    data_root: str | None = None
-    inception_weights: str | None = None
-
-    def settings(self) -> dict:
-        """What a stored evaluation depends on: a JSON written under other settings is computed again."""
-        return {k: v for k, v in dataclasses.asdict(self).items() if k != "kinds"}
-
-
-@dataclass(frozen=True)
-class SweepSpec:
-    path: str
-    preset: str
-    seeds: tuple[int, ...]
-    out: str
-    stages: tuple[tuple[int, StageSpec], ...]
-    control: bool = False
-    eval: EvalSpec = field(default_factory=EvalSpec)
-
-    def stage(self, k: int) -> StageSpec:
-        return dict(self.stages)[k]
-
-
-def _flatten(table: dict, prefix: str = "") -> dict:
-    """TOML `{loss.t_prime = 1}` is nested ({'loss': {'t_prime': 1}}); config keys are dotted 'loss.t_prime'."""
-    out = {}
-    for k, v in table.items():
-        out.update(_flatten(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
-    return out
-
-
-def _check_keys(where: str, table, allowed) -> dict:
-    if not isinstance(table, dict):
-        raise SpecError(f"{where} must be a table, got {table!r}")
-    unknown = sorted(set(table) - set(allowed))
-    if unknown:
-        raise SpecError(f"{where}: unknown key {unknown[0]!r}; allowed keys: {', '.join(allowed)}")
-    return table
-
-
-def _typed(where: str, value, kind, rule: str, ok: Callable = lambda v: True):
-    """value if it has type `kind` (bool is not an int here) and passes `ok`, else a SpecError naming `where`."""
-    kinds = kind if isinstance(kind, tuple) else (kind,)
-    if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds) or not ok(value):
-        raise SpecError(f"{where} must be {rule}, got {value!r}")
-    return value
-
-
-def _int_list(where: str, value, rule: str, ok=lambda v: True) -> tuple[int, ...]:
-    _typed(where, value, list, f"a list of {rule}", lambda v: len(v) > 0)
-    items = tuple(_typed(where, v, int, rule, ok) for v in value)
-    if len(set(items)) != len(items):
-        raise SpecError(f"{where} lists a value twice: {list(value)}")
-    return items
-
-
-def _coerce(where: str, value, current):
-    """A spec value in the type of the config field it sets (TOML int -> float fields, list -> tuple fields)."""
-    if isinstance(current, bool):
-        return _typed(where, value, bool, "true or false")
-    if isinstance(current, int):
-        return _typed(where, value, int, f"an integer (like {current!r})")
-    if isinstance(current, float):
-        return float(_typed(where, value, (int, float), f"a number (like {current!r})"))
-    if isinstance(current, tuple):
-        _typed(where, value, list, f"a list (like {list(current)!r})")
-        return tuple(_coerce(where, v, current[0] if current else 0.0) for v in value)
-    return _typed(where, value, str, f"a string (like {current!r})")
-
-
-def _field_value(cfg: RunConfig, key: str):
-    """The current value of `key` ('section.field' or a top-level field) in cfg; KeyError if there is no such field."""
-    if key in TOP_FIELDS:
-        return getattr(cfg, key)
-    section, _, name = key.partition(".")
-    if section not in SECTIONS or name not in {f.name for f in dataclasses.fields(getattr(cfg, section))}:
-        raise KeyError(key)
-    return getattr(getattr(cfg, section), name)
-
-
-def _field_names(cfg: RunConfig, key: str) -> str:
-    section = key.partition(".")[0]
-    if section in SECTIONS:
-        return ", ".join(f"{section}.{f.name}" for f in dataclasses.fields(getattr(cfg, section)))
-    return ", ".join(TOP_FIELDS + tuple(f"{s}.<field>" for s in SECTIONS))
-
-
-def _check_field(where: str, cfg: RunConfig, key: str, value, first_stage: bool):
-    """Validate one spec field against the stage's config: it exists, is not set by the sweep, has the right type."""
-    reserved = {"train.seed": "list seeds in `seeds = [...]`",
-                "train.steps": "give the stage's step count as `steps = N` in its table"}
-    if key in reserved:
-        raise SpecError(f"{where}: {key} is set by the sweep: {reserved[key]}")
-    if key == "init_from" and not first_stage:
-        raise SpecError(f"{where}: init_from is set by the sweep (stage {cfg.stage} starts from its stage-"
-                        f"{cfg.stage - 1} run); set it only in the first stage of `stages`")
-    try:
-        current = _field_value(cfg, key)
-    except KeyError:
-        raise SpecError(f"{where}: {key!r} is not a field of the stage-{cfg.stage} config "
-                        f"({type(cfg.loss).__name__}); fields: {_field_names(cfg, key)}") from None
-    if key == "init_from":
-        return _typed(where, value, str, "a path (string)")
-    return _coerce(where, value, current)
-
-
-def _stage_spec(path: str, preset_name: str, k: int, table: dict, first: bool) -> StageSpec:
-    """Parse `[stageK]`: steps, set (fixed overrides), grid (field -> non-empty list of distinct values)."""
-    where = f"{path}: [stage{k}]"
-    _check_keys(where, table, STAGE_KEYS)
-    base = preset(preset_name, k)
-    steps = table.get("steps")
-    if steps is not None:
-        _typed(f"{where} steps", steps, int, "an integer >= 1", lambda v: v >= 1)
-    fixed = _flatten(_typed(f"{where} set", table.get("set", {}), dict, 'a table like { "train.lr" = 1e-3 }'))
-    grid = _flatten(_typed(f"{where} grid", table.get("grid", {}), dict, 'a table like { "loss.t_prime" = [0.5, 1] }'))
-    sets = tuple((key, _check_field(f"{where} set {key}", base, key, v, first)) for key, v in fixed.items())
-    axes = []
-    for key, values in grid.items():
-        w = f"{where} grid {key}"
-        _typed(w, values, list, "a non-empty list of values", lambda v: len(v) > 0)
-        vals = tuple(_check_field(w, base, key, v, first) for v in values)
-        if len(set(vals)) != len(vals):
-            raise SpecError(f"{w} lists a value twice: {list(values)}")
-        if key in fixed:
-            raise SpecError(f"{w}: {key} is both in `set` and in `grid`; keep one")
-        axes.append((key, vals))
-    return StageSpec(steps, sets, tuple(axes))
-
-
-def _eval_spec(path: str, table: dict) -> EvalSpec:
-    where = f"{path}: [eval]"
-    _check_keys(where, table, [f.name for f in dataclasses.fields(EvalSpec)])
-    kw = dict(table)
-    if "n" in kw:
-        _typed(f"{where} n", kw["n"], int, "an integer >= 2 (images per score)", lambda v: v >= 2)
-    if "t_mid" in kw:
-        kw["t_mid"] = float(_typed(f"{where} t_mid", kw["t_mid"], (int, float), "a number > 0", lambda v: v > 0))
-    if "seed" in kw:
-        _typed(f"{where} seed", kw["seed"], int, "an integer")
-    if "batch" in kw:
-        _typed(f"{where} batch", kw["batch"], int, "an integer >= 1", lambda v: v >= 1)
-    if "dfid" in kw:
-        _typed(f"{where} dfid", kw["dfid"], bool, "true or false")
-    if "kinds" in kw:
-        _typed(f"{where} kinds", kw["kinds"], list, f"a list of {', '.join(KINDS)}",
-               lambda v: all(x in KINDS for x in v))
-        kw["kinds"] = tuple(kw["kinds"])
-    for key in ("data_root", "inception_weights"):
-        if key in kw:
-            _typed(f"{where} {key}", kw[key], str, "a path (string)")
-    return EvalSpec(**kw)
-
-
-def load_spec(path: str | Path, out: str | Path | None = None) -> SweepSpec:
-    """Read and check a sweep spec (TOML); every point's config is built once here, so a bad value fails before any
-    training. `out` replaces the spec's output folder."""
-    path = Path(path)
-    if not path.is_file():
-        raise SpecError(f"sweep spec {path} does not exist: give the path of a TOML file like sweeps/ci.toml")
-    try:
-        raw = tomllib.loads(path.read_text())
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-        raise SpecError(f"sweep spec {path} is not valid TOML ({e}); see sweeps/ci.toml for the format") from None
-    spec = parse_spec(raw, str(path), out)
-    expand(spec)
-    return spec
-
-
-def parse_spec(raw: dict, path: str = "<spec>", out: str | Path | None = None) -> SweepSpec:
-    """A SweepSpec from the parsed TOML table (see the module docstring for the keys)."""
-    _check_keys(path, raw, SPEC_KEYS)
-    if "preset" not in raw:
-        raise SpecError(f"{path}: missing key 'preset' (one of {', '.join(PRESETS)})")
-    name = _typed(f"{path}: preset", raw["preset"], str, f"one of {', '.join(PRESETS)}", lambda v: v in PRESETS)
-    available = [k for k in (0, 1, 2) if PRESETS[name][k] is not None]
-    stages = _int_list(f"{path}: stages", raw.get("stages", available), "stage numbers 0, 1, 2")
-    if list(stages) != list(range(stages[0], stages[0] + len(stages))) or any(k not in available for k in stages):
-        raise SpecError(f"{path}: stages must be consecutive stages of preset {name!r} (available: {available}), "
-                        f"got {list(stages)}")
-    for k in (0, 1, 2):
-        if f"stage{k}" in raw and k not in stages:
-            raise SpecError(f"{path}: [stage{k}] is given but stage {k} is not in stages = {list(stages)}")
-    control = _typed(f"{path}: control", raw.get("control", False), bool, "true or false")
-    if control and not {1, 2} <= set(stages):
-        raise SpecError(f"{path}: control = true needs stages 1 and 2 (it continues stage 1 for stage 2's steps)")
-    seeds = _int_list(f"{path}: seeds", raw.get("seeds", [0]), "integers >= 0", lambda v: v >= 0)
-    out = str(out) if out is not None else _typed(f"{path}: out", raw.get("out", f"runs/sweeps/{Path(path).stem}"),
-                                                  str, "a folder path (string)")
-    return SweepSpec(path, name, seeds, out,
-                     tuple((k, _stage_spec(path, name, k, raw.get(f"stage{k}", {}), k == stages[0])) for k in stages),
-                     control, _eval_spec(path, raw.get("eval", {})))
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -406,6 +182,21 @@ def expand(spec: SweepSpec) -> list[Point]:
 def grid_columns(spec: SweepSpec) -> list[str]:
     """The table's grid columns, 's<stage>.<field>', in spec order."""
     return [f"s{k}.{key}" for k, st in spec.stages for key, _ in st.grid]
+
+
+def load_spec(path: str | Path, out: str | Path | None = None) -> SweepSpec:
+    """Read and check a sweep spec (TOML); every point's config is built once here, so a bad value fails before any
+    training. `out` replaces the spec's output folder."""
+    path = Path(path)
+    if not path.is_file():
+        raise SpecError(f"sweep spec {path} does not exist: give the path of a TOML file like sweeps/ci.toml")
+    try:
+        raw = tomllib.loads(path.read_text())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise SpecError(f"sweep spec {path} is not valid TOML ({e}); see sweeps/ci.toml for the format") from None
+    spec = parse_spec(raw, str(path), out)
+    expand(spec)
+    return spec
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -779,110 +570,6 @@ def results_table(points: list[Point], columns: list[str], ev: EvalSpec) -> list
             rows += [{c: {**base, **m}.get(c) for c in (*COLUMNS_HEAD, *columns, *COLUMNS_TAIL)}
                      for m in _metric_rows(er)]
     return rows
-
-
-def _number(v) -> float | None:
-    return None if v in (None, "") else float(v)
-
-
-def summarize(table: list[dict]) -> list[dict]:
-    """Group the table's rows by grid point (every column except point, seed, value, kid_std, floor, floor_n, card)
-    and give mean, std (sample standard deviation over seeds; None for one seed), count and the mean floor. Works on
-    `results_table` rows and on rows read back from results.csv (strings)."""
-    skip = {"point", "seed", "value", "kid_std", "floor", "floor_n", "card"}
-    groups: dict[tuple, list[dict]] = {}
-    for row in table:
-        groups.setdefault(tuple((c, row[c]) for c in row if c not in skip), []).append(row)
-    out = []
-    for key, rows in groups.items():
-        vals = [_number(r["value"]) for r in rows]
-        floors = [f for f in (_number(r.get("floor")) for r in rows) if f is not None]
-        out.append({**dict(key), "mean": statistics.fmean(vals),
-                    "std": statistics.stdev(vals) if len(vals) > 1 else None, "count": len(vals),
-                    "floor": statistics.fmean(floors) if floors else None})
-    return out
-
-
-def write_csv(path: Path, rows: list[dict]) -> None:
-    """rows as CSV (None -> empty cell), written atomically."""
-    from .checkpoint import atomic_write_text
-
-    buf = io.StringIO()
-    columns = list(dict.fromkeys(c for r in rows for c in r))
-    w = csv.DictWriter(buf, columns, lineterminator="\n")
-    w.writeheader()
-    w.writerows({c: ("" if r.get(c) is None else r.get(c)) for c in columns} for r in rows)
-    atomic_write_text(path, buf.getvalue())
-
-
-def read_csv(path: str | Path) -> list[dict]:
-    with open(path, newline="") as fh:
-        return list(csv.DictReader(fh))
-
-
-def _label(row: dict) -> str:
-    values = [f"{c.rpartition('.')[2]}={row[c]}" for c in row if c[:2] in ("s0", "s1", "s2") and "." in c
-              and row[c] not in (None, "")]
-    return " ".join([row["kind"], *values])
-
-
-def summary_figures(summary: list[dict]) -> dict[str, Any]:
-    """Two plotly figures of the summary (mean ± std over seeds): 'fid', 1- and 2-step FID per point with the
-    real-vs-real floor, and 'dfid', the dFID_t curves."""
-    import plotly.graph_objects as go
-
-    fid = go.Figure()
-    for metric in ("fid_1step", "fid_2step"):
-        rows = [r for r in summary if r["metric"] == metric]
-        fid.add_scatter(x=[_label(r) for r in rows], y=[r["mean"] for r in rows], mode="markers", name=metric,
-                        error_y=dict(array=[r["std"] or 0 for r in rows]))
-    dfid = go.Figure()
-    for label, rows in itertools.groupby(sorted((r for r in summary if r["metric"] == "dfid"), key=_label), _label):
-        rows = sorted(rows, key=lambda r: float(r["t"]))
-        dfid.add_scatter(x=[float(r["t"]) for r in rows], y=[r["mean"] for r in rows], name=label,
-                         error_y=dict(array=[r["std"] or 0 for r in rows]))
-    floors = [r["floor"] for r in summary if r["metric"] in ("fid_1step", "dfid") and r["floor"] is not None]
-    if floors:  # a dotted line (a trace, not add_hline, whose annotation breaks log axes)
-        for fig in (fid, dfid):
-            x = [d for tr in fig.data for d in tr.x]
-            if not x:
-                continue
-            x = [x[0], x[-1]] if fig is fid else [min(x), max(x)]
-            fig.add_scatter(x=x, y=[statistics.fmean(floors)] * 2, mode="lines", line_dash="dot",
-                            name="real-vs-real floor")
-    fid.update_layout(title="FID (mean ± std over seeds)", yaxis_type="log", height=450,
-                      xaxis_title="sweep point (kind and grid values)", yaxis_title="FID (log scale)")
-    dfid.update_layout(title="dFID_t (mean ± std over seeds)", xaxis_type="log", yaxis_type="log", height=450,
-                       xaxis_title="noise level t (log scale)", yaxis_title="dFID_t (log scale)")
-    return {"fid": fid, "dfid": dfid}
-
-
-def figures(summary: list[dict], folder: Path, png: bool = True) -> tuple[list[Path], str | None]:
-    """`summary_figures` written as .json and .html always, as .png when asked and kaleido can render (else the
-    reason is returned)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    paths, png_note = [], None if png else "PNG figures not asked for"
-    for name, fig in summary_figures(summary).items():
-        fig.write_json(folder / f"{name}.json")
-        fig.write_html(folder / f"{name}.html", include_plotlyjs="directory")
-        paths += [folder / f"{name}.json", folder / f"{name}.html"]
-        if png_note is None:
-            try:
-                fig.write_image(folder / f"{name}.png")
-                paths.append(folder / f"{name}.png")
-            except Exception as e:  # kaleido needs a Chromium; without one the PNGs are skipped, not the sweep
-                png_note = f"PNG figures skipped: kaleido could not render ({_one_line(e)})"
-    return paths, png_note
-
-
-def summary_markdown(summary: list[dict], metrics=("fid_1step", "fid_2step", "kid_1step")) -> str:
-    """The summary's sample-quality rows as a markdown table: point, metric, mean ± std over seeds (count), floor."""
-    lines = ["| point | metric | mean ± std | seeds | real-vs-real floor |", "|---|---|---|---|---|"]
-    for r in sorted((r for r in summary if r["metric"] in metrics), key=lambda r: (r["metric"], _label(r))):
-        std = "" if r["std"] in (None, "") else f" ± {float(r['std']):.4g}"
-        floor = "" if r["floor"] in (None, "") else f"{float(r['floor']):.4g}"
-        lines.append(f"| {_label(r)} | {r['metric']} | {float(r['mean']):.4g}{std} | {r['count']} | {floor} |")
-    return "\n".join(lines)
 
 
 def report(spec: SweepSpec, points: list[Point], log: Callable[[str], None], png: bool = True

@@ -1,0 +1,117 @@
+"""A sweep's results table, rows of dicts: summary over seeds, CSV, plotly figures and a markdown table.
+
+Pure functions of the rows (as `tcmlab.sweep.results_table` builds them, or read back from results.csv).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import itertools
+import statistics
+from pathlib import Path
+from typing import Any
+
+
+def _number(v) -> float | None:
+    return None if v in (None, "") else float(v)
+
+
+def summarize(table: list[dict]) -> list[dict]:
+    """Group the table's rows by grid point (every column except point, seed, value, kid_std, floor, floor_n, card)
+    and give mean, std (sample standard deviation over seeds; None for one seed), count and the mean floor. Works on
+    `results_table` rows and on rows read back from results.csv (strings)."""
+    skip = {"point", "seed", "value", "kid_std", "floor", "floor_n", "card"}
+    groups: dict[tuple, list[dict]] = {}
+    for row in table:
+        groups.setdefault(tuple((c, row[c]) for c in row if c not in skip), []).append(row)
+    out = []
+    for key, rows in groups.items():
+        vals = [_number(r["value"]) for r in rows]
+        floors = [f for f in (_number(r.get("floor")) for r in rows) if f is not None]
+        out.append({**dict(key), "mean": statistics.fmean(vals),
+                    "std": statistics.stdev(vals) if len(vals) > 1 else None, "count": len(vals),
+                    "floor": statistics.fmean(floors) if floors else None})
+    return out
+
+
+def write_csv(path: Path, rows: list[dict]) -> None:
+    """rows as CSV (None -> empty cell), written atomically."""
+    from .checkpoint import atomic_write_text
+
+    buf = io.StringIO()
+    columns = list(dict.fromkeys(c for r in rows for c in r))
+    w = csv.DictWriter(buf, columns, lineterminator="\n")
+    w.writeheader()
+    w.writerows({c: ("" if r.get(c) is None else r.get(c)) for c in columns} for r in rows)
+    atomic_write_text(path, buf.getvalue())
+
+
+def read_csv(path: str | Path) -> list[dict]:
+    with open(path, newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def _label(row: dict) -> str:
+    values = [f"{c.rpartition('.')[2]}={row[c]}" for c in row if c[:2] in ("s0", "s1", "s2") and "." in c
+              and row[c] not in (None, "")]
+    return " ".join([row["kind"], *values])
+
+
+def summary_figures(summary: list[dict]) -> dict[str, Any]:
+    """Two plotly figures of the summary (mean ± std over seeds): 'fid', 1- and 2-step FID per point with the
+    real-vs-real floor, and 'dfid', the dFID_t curves."""
+    import plotly.graph_objects as go
+
+    fid = go.Figure()
+    for metric in ("fid_1step", "fid_2step"):
+        rows = [r for r in summary if r["metric"] == metric]
+        fid.add_scatter(x=[_label(r) for r in rows], y=[r["mean"] for r in rows], mode="markers", name=metric,
+                        error_y=dict(array=[r["std"] or 0 for r in rows]))
+    dfid = go.Figure()
+    for label, rows in itertools.groupby(sorted((r for r in summary if r["metric"] == "dfid"), key=_label), _label):
+        rows = sorted(rows, key=lambda r: float(r["t"]))
+        dfid.add_scatter(x=[float(r["t"]) for r in rows], y=[r["mean"] for r in rows], name=label,
+                         error_y=dict(array=[r["std"] or 0 for r in rows]))
+    floors = [r["floor"] for r in summary if r["metric"] in ("fid_1step", "dfid") and r["floor"] is not None]
+    if floors:  # a dotted line (a trace, not add_hline, whose annotation breaks log axes)
+        for fig in (fid, dfid):
+            x = [d for tr in fig.data for d in tr.x]
+            if not x:
+                continue
+            x = [x[0], x[-1]] if fig is fid else [min(x), max(x)]
+            fig.add_scatter(x=x, y=[statistics.fmean(floors)] * 2, mode="lines", line_dash="dot",
+                            name="real-vs-real floor")
+    fid.update_layout(title="FID (mean ± std over seeds)", yaxis_type="log", height=450,
+                      xaxis_title="sweep point (kind and grid values)", yaxis_title="FID (log scale)")
+    dfid.update_layout(title="dFID_t (mean ± std over seeds)", xaxis_type="log", yaxis_type="log", height=450,
+                       xaxis_title="noise level t (log scale)", yaxis_title="dFID_t (log scale)")
+    return {"fid": fid, "dfid": dfid}
+
+
+def figures(summary: list[dict], folder: Path, png: bool = True) -> tuple[list[Path], str | None]:
+    """`summary_figures` written as .json and .html always, as .png when asked and kaleido can render (else the
+    reason is returned)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    paths, png_note = [], None if png else "PNG figures not asked for"
+    for name, fig in summary_figures(summary).items():
+        fig.write_json(folder / f"{name}.json")
+        fig.write_html(folder / f"{name}.html", include_plotlyjs="directory")
+        paths += [folder / f"{name}.json", folder / f"{name}.html"]
+        if png_note is None:
+            try:
+                fig.write_image(folder / f"{name}.png")
+                paths.append(folder / f"{name}.png")
+            except Exception as e:  # kaleido needs a Chromium; without one the PNGs are skipped, not the sweep
+                png_note = f"PNG figures skipped: kaleido could not render ({type(e).__name__}: {str(e)[:200]})"
+    return paths, png_note
+
+
+def summary_markdown(summary: list[dict], metrics=("fid_1step", "fid_2step", "kid_1step")) -> str:
+    """The summary's sample-quality rows as a markdown table: point, metric, mean ± std over seeds (count), floor."""
+    lines = ["| point | metric | mean ± std | seeds | real-vs-real floor |", "|---|---|---|---|---|"]
+    for r in sorted((r for r in summary if r["metric"] in metrics), key=lambda r: (r["metric"], _label(r))):
+        std = "" if r["std"] in (None, "") else f" ± {float(r['std']):.4g}"
+        floor = "" if r["floor"] in (None, "") else f"{float(r['floor']):.4g}"
+        lines.append(f"| {_label(r)} | {r['metric']} | {float(r['mean']):.4g}{std} | {r['count']} | {floor} |")
+    return "\n".join(lines)

@@ -106,7 +106,7 @@ class TPrimeSweep:
         fig.update_yaxes(title_text="1-step FID", row=1, col=2)
         fig.update_layout(title=f"the trade-off at t′ = {t_prime:g} ({seeds} seeds, mean ± std): {self.folder.name}",
                           height=430, legend=dict(orientation="h", yanchor="top", y=-0.2, x=0),
-                          margin=dict(t=80, b=120))
+                          margin=dict(t=90, b=120))
         return fig
 
     def samples(self, t_prime: float, device: str = "cpu", n: int = 36) -> go.Figure:

@@ -25,7 +25,7 @@ from safetensors import SafetensorError
 
 from .config import from_dict, preset, with_overrides
 from .model import load_model
-from .samplers import generate
+from .samplers import one_and_two_step
 from .sweep import EXECUTORS, Dispatch, evaluate_run, load_spec, run_sweep
 from .train import Interrupted, train
 from .viz import save_samples
@@ -45,12 +45,8 @@ def sample_grids(run: Path, out: Path, t_mid: float, n: int = 64, seed: int = 0,
                  batch: int = 1024) -> list[Path]:
     """1-step and 2-step (T → t_mid) sample grids of a run's EMA model as PNG files."""
     m = load_model(run, device=device or _default_device())
-    paths = []
-    for name, ts in (("1step", (m.t_max,)), ("2step", (m.t_max, t_mid))):
-        g = torch.Generator().manual_seed(seed)
-        x = generate(m.f, n, m.shape, ts, generator=g, t_prime=m.t_prime, batch=batch)
-        paths.append(save_samples(x, out / f"samples_{name}.png"))
-    return paths
+    samples = one_and_two_step(m, n, t_mid, seed, batch=batch)
+    return [save_samples(x, out / f"samples_{name}.png") for name, x in zip(("1step", "2step"), samples.values())]
 
 
 def cmd_demo(args) -> None:

@@ -13,7 +13,6 @@ Protocol choices: docs/decisions.md §16.
 
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -31,7 +30,7 @@ from .config import DataConfig
 from .data import cifar10, digits, toy2d
 from .model import device_of
 from .precond import T_MAX
-from .samplers import generate
+from .samplers import one_and_two_step
 from .viz import to_uint8
 
 DIGITS_EXTRACTOR = "tcmlab-digits-cnn"
@@ -381,9 +380,7 @@ def sample_quality(model, es: EvalSet, t_mid: float = 1.0, n: int | None = None,
     n = n or len(es.query)
     fl = _floor_or_none(es, n)
     rows = []
-    for ts in ((model.t_max,), (model.t_max, t_mid)):
-        g = torch.Generator().manual_seed(seed)
-        x = generate(model.f, n, model.shape, ts, device=device, generator=g, t_prime=model.t_prime, batch=batch)
+    for ts, x in one_and_two_step(model, n, t_mid, seed, device, batch).items():
         scores = fid_kid(es.to_scored(x), es)
         card = EvalCard("fid", n, es.extractor, es.sha256, es.reference_name, ts, model.which, seed, model.step)
         rows.append({"card": asdict(card), **scores, "floor": fl, "floor_n": floor_n(es, n)})

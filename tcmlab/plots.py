@@ -216,12 +216,11 @@ def picture_panels(rows: dict[str, dict[str, torch.Tensor]], title: str, height_
 @torch.no_grad()
 def sample_panels(models: dict, t_mid: float, n: int = 64, seed: int = 0) -> go.Figure:
     """1-step (T) and 2-step (T → t_mid) samples of each `TrainedModel` from the same noise (same seed), side by side."""
-    from .samplers import generate
+    from .samplers import one_and_two_step
     rows = {"1 step": {}, f"2 steps (T → {t_mid:g})": {}}
     for label, m in models.items():
-        for (row, ts) in zip(rows, ((m.t_max,), (m.t_max, t_mid))):
-            g = torch.Generator().manual_seed(seed)
-            rows[row][label] = generate(m.f, n, m.shape, ts, generator=g, t_prime=m.t_prime)
+        for row, x in zip(rows, one_and_two_step(m, n, t_mid, seed).values()):
+            rows[row][label] = x
     return picture_panels(rows, f"samples from the same noise (seed {seed}), EMA weights")
 
 

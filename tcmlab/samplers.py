@@ -61,3 +61,14 @@ def generate(f, n: int, shape: Sequence[int], ts: Sequence[float] = (T_MAX,), *,
         z = torch.randn((m, *shape), generator=generator, dtype=torch.float64)
         out.append(sample(f, (ts[0] * z).to(device), ts, callback=callback, generator=generator, t_prime=t_prime))
     return torch.cat(out).cpu()
+
+
+def one_and_two_step(model, n: int, t_mid: float, seed: int = 0, device=None, batch: int = 1024
+                     ) -> dict[tuple[float, ...], torch.Tensor]:
+    """{ts: samples} of a `TrainedModel` for 1 step (T) and 2 steps (T → t_mid), each from noise seeded `seed` (the
+    same noise for both, and for any model of the same shape)."""
+    out = {}
+    for ts in ((model.t_max,), (model.t_max, t_mid)):
+        g = torch.Generator().manual_seed(seed)
+        out[ts] = generate(model.f, n, model.shape, ts, device=device, generator=g, t_prime=model.t_prime, batch=batch)
+    return out

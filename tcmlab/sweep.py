@@ -10,7 +10,9 @@
     [stage2]                           # one table per stage: steps, base overrides `set`, `grid`
     steps = 20                         # train.steps of that stage (default: the preset's)
     set = { "train.lr" = 5e-4 }        # fixed overrides, section.field as in `--set`
-    grid = { "loss.t_prime" = [0.5, 1.0], "loss.w_b" = [0, 0.1] }
+    grid = { "loss.t_prime" = [0.5, 1.0], "loss.w_b" = [0, 0.1] }   # product: 4 points per stage-1 run
+    # or a list of tables, the union of their products (one-at-a-time ablations; fields a table leaves out keep
+    # the stage's default): grid = [{ "loss.w_b" = [0, 0.01, 1] }, { "loss.rho" = [0.1, 0.5] }]  -> 3 + 2 points
     [eval]                             # EvalSpec: n, t_mid, seed, batch, dfid, kinds, data_root, inception_weights
     n = 50
 
@@ -45,7 +47,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
-import itertools
 import json
 import multiprocessing
 import os
@@ -111,7 +112,7 @@ def _fmt(v) -> str:
 
 def _short_names(spec: SweepSpec) -> dict[str, str]:
     """Directory-name label of each grid field: the field name alone where that is unambiguous in the spec."""
-    keys = [key for _, st in spec.stages for key, _ in st.grid]
+    keys = [key for _, st in spec.stages for key in st.keys]
     tail = lambda key: key.rpartition(".")[2]
     return {key: tail(key) if [tail(k) for k in keys].count(tail(key)) == 1 else key for key in keys}
 
@@ -163,7 +164,7 @@ def expand(spec: SweepSpec) -> list[Point]:
         for k, st in spec.stages:
             new_level = []
             for parent in level:
-                for combo in itertools.product(*[[(key, v) for v in vals] for key, vals in st.grid]):
+                for combo in st.combos:
                     cfg = _stage_config(spec, k, seed, parent, combo)
                     values = (parent.values if parent else ()) + tuple((f"s{k}.{key}", v) for key, v in combo)
                     label = "__".join(f"{short[c.partition('.')[2]]}={_fmt(v)}" for c, v in values)
@@ -181,7 +182,7 @@ def expand(spec: SweepSpec) -> list[Point]:
 
 def grid_columns(spec: SweepSpec) -> list[str]:
     """The table's grid columns, 's<stage>.<field>', in spec order."""
-    return [f"s{k}.{key}" for k, st in spec.stages for key, _ in st.grid]
+    return [f"s{k}.{key}" for k, st in spec.stages for key in st.keys]
 
 
 def load_spec(path: str | Path, out: str | Path | None = None) -> SweepSpec:

@@ -6,6 +6,7 @@ Every point's config is built while the spec is read, so a bad value fails with 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -26,11 +27,21 @@ class SpecError(ValueError):
 
 @dataclass(frozen=True)
 class StageSpec:
-    """One stage of the sweep: train.steps (None = the preset's), fixed overrides, and a grid (field -> values)."""
+    """One stage of the sweep: train.steps (None = the preset's), fixed overrides, and its grid.
+
+    grid: the grid's fields and the values each takes (key, values). combos: the grid points, each a full
+    assignment of every grid field ((key, value), ...). A `grid` table is the product of its lists; a list of tables
+    (a one-at-a-time ablation) is the union of their products, each completed with the stage's default value of the
+    fields its table leaves out, duplicates dropped."""
 
     steps: int | None = None
     set: tuple[tuple[str, Any], ...] = ()
     grid: tuple[tuple[str, tuple], ...] = ()
+    combos: tuple[tuple[tuple[str, Any], ...], ...] = ((),)
+
+    @property
+    def keys(self) -> tuple[str, ...]:
+        return tuple(key for key, _ in self.grid)
 
 
 @dataclass(frozen=True)
@@ -149,20 +160,11 @@ def _check_field(where: str, cfg: RunConfig, key: str, value, first_stage: bool)
     return _coerce(where, value, current)
 
 
-def _stage_spec(path: str, preset_name: str, k: int, table: dict, first: bool) -> StageSpec:
-    """Parse `[stageK]`: steps, set (fixed overrides), grid (field -> non-empty list of distinct values)."""
-    where = f"{path}: [stage{k}]"
-    _check_keys(where, table, STAGE_KEYS)
-    base = preset(preset_name, k)
-    steps = table.get("steps")
-    if steps is not None:
-        _typed(f"{where} steps", steps, int, "an integer >= 1", lambda v: v >= 1)
-    fixed = _flatten(_typed(f"{where} set", table.get("set", {}), dict, 'a table like { "train.lr" = 1e-3 }'))
-    grid = _flatten(_typed(f"{where} grid", table.get("grid", {}), dict, 'a table like { "loss.t_prime" = [0.5, 1] }'))
-    sets = tuple((key, _check_field(f"{where} set {key}", base, key, v, first)) for key, v in fixed.items())
+def _grid_axes(where: str, base: RunConfig, grid: dict, fixed: dict, first: bool) -> list[tuple[str, tuple]]:
+    """The (key, values) axes of one grid table, each value checked against the stage's config."""
     axes = []
-    for key, values in grid.items():
-        w = f"{where} grid {key}"
+    for key, values in _flatten(grid).items():
+        w = f"{where} {key}"
         _typed(w, values, list, "a non-empty list of values", lambda v: len(v) > 0)
         vals = tuple(_check_field(w, base, key, v, first) for v in values)
         if len(set(vals)) != len(vals):
@@ -170,7 +172,37 @@ def _stage_spec(path: str, preset_name: str, k: int, table: dict, first: bool) -
         if key in fixed:
             raise SpecError(f"{w}: {key} is both in `set` and in `grid`; keep one")
         axes.append((key, vals))
-    return StageSpec(steps, sets, tuple(axes))
+    return axes
+
+
+def _stage_spec(path: str, preset_name: str, k: int, table: dict, first: bool) -> StageSpec:
+    """Parse `[stageK]`: steps, set (fixed overrides), grid (field -> non-empty list of distinct values; or a list of
+    such tables, whose products are joined: see `StageSpec`)."""
+    where = f"{path}: [stage{k}]"
+    _check_keys(where, table, STAGE_KEYS)
+    base = preset(preset_name, k)
+    steps = table.get("steps")
+    if steps is not None:
+        _typed(f"{where} steps", steps, int, "an integer >= 1", lambda v: v >= 1)
+    fixed = _flatten(_typed(f"{where} set", table.get("set", {}), dict, 'a table like { "train.lr" = 1e-3 }'))
+    sets = tuple((key, _check_field(f"{where} set {key}", base, key, v, first)) for key, v in fixed.items())
+    grid = table.get("grid", {})
+    rule = 'a table like { "loss.t_prime" = [0.5, 1] } or a list of such tables'
+    tables = _typed(f"{where} grid", grid, (dict, list), rule, lambda g: isinstance(g, dict) or len(g) > 0)
+    tables = [tables] if isinstance(tables, dict) else tables
+    parts = [_grid_axes(f"{where} grid" + (f"[{i}]" if isinstance(grid, list) else ""), base,
+                        _typed(f"{where} grid[{i}]", t, dict, rule), fixed, first) for i, t in enumerate(tables)]
+    keys = list(dict.fromkeys(key for axes in parts for key, _ in axes))
+    defaults = {key: _field_value(base, key) for key in keys}
+    combos = []
+    for axes in parts:
+        for values in itertools.product(*[vals for _, vals in axes]):
+            combo = {**defaults, **dict(zip([key for key, _ in axes], values))}
+            full = tuple((key, combo[key]) for key in keys)
+            if full not in combos:
+                combos.append(full)
+    grid_axes = tuple((key, tuple(dict.fromkeys(c[i][1] for c in combos))) for i, key in enumerate(keys))
+    return StageSpec(steps, sets, grid_axes, tuple(combos))
 
 
 def _eval_spec(path: str, table: dict) -> EvalSpec:

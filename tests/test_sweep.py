@@ -82,6 +82,35 @@ def test_grid_expansion_shares_stage0_and_stage1_per_seed(tmp_path):
     assert sweep.grid_columns(spec) == ["s1.loss.q", "s2.loss.t_prime", "s2.loss.w_b"]
 
 
+UNION_SPEC = """
+preset = "ci"
+seeds = [3]
+[stage2]
+grid = [{ "loss.w_b" = [0, 0.1, 1] }, { "loss.rho" = [0.25, 0.5] }, { "loss.psi_scale" = [2.0], "loss.psi_nu" = [1e4] }]
+"""
+
+
+def test_grid_list_is_the_union_of_one_at_a_time_ablations(tmp_path):
+    spec = sweep.parse_spec(tomllib.loads(UNION_SPEC), "union.toml", out=tmp_path)
+    stage2 = [p for p in sweep.expand(spec) if p.kind == "stage2"]
+    # w_b 3 + rho 2 + one ψ̄ shape, less the default point that the w_b and rho tables both hold: 5 runs
+    got = [(p.cfg.loss.w_b, p.cfg.loss.rho, p.cfg.loss.psi_scale, p.cfg.loss.psi_nu) for p in stage2]
+    assert got == [(0.0, 0.25, 0.2, 0.01), (0.1, 0.25, 0.2, 0.01), (1.0, 0.25, 0.2, 0.01), (0.1, 0.5, 0.2, 0.01),
+                   (0.1, 0.25, 2.0, 1e4)]
+    assert len({p.run_dir for p in stage2}) == 5
+    assert stage2[1].id == "seed3/s2__w_b=0.1__rho=0.25__psi_scale=0.2__psi_nu=0.01"
+    assert sweep.grid_columns(spec) == ["s2.loss.w_b", "s2.loss.rho", "s2.loss.psi_scale", "s2.loss.psi_nu"]
+    for p in stage2:  # every point names every grid field, so the table has no holes
+        assert [c for c, _ in p.values] == sweep.grid_columns(spec)
+    bad = sweep.parse_spec(tomllib.loads(UNION_SPEC.replace("0.25, 0.5", "0.25, 1.5")), "union.toml", out=tmp_path)
+    with pytest.raises(sweep.SpecError, match=r"loss.rho = 1.5.*\(0, 1\)"):
+        sweep.expand(bad)
+    with pytest.raises(sweep.SpecError, match=r"grid\[1\] loss.rho.*a number"):
+        sweep.parse_spec(tomllib.loads(UNION_SPEC.replace("0.25, 0.5", '0.25, "x"')), "union.toml", out=tmp_path)
+    with pytest.raises(sweep.SpecError, match="or a list of such tables"):
+        sweep.parse_spec(tomllib.loads('preset = "ci"\n[stage2]\ngrid = []'), "empty.toml", out=tmp_path)
+
+
 def test_ci_spec_file_expands_to_ten_points(tmp_path):
     spec = sweep.load_spec(CI_SPEC, out=tmp_path)
     points = sweep.expand(spec)

@@ -30,7 +30,7 @@ from .config import DataConfig
 from .data import cifar10, digits, toy2d
 from .model import device_of
 from .precond import T_MAX
-from .samplers import one_and_two_step
+from .samplers import generate, one_and_two_step
 from .viz import to_uint8
 
 DIGITS_EXTRACTOR = "tcmlab-digits-cnn"
@@ -358,14 +358,23 @@ def dfid_card(es: EvalSet, t: float, n: int, weights: str, seed: int, step: int)
     return EvalCard("dfid", n, es.extractor, es.sha256, es.reference_name, (float(t),), weights, seed, step)
 
 
-def dfid_callback(es: EvalSet, ts=DFID_TS, n: int | None = None, seed: int = 0, device=None):
+def dfid_callback(es: EvalSet, ts=DFID_TS, n: int | None = None, seed: int = 0, device=None,
+                  one_step: tuple[tuple[int, ...], float, float | None] | None = None):
     """An `eval_fn` for `train(...)`: logs {'dfid': {t: score}, 'n', 'floor'} to metrics.jsonl every `eval_every`
-    steps; 'floor' is the real-vs-real FD at the same n (digits; None for CIFAR-10's train-vs-train protocol)."""
+    steps; 'floor' is the real-vs-real FD at the same n (digits; None for CIFAR-10's train-vs-train protocol).
+    one_step = (sample shape, T, t′ or None): also log 'fid_1step', the FID of n one-step samples from noise seeded
+    `seed` (the generation side of the trade-off, TCM Fig. 2 and 3)."""
     def eval_fn(step, ema):
         g = torch.Generator().manual_seed(seed)
         scores = dfid(ema, es, ts, n, g, device=device, progress=False)
-        return {"dfid": {str(t): v for t, v in scores.items()}, "n": floor_n(es, n), "floor": _floor_or_none(es, n),
-                "extractor": es.extractor, "reference": es.reference_name}
+        row = {"dfid": {str(t): v for t, v in scores.items()}, "n": floor_n(es, n), "floor": _floor_or_none(es, n),
+               "extractor": es.extractor, "reference": es.reference_name}
+        if one_step is not None:
+            shape, t_max, t_prime = one_step
+            x = generate(ema, floor_n(es, n), shape, (t_max,), device=device,
+                         generator=torch.Generator().manual_seed(seed), t_prime=t_prime)
+            row["fid_1step"] = fid_kid(es.to_scored(x), es, kid=False)["fid"]
+        return row
     return eval_fn
 
 

@@ -31,8 +31,9 @@ kind (stage0/stage1/stage2/control), stage, seed, one column per grid field ('s2
 steps of the checkpoint), metric (fid_1step, fid_2step, kid_1step, kid_2step, dfid), t (dFID's noise level), value,
 kid_std (KID's spread over subsets), n, floor (real-vs-real FD at floor_n; None for KID and for CIFAR-10), floor_n,
 card (the eval card, JSON); `<out>/summary.csv` (`summarize`: mean, std, count over seeds per grid point and metric)
-and `<out>/summary.md` (its sample-quality rows as a markdown table); `<out>/figures/` (FID and dFID_t, mean ± std
-over seeds); `<out>/failures.txt` (the tracebacks of this call's failed tasks, if any).
+and `<out>/summary.md` (its sample-quality rows as a markdown table); with `[eval] every`, `<out>/curves.csv` (dFID_t
+and 1-step FID during training, `curves_table`); `<out>/figures/` (FID and dFID_t, mean ± std over seeds, and one
+figure over training per point); `<out>/failures.txt` (the tracebacks of this call's failed tasks, if any).
 
 Resuming: a point whose checkpoint is at its target step and whose JSON matches its config and the eval settings
 is skipped; a partial run resumes from its checkpoint (`train` does that); a trained run without a current JSON is
@@ -335,12 +336,30 @@ def _start_control(point: Point) -> None:
             os.replace(tmp, dst / name)
 
 
-def _train_point(point: Point, device: str | None) -> dict:
+def _training_eval(point: Point, ev: EvalSpec, device: str | None):
+    """The eval_fn of a stage-1/2 or control run when `[eval] every` is set: dFID_t at the final evaluation's t (and
+    t′) plus 1-step FID, from EMA weights, at the spec's n and seed."""
+    import torch
+
+    from . import metrics
+    if not ev.every or point.stage == 0:
+        return None
+    cfg = point.cfg
+    es = _eval_set(cfg, ev, torch.device(device or "cpu").type == "cuda")
+    t_prime = cfg.loss.t_prime if cfg.stage == 2 else None
+    ts = sorted(set(metrics.dfid_ts(cfg.t_max)) | ({t_prime} if t_prime else set()))
+    shape = tuple(es.to_model(es.query[:1]).shape[1:])
+    return metrics.dfid_callback(es, ts, n=ev.n, seed=ev.seed, device=device, one_step=(shape, cfg.t_max, t_prime))
+
+
+def _train_point(point: Point, ev: EvalSpec, device: str | None) -> dict:
     from .train import train
 
     if point.kind == "control":
         _start_control(point)
-    r = train(point.cfg, point.run_dir, device=device, progress=False)
+    eval_fn = _training_eval(point, ev, device)
+    r = train(point.cfg, point.run_dir, device=device, progress=False, eval_fn=eval_fn,
+              eval_every=ev.every if eval_fn else 0)
     return {"step": r.step}
 
 
@@ -365,7 +384,7 @@ def _evaluate_point(point: Point, ev: EvalSpec, device: str | None) -> dict:
 def do_task(task: Task, ev: EvalSpec, device: str | None = None) -> dict:
     """Train or evaluate one point in this process."""
     if task.action == "train":
-        return _train_point(task.point, device)
+        return _train_point(task.point, ev, device)
     return _evaluate_point(task.point, ev, device)
 
 
@@ -573,6 +592,29 @@ def results_table(points: list[Point], columns: list[str], ev: EvalSpec) -> list
     return rows
 
 
+def curves_table(points: list[Point], columns: list[str]) -> list[dict]:
+    """One row per point × evaluation during training × metric (`[eval] every`): dFID_t at each t and 1-step FID,
+    read from the runs' metrics.jsonl (a step logged twice, e.g. across a resume, counts once: the last row).
+    A control run's rows begin with the stage-1 rows it continues."""
+    from .rundir import read_metrics
+
+    rows = []
+    for p in points:
+        if not p.evaluate or p.stage == 0:
+            continue
+        by_step = {r["step"]: r for r in read_metrics(Path(p.run_dir) / "metrics.jsonl") if r.get("kind") == "eval"}
+        base = {"point": p.id, "kind": p.kind, "stage": p.stage, "seed": p.seed, **{c: v for c, v in p.values}}
+        for step, r in sorted(by_step.items()):
+            common = {"step": step, "n": r.get("n"), "floor": r.get("floor")}
+            metrics = [("dfid", float(t), v) for t, v in r.get("dfid", {}).items()]
+            if "fid_1step" in r:
+                metrics.append(("fid_1step", None, r["fid_1step"]))
+            rows += [{c: {**base, **common, "metric": m, "t": t, "value": v}.get(c)
+                      for c in (*COLUMNS_HEAD, *columns, "step", "metric", "t", "value", "n", "floor")}
+                     for m, t, v in metrics]
+    return rows
+
+
 def report(spec: SweepSpec, points: list[Point], log: Callable[[str], None], png: bool = True
            ) -> tuple[list[dict], list[dict]]:
     """Rebuild results.csv, summary.csv and the figures from the points' JSONs; return (table, summary)."""
@@ -590,9 +632,13 @@ def report(spec: SweepSpec, points: list[Point], log: Callable[[str], None], png
     write_csv(out / "summary.csv", summary)
     from .checkpoint import atomic_write_text
     atomic_write_text(out / "summary.md", summary_markdown(summary) + "\n")
-    paths, note = figures(summary, out / "figures", png)
+    curves = curves_table(points, grid_columns(spec))
+    if curves:
+        write_csv(out / "curves.csv", curves)
+    paths, note = figures(summary, out / "figures", png, curves=summarize(curves))
     log(f"table: {out / 'results.csv'} ({len(table)} rows), summary: {out / 'summary.csv'} ({len(summary)} rows), "
-        f"figures: {out / 'figures'}")
+        + (f"curves over training: {out / 'curves.csv'} ({len(curves)} rows), " if curves else "")
+        + f"figures: {out / 'figures'}")
     if note:
         log(note)
     return table, summary

@@ -47,7 +47,9 @@ class StageSpec:
 @dataclass(frozen=True)
 class EvalSpec:
     """Evaluation of each finished point (`evaluate_run`). n: images per score (None = the whole query set);
-    kinds: which point kinds are evaluated."""
+    kinds: which point kinds are evaluated. every: steps between evaluations during training of the stage-1, stage-2
+    and control runs (dFID_t at the final evaluation's t and 1-step FID, logged to metrics.jsonl; the sweep's
+    curves.csv and figures over training, TCM Fig. 2 and 3); 0 = none."""
 
     n: int | None = None
     t_mid: float = 1.0
@@ -57,10 +59,11 @@ class EvalSpec:
     kinds: tuple[str, ...] = ("stage1", "stage2", "control")
     data_root: str | None = None
     inception_weights: str | None = None
+    every: int = 0
 
     def settings(self) -> dict:
         """What a stored evaluation depends on: a JSON written under other settings is computed again."""
-        return {k: v for k, v in dataclasses.asdict(self).items() if k != "kinds"}
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in ("kinds", "every")}
 
 
 @dataclass(frozen=True)
@@ -217,6 +220,9 @@ def _eval_spec(path: str, table: dict) -> EvalSpec:
         _typed(f"{where} seed", kw["seed"], int, "an integer")
     if "batch" in kw:
         _typed(f"{where} batch", kw["batch"], int, "an integer >= 1", lambda v: v >= 1)
+    if "every" in kw:
+        _typed(f"{where} every", kw["every"], int, "an integer >= 0 (steps; 0 = no evaluation during training)",
+               lambda v: v >= 0)
     if "dfid" in kw:
         _typed(f"{where} dfid", kw["dfid"], bool, "true or false")
     if "kinds" in kw:

@@ -89,12 +89,45 @@ def summary_figures(summary: list[dict]) -> dict[str, Any]:
     return {"fid": fid, "dfid": dfid}
 
 
-def figures(summary: list[dict], folder: Path, png: bool = True) -> tuple[list[Path], str | None]:
-    """`summary_figures` written as .json and .html always, as .png when asked and kaleido can render (else the
-    reason is returned)."""
+def curve_figures(curves: list[dict]) -> dict[str, Any]:
+    """One figure per sweep point from the summarized curves (`summarize(curves_table(...))`): dFID_t at each t and
+    1-step FID against training step, mean ± std over seeds, log y (TCM Fig. 2 for stage 1, Fig. 3 for stage 2).
+    Named 'training_<kind and grid values>'."""
+    import plotly.graph_objects as go
+
+    out = {}
+    for label, rows in itertools.groupby(sorted(curves, key=_label), _label):
+        rows = list(rows)
+        fig = go.Figure()
+        lines = sorted({(r["metric"], None if r["t"] in (None, "") else float(r["t"])) for r in rows},
+                       key=lambda m: (m[0] != "fid_1step", m[1] or 0))
+        for metric, t in lines:
+            pts = sorted((r for r in rows if r["metric"] == metric
+                          and (t is None or float(r["t"]) == t)), key=lambda r: int(r["step"]))
+            fig.add_scatter(x=[int(r["step"]) for r in pts], y=[float(r["mean"]) for r in pts], mode="lines+markers",
+                            name="1-step FID" if t is None else f"dFID at t={t:g}",
+                            line_dash="dash" if t is None else None,
+                            error_y=dict(array=[float(r["std"] or 0) for r in pts]))
+        floors = [float(r["floor"]) for r in rows if r.get("floor") not in (None, "")]
+        if floors:
+            steps = [int(r["step"]) for r in rows]
+            fig.add_scatter(x=[min(steps), max(steps)], y=[statistics.fmean(floors)] * 2, mode="lines",
+                            line_dash="dot", name="real-vs-real floor")
+        seeds = max(int(r["count"]) for r in rows)
+        fig.update_layout(title=f"during training: {label} (mean ± std over {seeds} seed(s))", yaxis_type="log",
+                          height=450, xaxis_title="training step (of this run; a control continues stage 1)",
+                          yaxis_title="FID (log scale)")
+        out["training_" + "".join(ch if ch.isalnum() or ch in "=._-" else "_" for ch in label)] = fig
+    return out
+
+
+def figures(summary: list[dict], folder: Path, png: bool = True, curves: list[dict] = ()
+            ) -> tuple[list[Path], str | None]:
+    """`summary_figures` (and `curve_figures` of summarized curves) written as .json and .html always, as .png when
+    asked and kaleido can render (else the reason is returned)."""
     folder.mkdir(parents=True, exist_ok=True)
     paths, png_note = [], None if png else "PNG figures not asked for"
-    for name, fig in summary_figures(summary).items():
+    for name, fig in {**summary_figures(summary), **(curve_figures(list(curves)) if curves else {})}.items():
         fig.write_json(folder / f"{name}.json")
         fig.write_html(folder / f"{name}.html", include_plotlyjs="directory")
         paths += [folder / f"{name}.json", folder / f"{name}.html"]

@@ -343,7 +343,10 @@ def _train(cfg, run_dir, rank, world, device, b_rank, b_gpu, created, steps, pro
                 bar.set_postfix(loss=f"{row['loss']:.4g}")
                 log(row)
             if eval_fn is not None and eval_every and (step % eval_every == 0 or step == end) and rank == 0:
-                log({"kind": "eval", "step": step, **eval_fn(step, ema)})
+                # the evaluation's random draws (torch-fidelity's DataLoader seeds itself from the global RNG) must
+                # not change the training that follows: the same run with or without eval_every trains the same
+                with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+                    log({"kind": "eval", "step": step, **eval_fn(step, ema)})
             signum = stop[0] if stop else 0
             if world > 1:  # every rank stops after the same step, or the checkpoint's collectives would hang
                 flag = torch.tensor([signum], device=device)

@@ -188,6 +188,20 @@ def test_cli_sweep_end_to_end(ci_sweep):
         fig = json.loads((out / "figures" / f"{name}.json").read_text())
         assert len(fig["data"]) == traces
         assert (out / "figures" / f"{name}.html").exists()
+    # during training ([eval] every = 10): dFID_t and 1-step FID at steps 10, 20 (the control continues to 40)
+    curves = _read_csv(out / "curves.csv")
+    steps_of = lambda point: sorted({int(r["step"]) for r in curves if r["point"] == point})
+    assert steps_of("seed0/s1") == [10, 20] and steps_of("seed1/s2__t_prime=0.5") == [10, 20]
+    assert steps_of("seed0/control") == [10, 20, 30, 40]
+    last = json.loads((out / "seed1" / "s2__t_prime=0.5.json").read_text())  # same EMA, noise and n at step 20
+    final = {r["card"]["metric"] + str(r["card"]["steps"]): r["fid"] for r in last["rows"]}
+    at20 = {r["metric"] + r["t"]: float(r["value"]) for r in curves if r["point"] == "seed1/s2__t_prime=0.5"
+            and r["step"] == "20"}
+    assert at20["fid_1step"] == pytest.approx(final["fid[80.0]"])
+    assert at20["dfid0.5"] == pytest.approx(final["dfid[0.5]"])
+    fig = json.loads((out / "figures" / "training_stage2_t_prime=0.5.json").read_text())
+    assert "mean ± std over 2 seed(s)" in fig["layout"]["title"]["text"]
+    assert [tr["name"] for tr in fig["data"]][:2] == ["1-step FID", "dFID at t=0.05"]
     # the stage-2 runs of a seed start from that seed's stage-1 run, trained once
     for seed in (0, 1):
         for t in ("0.5", "1.0"):

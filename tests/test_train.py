@@ -32,6 +32,18 @@ def test_resume_equals_uninterrupted(tmp_path, ci_runs, stage):
     assert [r["step"] for r in rows if r["kind"] == "train"] == sorted({r["step"] for r in rows})
 
 
+def test_evaluation_during_training_does_not_change_the_training(tmp_path, ci_runs):
+    """An eval_fn that draws from the global RNG (torch-fidelity's DataLoader does) leaves the run as without it."""
+    cfg = preset("ci", 2, init_from=str(ci_runs / "s1"))
+    train(cfg, tmp_path / "plain", progress=False)
+    draws = lambda step, ema: {"draw": float(torch.rand(()))}
+    train(cfg, tmp_path / "evaluated", progress=False, eval_fn=draws, eval_every=3)
+    a, b = load_state(tmp_path / "plain")[0], load_state(tmp_path / "evaluated")[0]
+    assert states_equal(a["model"], b["model"]) and states_equal(a["ema"], b["ema"])
+    rows = [json.loads(l) for l in (tmp_path / "evaluated" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if r["kind"] == "eval"] == [3, 6, 9, 12, 15, 18, 20]
+
+
 def test_stage2_theta0_is_stage1_ema_and_stays_frozen(tmp_path, ci_runs, monkeypatch):
     s1, _ = load_state(ci_runs / "s1")
     s2, cfg2 = load_state(ci_runs / "s2")

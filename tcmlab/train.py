@@ -345,8 +345,10 @@ def _train(cfg, run_dir, rank, world, device, b_rank, b_gpu, created, steps, pro
             if eval_fn is not None and eval_every and (step % eval_every == 0 or step == end) and rank == 0:
                 # the evaluation's random draws (torch-fidelity's DataLoader seeds itself from the global RNG) must
                 # not change the training that follows: the same run with or without eval_every trains the same
+                t_eval = time.perf_counter()
                 with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
                     log({"kind": "eval", "step": step, **eval_fn(step, ema)})
+                t_last += time.perf_counter() - t_eval  # sec_per_step times training steps, not the evaluation
             signum = stop[0] if stop else 0
             if world > 1:  # every rank stops after the same step, or the checkpoint's collectives would hang
                 flag = torch.tensor([signum], device=device)

@@ -280,9 +280,10 @@ def test_resume_after_interruption(ci_sweep, monkeypatch):
     after = _read_csv(out / "results.csv")
     assert len(after) == len(before)
     old = {(r["point"], r["metric"], r["t"]): r["value"] for r in before}
-    for row in after:  # the same checkpoint evaluated again gives the same numbers
+    for row in after:  # the same checkpoint evaluated again gives the same numbers (up to the float rounding of a
+        # different torch thread count: the sweep's workers run one thread, this inline call the machine's default)
         if row["point"] == lost.id:
-            assert row["value"] == old[(row["point"], row["metric"], row["t"])]
+            assert float(row["value"]) == pytest.approx(float(old[(row["point"], row["metric"], row["t"])]), rel=1e-6)
     # a second call finds everything done
     assert set(sweep.run_sweep(spec, sweep.Dispatch("inline"), png=False, log=lambda s: None).states.values()) \
         == {"done"}

@@ -44,6 +44,18 @@ def test_evaluation_during_training_does_not_change_the_training(tmp_path, ci_ru
     assert [r["step"] for r in rows if r["kind"] == "eval"] == [3, 6, 9, 12, 15, 18, 20]
 
 
+def test_sec_per_step_leaves_out_the_time_of_evaluations(tmp_path, ci_runs):
+    """metrics.jsonl's sec_per_step times the training steps only: a slow evaluation (here 0.5 s, at a step that is
+    not a logging step) does not land in the next row (the sweep's wall-clock comparison reads these rows)."""
+    import time
+    cfg = preset("ci", 1, init_from=str(ci_runs / "s0"))
+    train(cfg, tmp_path / "run", progress=False, eval_fn=lambda step, ema: time.sleep(0.5) or {}, eval_every=7)
+    rows = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    secs = [r["sec_per_step"] * cfg.train.log_every for r in rows if r["kind"] == "train"]
+    assert [r["step"] for r in rows if r["kind"] == "eval"] == [7, 14, 20]
+    assert max(secs) < 0.4, secs  # five ci steps take milliseconds; with the evaluation a row would hold >= 0.5 s
+
+
 def test_stage2_theta0_is_stage1_ema_and_stays_frozen(tmp_path, ci_runs, monkeypatch):
     s1, _ = load_state(ci_runs / "s1")
     s2, cfg2 = load_state(ci_runs / "s2")

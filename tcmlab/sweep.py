@@ -32,7 +32,8 @@ steps of the checkpoint), metric (fid_1step, fid_2step, kid_1step, kid_2step, df
 kid_std (KID's spread over subsets), n, floor (real-vs-real FD at floor_n; None for KID and for CIFAR-10), floor_n,
 card (the eval card, JSON); `<out>/summary.csv` (`summarize`: mean, std, count over seeds per grid point and metric)
 and `<out>/summary.md` (its sample-quality rows as a markdown table); with `[eval] every`, `<out>/curves.csv` (dFID_t
-and 1-step FID during training, `curves_table`); `<out>/figures/` (FID and dFID_t, mean ± std over seeds, and one
+and 1-step FID during training, `curves_table`); `<out>/timing.csv` (steps each run trained itself and their median
+seconds per step, `timing_table`); `<out>/figures/` (FID and dFID_t, mean ± std over seeds, and one
 figure over training per point); `<out>/failures.txt` (the tracebacks of this call's failed tasks, if any).
 
 Resuming: a point whose checkpoint is at its target step and whose JSON matches its config and the eval settings
@@ -53,6 +54,7 @@ import multiprocessing
 import os
 import shutil
 import signal
+import statistics
 import time
 import tomllib
 import traceback
@@ -615,6 +617,26 @@ def curves_table(points: list[Point], columns: list[str]) -> list[dict]:
     return rows
 
 
+def timing_table(points: list[Point], columns: list[str]) -> list[dict]:
+    """One row per trained point: the steps it trained itself (a control: those after the stage-1 run it continues)
+    and their median seconds per step, from metrics.jsonl's train rows (the median: a row after a resume also times
+    the start). For comparisons at equal wall-clock (stage 2 against the control)."""
+    from .rundir import read_metrics
+
+    by_id = {p.id: p for p in points}
+    rows = []
+    for p in points:
+        start = by_id[p.parent].cfg.train.steps if p.kind == "control" and p.parent in by_id else 0
+        train_rows = [r for r in read_metrics(Path(p.run_dir) / "metrics.jsonl")
+                      if r.get("kind") == "train" and r["step"] > start]
+        if not train_rows:
+            continue
+        rows.append({"point": p.id, "kind": p.kind, "stage": p.stage, "seed": p.seed, **{c: None for c in columns},
+                     **{c: v for c, v in p.values}, "steps_trained": max(r["step"] for r in train_rows) - start,
+                     "sec_per_step": statistics.median(r["sec_per_step"] for r in train_rows)})
+    return rows
+
+
 def report(spec: SweepSpec, points: list[Point], log: Callable[[str], None], png: bool = True
            ) -> tuple[list[dict], list[dict]]:
     """Rebuild results.csv, summary.csv and the figures from the points' JSONs; return (table, summary)."""
@@ -635,9 +657,13 @@ def report(spec: SweepSpec, points: list[Point], log: Callable[[str], None], png
     curves = curves_table(points, grid_columns(spec))
     if curves:
         write_csv(out / "curves.csv", curves)
+    timing = timing_table(points, grid_columns(spec))
+    if timing:
+        write_csv(out / "timing.csv", timing)
     paths, note = figures(summary, out / "figures", png, curves=summarize(curves))
     log(f"table: {out / 'results.csv'} ({len(table)} rows), summary: {out / 'summary.csv'} ({len(summary)} rows), "
         + (f"curves over training: {out / 'curves.csv'} ({len(curves)} rows), " if curves else "")
+        + (f"time per step: {out / 'timing.csv'}, " if timing else "")
         + f"figures: {out / 'figures'}")
     if note:
         log(note)

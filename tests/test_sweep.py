@@ -199,6 +199,12 @@ def test_cli_sweep_end_to_end(ci_sweep):
             and r["step"] == "20"}
     assert at20["fid_1step"] == pytest.approx(final["fid[80.0]"])
     assert at20["dfid0.5"] == pytest.approx(final["dfid[0.5]"])
+    # the steps each run trained itself (a control: the 20 after its stage-1 run) and their median time per step
+    timing = {r["point"]: r for r in _read_csv(out / "timing.csv")}
+    assert {k: int(r["steps_trained"]) for k, r in timing.items() if k.startswith("seed0/")} == {
+        "seed0/s0": 20, "seed0/s1": 20, "seed0/s2__t_prime=0.5": 20, "seed0/s2__t_prime=1.0": 20, "seed0/control": 20}
+    assert all(0 < float(r["sec_per_step"]) < 5 for r in timing.values())
+    assert timing["seed1/s2__t_prime=1.0"]["s2.loss.t_prime"] == "1.0"
     fig = json.loads((out / "figures" / "training_stage2_t_prime=0.5.json").read_text())
     assert "mean ± std over 2 seed(s)" in fig["layout"]["title"]["text"]
     assert [tr["name"] for tr in fig["data"]][:2] == ["1-step FID", "dFID at t=0.05"]

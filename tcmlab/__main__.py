@@ -142,6 +142,43 @@ def cmd_sweep(args) -> None:
                            f"Fix that and run the same command again: finished points are kept")
 
 
+def cmd_claims(args) -> None:
+    from . import claims
+    from .checkpoint import atomic_write_text
+
+    spec = load_spec(args.spec)
+    tb = claims.load(spec, args.out)
+    found = claims.claims(tb, claims.grid_values(spec), preset(spec.preset, 2).t_max)
+    command = args.command or f"python -m tcmlab claims {args.spec}"
+    images = []
+    if args.figures:
+        from .claims_plots import all_figures
+        from .display import png, png_unavailable
+
+        folder = Path(args.figures)
+        folder.mkdir(parents=True, exist_ok=True)
+        for name, fig in all_figures(tb, claims.grid_values(spec)).items():
+            fig.write_json(folder / f"{name}.json")
+            data = png(fig)
+            if data is None:
+                print(f"[claims] no PNG of {name}: {png_unavailable() or 'kaleido could not render'}")
+                continue
+            (folder / f"{name}.png").write_bytes(data)
+            images.append((name, os.path.relpath(folder / f"{name}.png", Path(args.md).parent if args.md else ".")))
+    text = claims.markdown(found, tb, spec, command, images)
+    if args.md:
+        atomic_write_text(Path(args.md), text)
+        print(f"[claims] report: {args.md}")
+    else:
+        print(text)
+    if args.readme:
+        readme = Path(args.readme)
+        block = claims.header(tb, spec, command) + (f" Tables per claim: [{args.md}]({args.md})." if args.md else "") \
+            + "\n\n" + claims.summary_table(found)
+        atomic_write_text(readme, claims.replace_block(readme.read_text(), block))
+        print(f"[claims] {readme}: claims block replaced")
+
+
 def _positive(min_value: int):
     def parse(text: str) -> int:
         try:
@@ -223,6 +260,15 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--no-png", action="store_true", help="figures as .json/.html only (no kaleido rendering)")
     w.add_argument("--dry-run", action="store_true", help="list the points and their status; run nothing")
     w.add_argument("--report-only", action="store_true", help="rebuild the table and figures only; run nothing")
+    c = sub.add_parser("claims", help="the paper's claims read off a finished sweep: tables and verdicts (markdown)",
+                       description="Read a sweep's results.csv, curves.csv and timing.csv and write each claim's "
+                                   "numbers and verdict (rules: tcmlab/claims.py).")
+    c.add_argument("spec", help="the sweep's spec (e.g. sweeps/digits_claims.toml)")
+    c.add_argument("--out", help="folder holding the sweep's CSV files (default: the spec's `out`)")
+    c.add_argument("--md", help="write the report to this file (default: print it)")
+    c.add_argument("--readme", help="also replace this README's claims block with the summary table")
+    c.add_argument("--command", help="the command the report names as the one that regenerates it")
+    c.add_argument("--figures", help="write the report's figures here (plotly JSON and PNG) and show them in it")
     return ap
 
 
@@ -233,7 +279,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         {"demo": cmd_demo, "train": cmd_train, "sample": cmd_sample, "evaluate": cmd_evaluate,
-         "sweep": cmd_sweep}[args.cmd](args)
+         "sweep": cmd_sweep, "claims": cmd_claims}[args.cmd](args)
     except Interrupted as e:
         print(f"[tcmlab] {e}", file=sys.stderr)
         return 128 + e.signum

@@ -1,0 +1,130 @@
+"""Figures of the claims report (`python -m tcmlab claims SPEC --figures DIR`): plotly figures of a sweep's tables
+(`tcmlab.claims.Tables`), mean ± std over seeds, titled axes, the real-vs-real floor where it applies."""
+
+from __future__ import annotations
+
+import statistics
+
+from .claims import Tables
+
+
+def _ms(values) -> tuple[float | None, float]:
+    values = list(values)
+    if not values:
+        return None, 0.0
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def _floor_line(fig, tb: Tables, x0, x1) -> None:
+    n, fl = tb.floor()
+    if fl is not None:
+        fig.add_scatter(x=[x0, x1], y=[fl, fl], mode="lines", line_dash="dot", line_color="gray",
+                        name=f"real-vs-real floor (n = {n})")
+
+
+def tprime(tb: Tables, values: list[float]):
+    """1- and 2-step FID against t′ (TCM Table 3), with stage 1 and the control as horizontal lines."""
+    import plotly.graph_objects as go
+
+    fig = go.Figure()
+    for metric, name in (("fid_1step", "stage 2, 1-step"), ("fid_2step", "stage 2, 2-step")):
+        pts = [(v, *_ms(tb.final(metric, "stage2", t_prime=v).values())) for v in values]
+        pts = [p for p in pts if p[1] is not None]
+        fig.add_scatter(x=[p[0] for p in pts], y=[p[1] for p in pts], error_y=dict(array=[p[2] for p in pts]),
+                        mode="lines+markers", name=name)
+    lo, hi = min(values), max(values)
+    for kind, dash in (("stage1", "dash"), ("control", "dashdot")):
+        m, _ = _ms(tb.final("fid_1step", kind).values())
+        if m is not None:
+            fig.add_scatter(x=[lo, hi], y=[m, m], mode="lines", line_dash=dash, name=f"{kind}, 1-step")
+    _floor_line(fig, tb, lo, hi)
+    fig.update_layout(title="FID against the dividing time t′ (TCM Table 3; mean ± std over seeds)", height=420,
+                      width=900,
+                      xaxis_title="dividing time t′ (log scale)", xaxis_type="log", yaxis_title="FID")
+    return fig
+
+
+def dfid_profile(tb: Tables, t_prime: float):
+    """dFID_t against t at the end of stage 1, of the control and of stage 2 (the trade-off of TCM Fig. 3)."""
+    import plotly.graph_objects as go
+
+    fig = go.Figure()
+    ts = tb.ts("stage1")
+    for kind, name in (("stage1", "stage 1"), ("control", "control (stage 1 continued)"),
+                       ("stage2", f"stage 2 (t′ = {t_prime:g})")):
+        pts = [(t, *_ms(tb.final("dfid", kind, t).values())) for t in ts]
+        pts = [p for p in pts if p[1] is not None]
+        fig.add_scatter(x=[p[0] for p in pts], y=[p[1] for p in pts], error_y=dict(array=[p[2] for p in pts]),
+                        mode="lines+markers", name=name)
+    _floor_line(fig, tb, min(ts), max(ts))
+    fig.add_vline(x=t_prime, line_dash="dash", line_color="gray")
+    fig.update_layout(title="dFID_t at the end of each run (mean ± std over seeds; dashed: t′)", height=420,
+                      width=900,
+                      xaxis_title="noise level t (log scale)", xaxis_type="log", yaxis_title="dFID_t (log scale)",
+                      yaxis_type="log")
+    return fig
+
+
+def over_training(tb: Tables, kind: str, title: str, start: str | None = None):
+    """dFID_t at each t and the 1-step FID against the training step of one point (mean over seeds; TCM Fig. 2 for
+    stage 1, Fig. 3 for stage 2). start: a kind whose final evaluation is drawn at step 0 (stage 2 starts from
+    stage 1's end)."""
+    import plotly.graph_objects as go
+
+    fig = go.Figure()
+    ts = sorted({float(r["t"]) for r in tb.where(tb.curves, kind) if r["metric"] == "dfid"})
+    steps = []
+    for metric, t in [("fid_1step", None)] + [("dfid", t) for t in ts]:
+        per_seed = tb.curve(metric, kind, t)
+        grid = sorted(set.intersection(*(set(c) for c in per_seed.values()))) if per_seed else []
+        ys = [statistics.fmean(c[s] for c in per_seed.values()) for s in grid]
+        if start is not None:
+            first = tb.final(metric, start, t)
+            if first:
+                grid, ys = [0] + grid, [statistics.fmean(first.values())] + ys
+        steps += grid
+        fig.add_scatter(x=grid, y=ys, mode="lines+markers", name="1-step FID" if t is None else f"dFID at t={t:g}",
+                        line_dash="dash" if t is None else None)
+    if steps:
+        _floor_line(fig, tb, min(steps), max(steps))
+    fig.update_layout(title=title, height=450, width=900, xaxis_title="training step of this stage",
+                      yaxis_title="FID (log scale)", yaxis_type="log")
+    return fig
+
+
+def ablations(tb: Tables, settings: list[tuple[str, dict]]):
+    """1-step FID (mean ± std) of stage 1, the control and each stage-2 setting (label, changed fields)."""
+    import plotly.graph_objects as go
+
+    bars = [("stage 1", _ms(tb.final("fid_1step", "stage1").values())),
+            ("control", _ms(tb.final("fid_1step", "control").values()))]
+    bars += [(label, _ms(tb.final("fid_1step", "stage2", **changed).values())) for label, changed in settings]
+    bars = [(label, m, s) for label, (m, s) in bars if m is not None]
+    fig = go.Figure(go.Scatter(x=[b[0] for b in bars], y=[b[1] for b in bars], mode="markers", marker_size=10,
+                               error_y=dict(array=[b[2] for b in bars]), name="1-step FID"))
+    _floor_line(fig, tb, bars[0][0], bars[-1][0])
+    fig.update_layout(title="1-step FID per run: stage 2 with one change from the defaults (mean ± std)",
+                      height=460, width=900, xaxis_title="run (stage 2: the field changed from the defaults)",
+                      yaxis_title="1-step FID")
+    return fig
+
+
+def all_figures(tb: Tables, values: dict[str, list]) -> dict:
+    """The report's figures by file name."""
+    ref = {c.rpartition(".")[2]: v for c, v in tb.default.items()}
+    t_prime = float(ref.get("t_prime", 1.0))
+    out = {"dfid_profile": dfid_profile(tb, t_prime),
+           "stage1_training": over_training(tb, "stage1", "During stage 1 (TCM Fig. 2; mean over seeds)"),
+           "stage2_training": over_training(tb, "stage2", f"During stage 2, t′ = {t_prime:g}, from the end of "
+                                            "stage 1 (TCM Fig. 3; mean over seeds)", start="stage1")}
+    if len(values.get("t_prime", [])) > 1:
+        out["tprime"] = tprime(tb, [float(v) for v in values["t_prime"]])
+    settings = [(f"{name} = {v}", {name: v}) for name in ("t_prime", "w_b", "rho", "teacher_dropout")
+                for v in values.get(name, []) if str(v) != str(ref.get(name))]
+    if "psi_scale" in values:
+        shapes = sorted({(float(r["s2.loss.psi_scale"]), float(r["s2.loss.psi_nu"])) for r in tb.results
+                         if r["kind"] == "stage2" and r.get("s2.loss.psi_scale") not in (None, "")})
+        settings += [(f"σ = {s:g}, ν = {nu:g}", {"psi_scale": s, "psi_nu": nu}) for s, nu in shapes
+                     if (s, nu) != (float(ref["psi_scale"]), float(ref["psi_nu"]))]
+    out["ablations"] = ablations(tb, [("defaults", {})] + settings)
+    return out

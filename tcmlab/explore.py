@@ -1,6 +1,7 @@
 """The denoising–generation trade-off over trained models: a t′ sweep (`tcmlab.sweep`) read back for notebook 03.
 
-`TPrimeSweep(folder)` reads a finished sweep's `results.csv` whose stage-2 points vary `loss.t_prime`; for a chosen
+`TPrimeSweep(folder)` reads a finished sweep's `results.csv` whose stage-2 points vary `loss.t_prime` (alone, or as
+one row of a one-at-a-time ablation such as sweeps/digits_claims.toml: `_tprime_slice`); for a chosen
 t′ it draws that model's dFID_t against stage 1 and the control (mean ± std over seeds, t′ marked), 1-step FID
 against t′ with the chosen point marked, and 1-step samples of that model beside stage 1's from the same noise.
 """
@@ -23,6 +24,26 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
+def _tprime_slice(rows: list[dict], path: Path) -> list[dict]:
+    """The stage-2 rows of the one setting of the other grid fields that the sweep trains at the most t′ values: the
+    whole stage 2 of a sweep over t′ alone, the t′ row of a one-at-a-time ablation (sweeps/digits_claims.toml).
+    Refused where several settings share that most (a product grid: they would be averaged as if they were seeds)."""
+    others = [c for c in rows[0] if c.startswith(("s0.", "s1.", "s2.")) and c != T_PRIME]
+    by_setting: dict[tuple, set] = {}
+    for r in rows:
+        if r["kind"] == "stage2":
+            by_setting.setdefault(tuple(r[c] for c in others), set()).add(r[T_PRIME])
+    most = max(map(len, by_setting.values()), default=0)
+    best = [k for k, v in by_setting.items() if len(v) == most]
+    if len(best) > 1 and most > 1:
+        varied = [c for i, c in enumerate(others) if len({k[i] for k in best}) > 1]
+        raise ValueError(f"{path} varies {', '.join(varied)} together with t′: this view needs one setting of the "
+                         f"other fields over several t′ (points differing in those would be averaged as if they "
+                         f"were seeds)")
+    keep = best[0] if best else ()
+    return [r for r in rows if r["kind"] == "stage2" and tuple(r[c] for c in others) == keep]
+
+
 class TPrimeSweep:
     """A t′ sweep's results, indexed by (kind, t′) for stage-2 points and by kind for stage 1 and the control."""
 
@@ -32,15 +53,11 @@ class TPrimeSweep:
         path = self.folder / "results.csv"
         if not path.exists():
             raise FileNotFoundError(f"{path} not found: run `python -m tcmlab sweep SPEC` with a grid over "
-                                    f"loss.t_prime first (e.g. sweeps/digits_tprime.toml), then pass its out folder")
-        self.rows = read_csv(path)
-        if not self.rows or T_PRIME not in self.rows[0]:
+                                    f"loss.t_prime first (e.g. sweeps/digits_claims.toml), then pass its out folder")
+        rows = read_csv(path)
+        if not rows or T_PRIME not in rows[0]:
             raise ValueError(f"{path} has no {T_PRIME} column: this sweep does not vary t′")
-        others = [c for c in self.rows[0] if c.startswith(("s0.", "s1.", "s2.")) and c != T_PRIME
-                  and len({r[c] for r in self.rows if r["kind"] == "stage2"}) > 1]
-        if others:
-            raise ValueError(f"{path} varies {', '.join(others)} besides t′: this view needs a sweep over t′ alone "
-                             f"(points differing in those would be averaged as if they were seeds)")
+        self.rows = [r for r in rows if r["kind"] != "stage2"] + _tprime_slice(rows, path)
         self.t_primes = sorted({float(r[T_PRIME]) for r in self.rows if r["kind"] == "stage2"})
         if not self.t_primes:
             raise ValueError(f"{path} holds no evaluated stage-2 points")

@@ -242,3 +242,19 @@ def test_tprime_sweep_reader_says_what_to_run(tmp_path):
     (tmp_path / "results.csv").write_text("point,kind,stage,seed,metric,value\nseed0/s1,stage1,1,0,fid_1step,3\n")
     with pytest.raises(ValueError, match="does not vary t′"):
         TPrimeSweep(tmp_path)
+
+
+def test_tprime_sweep_reader_takes_the_tprime_row_of_an_ablation(tmp_path):
+    """A one-at-a-time sweep (sweeps/digits_claims.toml): the t′ values at the default w_b are read, the w_b = 0.01
+    run (also at t′ = 1) is not averaged in; a product grid over t′ × w_b is refused."""
+    from tcmlab.explore import TPrimeSweep
+    head = "point,kind,stage,seed,s2.loss.t_prime,s2.loss.w_b,metric,t,value,floor\n"
+    rows = ["seed0/s1,stage1,1,0,,,fid_1step,,100,35", "seed0/a,stage2,2,0,0.5,0.1,fid_1step,,90,35",
+            "seed0/b,stage2,2,0,1.0,0.1,fid_1step,,80,35", "seed0/c,stage2,2,0,1.0,0.01,fid_1step,,400,35"]
+    (tmp_path / "results.csv").write_text(head + "\n".join(rows) + "\n")
+    sw = TPrimeSweep(tmp_path)
+    assert sw.t_primes == [0.5, 1.0] and sw.fid("stage2", 1.0) == (80.0, 0.0) and sw.fid("stage1") == (100.0, 0.0)
+    rows.append("seed0/d,stage2,2,0,0.5,0.01,fid_1step,,300,35")
+    (tmp_path / "results.csv").write_text(head + "\n".join(rows) + "\n")
+    with pytest.raises(ValueError, match="varies s2.loss.w_b together with t′"):
+        TPrimeSweep(tmp_path)

@@ -147,8 +147,7 @@ def cmd_claims(args) -> None:
     from .checkpoint import atomic_write_text
 
     spec = load_spec(args.spec)
-    tb = claims.load(spec, args.out)
-    found = claims.claims(tb, claims.grid_values(spec), preset(spec.preset, 2).t_max)
+    tb, found = claims.report(spec, args.out)
     command = args.command or f"python -m tcmlab claims {args.spec}"
     images = []
     if args.figures:

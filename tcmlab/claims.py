@@ -421,6 +421,14 @@ def markdown(found: list[Claim], tb: Tables, spec, command: str, images: list[tu
     return "\n".join(parts) + "\n"
 
 
+def report(spec, folder: str | Path | None = None) -> tuple[Tables, list[Claim]]:
+    """A finished sweep's tables (folder: default the spec's `out`) and every claim it has points for."""
+    from .config import preset
+
+    tb = load(spec, folder)
+    return tb, claims(tb, grid_values(spec), preset(spec.preset, 2).t_max)
+
+
 def replace_block(text: str, block: str) -> str:
     """`text` with the part between CLAIMS_BEGIN and CLAIMS_END replaced by `block`."""
     if CLAIMS_BEGIN not in text or CLAIMS_END not in text:

@@ -117,7 +117,7 @@ def find_stage1(stage1_run: str | None, out: str | Path) -> Path | None:
 
 
 # The sweep notebook 04 runs per preset when no spec is given (sweeps/ in the repository).
-SWEEP_DEFAULTS = {"ci": "ci.toml", "digits": "digits_control.toml"}
+SWEEP_DEFAULTS = {"ci": "ci.toml", "digits": "digits_claims.toml"}
 
 
 def sweep_spec(preset_name: str, spec) -> Path:

@@ -58,7 +58,7 @@ test-gpu: $(STAMP)
 bench: $(STAMP)
 	$(PY) -m tcmlab.bench
 
-# A sweep spec from sweeps/ (resumable: run it again to continue), e.g. make sweep SWEEP=digits_control
+# A sweep spec from sweeps/ (resumable: run it again to continue), e.g. make sweep SWEEP=digits_claims
 SWEEP ?= ci
 sweep: $(STAMP)
 	$(PY) -m tcmlab sweep sweeps/$(SWEEP).toml

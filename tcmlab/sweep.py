@@ -511,9 +511,9 @@ def _one_line(e: BaseException) -> str:
 
 def schedule(tasks: list[Task], runner: _Submitter, limit: int, log: Callable[[str], None],
              details: dict[str, str] | None = None) -> dict[str, str]:
-    """Run tasks as their dependencies finish, at most `limit` at a time, training before evaluation; return the
-    failed (or skipped because a dependency failed) task keys with a one-line reason; `details` receives the full
-    text (traceback) of each failure. On KeyboardInterrupt (Ctrl-C, or SIGTERM through the CLI) the running tasks
+    """Run tasks as their dependencies finish, at most `limit` at a time, training before evaluation and the trainings
+    that most tasks wait on first (`waiting_on`); return the failed (or skipped because a dependency failed) task keys
+    with a one-line reason; `details` receives the full text (traceback) of each failure. On KeyboardInterrupt (Ctrl-C, or SIGTERM through the CLI) the running tasks
     are asked to stop and the interrupt is raised again."""
     running: dict = {}
     try:
@@ -524,8 +524,29 @@ def schedule(tasks: list[Task], runner: _Submitter, limit: int, log: Callable[[s
         raise
 
 
+def waiting_on(tasks: list[Task]) -> dict[str, int]:
+    """Per task key, how many tasks wait on it, directly or through others. Ready trainings start in that order
+    (most first, then spec order): a seed's stage 0 → 1 chain, which the rest of its seed waits on, is not left to
+    the end behind the other seeds' stage-2 runs."""
+    children: dict[str, list[str]] = {}
+    for t in tasks:
+        for d in t.deps:
+            children.setdefault(d, []).append(t.key)
+    below: dict[str, set] = {}
+
+    def descendants(key: str) -> set:
+        if key not in below:
+            below[key] = set()
+            for c in children.get(key, ()):
+                below[key] |= {c} | descendants(c)
+        return below[key]
+
+    return {t.key: len(descendants(t.key)) for t in tasks}
+
+
 def _schedule(tasks, runner, limit, log, details, running) -> dict[str, str]:
     pending = {t.key: t for t in tasks}
+    waiting = waiting_on(tasks)
     done, failed = set(), {}
     while pending or running:
         for key, t in list(pending.items()):
@@ -534,7 +555,7 @@ def _schedule(tasks, runner, limit, log, details, running) -> dict[str, str]:
                 failed[key] = f"not run: {bad} failed"
                 del pending[key]
         ready = sorted((t for t in pending.values() if all(d in done for d in t.deps)),
-                       key=lambda t: t.action != "train")
+                       key=lambda t: (t.action != "train", -waiting[t.key]))
         for t in ready[: max(0, limit - len(running))]:
             running[t.key] = (runner.submit(t), time.perf_counter())
             del pending[t.key]

@@ -12,7 +12,7 @@ from tcmlab.__main__ import main
 from tcmlab.claims import DOES_NOT, INCONCLUSIVE, NOT_RUN, REPRODUCES, Tables
 
 ROOT = Path(__file__).resolve().parents[1]
-DEFAULT = {"s2.loss.t_prime": 1.0, "s2.loss.w_b": 0.1}
+DEFAULT = {"s2.loss.t_prime": 1.0, "s2.loss.w_b": 0.1, "s2.loss.teacher_dropout": True}
 STAGE = {"stage1": 1, "control": 1, "stage2": 2}
 
 
@@ -48,6 +48,20 @@ def test_verdict_rules():
     assert claims.combine([REPRODUCES, INCONCLUSIVE]) == INCONCLUSIVE
     assert claims.combine([INCONCLUSIVE, DOES_NOT]) == DOES_NOT
     assert claims.combine([REPRODUCES, NOT_RUN]) == NOT_RUN
+    assert claims.combine([NOT_RUN, DOES_NOT]) == DOES_NOT  # a failed part is reported even when another is missing
+    # "explodes": the increase's whole interval above the reference FID (at least a doubling)
+    assert claims.explodes([210.0, 230.0, 220.0], 90.0) == REPRODUCES
+    assert claims.explodes([5.0, 7.0, 6.0], 90.0) == DOES_NOT
+    assert claims.explodes([50.0, 300.0, 20.0], 90.0) == INCONCLUSIVE
+
+
+def test_non_finite_values_make_no_verdict_and_no_crash():
+    """A diverged run's FID (nan or inf) gives an unbounded interval: inconclusive, shown as non-finite."""
+    assert claims.directional([math.nan, -5.0, -6.0], -1) == INCONCLUSIVE
+    assert claims.directional([math.inf, 5.0, 6.0], +1) == INCONCLUSIVE
+    assert claims.mean_std([math.inf, 3.0, 4.0]) == "non-finite in 1 of 3"
+    assert claims.diff_text([math.nan, 1.0]) == "non-finite (2 pairs)"
+    assert claims.log_change([{0: 5.0}], [{0: 0.0}])[0] != claims.log_change([{0: 5.0}], [{0: 0.0}])[0]  # nan
 
 
 def _fig1b(gap):
@@ -67,7 +81,14 @@ def test_stage2_vs_control_pairs_by_seed():
     assert claims.stage2_vs_control(_fig1b([-5, -6, -4])).verdict == DOES_NOT
     assert claims.stage2_vs_control(_fig1b([5, -6, 4])).verdict == INCONCLUSIVE
     c = claims.stage2_vs_control(_fig1b([5, 6, 4]))
-    assert c.rows[0][1:5] == ("170.0 ± 50.0", "150.0 ± 50.0", "145.0 ± 50.5", "-5.0 [-7.5, -2.5]")
+    assert c.rows[0][1:5] == ("170.0 ± 50.0", "150.0 ± 50.0", "145.0 ± 50.5", "-5.0 [-7.5, -2.5] (n=3)")
+
+
+def test_a_seed_missing_on_one_side_is_left_out_of_the_pairs():
+    tb = _fig1b([5, 6, 4])
+    tb.results = [r for r in tb.results if not (r["kind"] == "control" and r["seed"] == "2")]
+    c = claims.stage2_vs_control(tb)
+    assert c.rows[0][4].endswith("(n=2)") and c.rows[0][4].startswith("-5.5 ")
 
 
 def test_one_at_a_time_points_are_told_apart():
@@ -81,10 +102,12 @@ def test_one_at_a_time_points_are_told_apart():
     assert tb.final("fid_1step", "stage2") == {0: 90.0, 1: 91.0, 2: 92.0}
     assert tb.final("fid_1step", "stage2", w_b=0.01) == {0: 300.0, 1: 310.0, 2: 320.0}
     assert tb.final("fid_1step", "stage2", t_prime=1, w_b=1) == {0: 91.0, 1: 92.0, 2: 93.0}  # 1 is the cell "1.0"
+    assert tb.final("fid_1step", "stage2", teacher_dropout=False) == {}  # the cell "True" is not False
+    assert tb.final("fid_1step", "stage2", teacher_dropout=True) == {0: 90.0, 1: 91.0, 2: 92.0}
     stable, small = claims.boundary_strength(tb, [0.01, 0.1, 1.0], [], 0.1, None)
     assert small.verdict == REPRODUCES  # w_b = 0.01 much worse than 0.1
     assert stable.verdict == REPRODUCES  # w_b = 1 within ±15 % of the default
-    assert [r[0] for r in small.rows] == ["w_b = 0.01", "w_b = 0.1", "w_b = 1"]
+    assert [r[0] for r in small.rows] == ["w_b = 0.01 (outside the claimed range)", "w_b = 0.1", "w_b = 1"]
 
 
 def test_stage1_over_training_compares_the_second_half():
@@ -103,6 +126,43 @@ def test_stage1_over_training_compares_the_second_half():
     assert c.verdict == REPRODUCES and c.header[1:3] == ("step 1000", "step 2000")
     assert c.rows[0][1:3] == ("61.0 ± 1.0", "71.0 ± 1.0")
     assert claims.stage1_over_training(curves(-1), 80.0).verdict == DOES_NOT
+
+
+def _tradeoff(stage2_low, control_low):
+    """Final evaluations: dFID at t = 0.5 (below t′ = 1) and t = 5, 1-step FID; stage 2 and the control change them
+    by the factors given per seed (low level), −10 % / −5 % (t = 5), −8 % / −4 % (1-step)."""
+    rows = []
+    for s in range(3):
+        rows += [row("stage1", s, "dfid", 40 + s, t=0.5), row("stage1", s, "dfid", 100 + s, t=5.0),
+                 row("stage1", s, "fid_1step", 120 + 3 * s)]
+        for kind, low, high, one in (("stage2", stage2_low[s], 0.90 - 0.01 * s, 0.92 + 0.01 * s),
+                                     ("control", control_low[s], 0.95 - 0.01 * s, 0.96 + 0.01 * s)):
+            rows += [row(kind, s, "dfid", (40 + s) * low, t=0.5), row(kind, s, "dfid", (100 + s) * high, t=5.0),
+                     row(kind, s, "fid_1step", (120 + 3 * s) * one)]
+    return Tables(rows, [], [], DEFAULT)
+
+
+def test_stage2_tradeoff_rises_below_tprime_faster_than_the_control():
+    c = claims.stage2_tradeoff(_tradeoff([1.5, 1.6, 1.4], [1.1, 1.08, 1.12]), 1.0, 80.0)
+    assert c.verdict == REPRODUCES and [r[-1] for r in c.rows[-4:]] == [REPRODUCES] * 4
+    assert c.rows[-4][2].startswith("×1.50 [")
+    slower = claims.stage2_tradeoff(_tradeoff([1.1, 1.08, 1.12], [1.5, 1.6, 1.4]), 1.0, 80.0)
+    assert [r[-1] for r in slower.rows[-4:]] == [REPRODUCES, REPRODUCES, REPRODUCES, DOES_NOT]
+    assert slower.verdict == DOES_NOT
+
+
+def test_best_setting_judges_only_the_values_the_paper_tried():
+    """TCM Table 3 tried t′ ∈ {0.17, 0.8, 1, 1.5}: t′ = 0.5 beating t′ = 1 is shown but does not decide."""
+    rows = []
+    for s in range(3):
+        for tp, fid in ((0.5, 80), (0.8, 95), (1.0, 90), (1.5, 97), (0.17, 99)):
+            rows += [row("stage2", s, "fid_1step", fid + s * (1 + tp), t_prime=tp),
+                     row("stage2", s, "fid_2step", fid, t_prime=tp)]
+    tb = Tables(rows, [], [], DEFAULT)
+    values = [0.17, 0.5, 0.8, 1.0, 1.5]
+    c = claims.best_setting(tb, "t′", "Table 3", "t_prime", values, 1.0, claims.TABLE3_T_PRIMES)
+    assert c.verdict == REPRODUCES and "(not in the paper's table)" in c.rows[1][0]
+    assert claims.best_setting(tb, "t′", "Table 3", "t_prime", values, 1.0).verdict == DOES_NOT  # all values judged
 
 
 def test_claims_without_a_sweep_says_what_to_run(tmp_path, capsys):

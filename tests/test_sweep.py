@@ -355,3 +355,22 @@ def test_slurm_job_parameters(tmp_path, monkeypatch, capsys):
     script = ex._executor._make_submission_file_text("python -m x", "UID")
     for line in ("--partition=gpu", "--time=30", "--cpus-per-task=4", "--gpus-per-node=1", "--mem=16GB"):
         assert f"#SBATCH {line}\n" in script
+
+
+def test_ready_trainings_start_by_how_much_waits_on_them():
+    """With 2 workers, a third seed's stage 0 → 1 chain starts before the first seeds' stage-2 runs, not after
+    them (where it would run alone at the end with one worker idle)."""
+    from types import SimpleNamespace
+
+    tasks = []
+    for seed in "abc":
+        t0 = sweep.Task("train", SimpleNamespace(id=f"{seed}/s0"))
+        t1 = sweep.Task("train", SimpleNamespace(id=f"{seed}/s1"), (t0.key,))
+        tasks += [t0, t1] + [sweep.Task("train", SimpleNamespace(id=f"{seed}/x{k}"), (t1.key,)) for k in range(3)]
+    assert sweep.waiting_on(tasks)["train c/s0"] == 4 and sweep.waiting_on(tasks)["train a/x0"] == 0
+    order = []
+    runner = sweep._Submitter(lambda t: order.append(t.point.id) or SimpleNamespace(done=lambda: True,
+                                                                                      result=lambda: None))
+    assert sweep.schedule(tasks, runner, 2, log=lambda s: None) == {}
+    assert order[:4] == ["a/s0", "b/s0", "c/s0", "a/s1"]
+    assert order.index("c/s1") < order.index("a/x0")

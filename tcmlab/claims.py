@@ -113,25 +113,24 @@ def mean_std(values) -> str:
     return f"{statistics.fmean(values):.1f} ± {statistics.stdev(values):.1f}"
 
 
-def diff_text(diffs: list[float]) -> str:
-    """Mean paired difference [95% interval], and the number of pairs."""
+def _interval_text(diffs: list[float], show) -> str:
+    """Mean [95% interval] (n=pairs), each number written by `show`."""
     if not diffs:
         return "—"
     m, lo, hi = interval(diffs)
     if math.isnan(m):
         return f"non-finite ({len(diffs)} pairs)"
-    return (f"{m:+.1f} [{lo:+.1f}, {hi:+.1f}]" if math.isfinite(lo) else f"{m:+.1f}") + f" (n={len(diffs)})"
+    return show(m) + (f" [{show(lo)}, {show(hi)}]" if math.isfinite(lo) else "") + f" (n={len(diffs)})"
+
+
+def diff_text(diffs: list[float]) -> str:
+    """Mean paired difference and its interval: -5.0 [-7.5, -2.5] (n=3)."""
+    return _interval_text(diffs, lambda x: f"{x:+.1f}")
 
 
 def ratio_text(log_diffs: list[float]) -> str:
     """A mean log-ratio and its interval as ratios: ×1.25 [×1.10, ×1.42] (n=3)."""
-    if not log_diffs:
-        return "—"
-    m, lo, hi = interval(log_diffs)
-    if math.isnan(m):
-        return f"non-finite ({len(log_diffs)} pairs)"
-    body = f"×{math.exp(m):.2f}" + (f" [×{math.exp(lo):.2f}, ×{math.exp(hi):.2f}]" if math.isfinite(lo) else "")
-    return body + f" (n={len(log_diffs)})"
+    return _interval_text(log_diffs, lambda x: f"×{math.exp(x):.2f}")
 
 
 # ---------------------------------------------------------------------------------------------------------------------

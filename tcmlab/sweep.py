@@ -513,8 +513,8 @@ def schedule(tasks: list[Task], runner: _Submitter, limit: int, log: Callable[[s
              details: dict[str, str] | None = None) -> dict[str, str]:
     """Run tasks as their dependencies finish, at most `limit` at a time, training before evaluation and the trainings
     that most tasks wait on first (`waiting_on`); return the failed (or skipped because a dependency failed) task keys
-    with a one-line reason; `details` receives the full text (traceback) of each failure. On KeyboardInterrupt (Ctrl-C, or SIGTERM through the CLI) the running tasks
-    are asked to stop and the interrupt is raised again."""
+    with a one-line reason; `details` receives the full text (traceback) of each failure. On KeyboardInterrupt
+    (Ctrl-C, or SIGTERM through the CLI) the running tasks are asked to stop and the interrupt is raised again."""
     running: dict = {}
     try:
         return _schedule(tasks, runner, limit, log, details, running)

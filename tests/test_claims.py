@@ -183,3 +183,28 @@ def test_readme_and_report_regenerate_from_the_committed_tables(tmp_path, monkey
     committed = (ROOT / "docs" / "results" / "digits_claims.md").read_text()
     assert md.read_text() == committed.split("\n## Figures\n")[0].rstrip("\n") + "\n"
     assert readme.read_text().replace(str(md), "docs/results/digits_claims.md") == (ROOT / "README.md").read_text()
+
+
+def test_report_figures_have_titled_axes_and_the_sweep_points():
+    from tcmlab import claims_plots
+
+    rows, curves = [], []
+    for s in range(2):
+        for kind in ("stage1", "control"):
+            rows += [row(kind, s, "fid_1step", 100 + s), row(kind, s, "fid_2step", 90), row(kind, s, "dfid", 40, t=0.5)]
+        for tp in (0.5, 1.0, 1.5):
+            rows += [row("stage2", s, "fid_1step", 80 + tp + s, t_prime=tp),
+                     row("stage2", s, "fid_2step", 85, t_prime=tp), row("stage2", s, "dfid", 45, t=0.5, t_prime=tp)]
+        for step in (500, 1000):
+            curves += [row("stage1", s, "fid_1step", 200 - step / 10, step=step),
+                       row("stage1", s, "dfid", 40, t=0.5, step=step),
+                       row("stage2", s, "fid_1step", 90, step=step), row("stage2", s, "dfid", 44, t=0.5, step=step)]
+    tb = Tables(rows, curves, [], DEFAULT)
+    figs = claims_plots.all_figures(tb, {"t_prime": [0.5, 1.0, 1.5], "w_b": [0.1]})
+    assert set(figs) == {"dfid_profile", "stage1_training", "stage2_training", "tprime", "ablations"}
+    for name, fig in figs.items():
+        assert fig.layout.title.text and fig.layout.xaxis.title.text and fig.layout.yaxis.title.text, name
+    assert list(figs["tprime"].data[0].x) == [0.5, 1.0, 1.5] and list(figs["tprime"].data[0].y) == [81.0, 81.5, 82.0]
+    assert list(figs["stage2_training"].data[0].x) == [0, 500, 1000]  # step 0 = the end of stage 1
+    assert [b for b in figs["ablations"].data[0].x] == ["stage 1", "control", "defaults", "t_prime = 0.5",
+                                                        "t_prime = 1.5"]

@@ -290,10 +290,15 @@ def plan(points: list[Point], ev: EvalSpec) -> tuple[list[Task], dict[str, str]]
 def evaluate_run(m, es, *, n: int | None = None, seed: int = 0, t_mid: float = 1.0, batch: int = 1024,
                  dfid: bool = True, device=None, progress: bool = False) -> list[dict]:
     """Rows with eval cards for a `TrainedModel`: 1- and 2-step FID/KID (`metrics.sample_quality`), then dFID_t at
-    `metrics.dfid_ts(T)` and, for a stage-2 model, at t′; each row with the real-vs-real floor at its n."""
+    `metrics.dfid_ts(T)` and, for a stage-2 model, at t′; each row with the real-vs-real floor at its n. The 2-step
+    sampler's t_mid is raised to t′ for a stage-2 model with t′ > t_mid (it is trained on [t′, T] only); the card's
+    steps say which t_mid was used."""
     import torch
 
     from . import metrics
+
+    if m.t_prime is not None:
+        t_mid = max(t_mid, m.t_prime)
 
     d = {}
     if dfid:

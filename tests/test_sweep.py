@@ -374,3 +374,21 @@ def test_ready_trainings_start_by_how_much_waits_on_them():
     assert sweep.schedule(tasks, runner, 2, log=lambda s: None) == {}
     assert order[:4] == ["a/s0", "b/s0", "c/s0", "a/s1"]
     assert order.index("c/s1") < order.index("a/x0")
+
+
+def test_two_step_evaluation_of_a_large_tprime_goes_through_tprime(tmp_path, ci_runs):
+    """A stage-2 model with t′ = 2 > t_mid = 1 is only trained on [t′, T]: its 2-step FID samples 80 → t′, and the
+    card says so (the sweep's t′ = 1.5 and 4 points were refused before)."""
+    from tcmlab import metrics
+    from tcmlab.config import preset
+    from tcmlab.model import load_model
+    from tcmlab.train import train
+
+    cfg = preset("ci", 2, init_from=str(ci_runs / "s1"))
+    cfg = dataclasses.replace(cfg, loss=dataclasses.replace(cfg.loss, t_prime=2.0),
+                              train=dataclasses.replace(cfg.train, steps=2))
+    train(cfg, tmp_path / "s2", progress=False)
+    rows = sweep.evaluate_run(load_model(tmp_path / "s2"), metrics.digits_eval_set(), n=20, t_mid=1.0, dfid=False)
+    assert [list(r["card"]["steps"]) for r in rows] == [[80.0], [80.0, 2.0]]
+    rows = sweep.evaluate_run(load_model(ci_runs / "s2"), metrics.digits_eval_set(), n=20, t_mid=1.0, dfid=False)
+    assert [list(r["card"]["steps"]) for r in rows] == [[80.0], [80.0, 1.0]]  # t′ = 1 of the ci preset: unchanged

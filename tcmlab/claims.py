@@ -168,6 +168,14 @@ class Tables:
         return {int(r["seed"]): float(r["value"]) for r in self.where(self.results, kind, **changed)
                 if r["metric"] == metric and (t is None or _same(r["t"], t))}
 
+    def t_mid(self, kind: str, **changed) -> float | None:
+        """The intermediate time of a point's 2-step samples, from the eval card (None where the table has none)."""
+        import json
+
+        cards = [json.loads(r["card"]) for r in self.where(self.results, kind, **changed)
+                 if r["metric"] == "fid_2step" and r.get("card")]
+        return cards[0]["steps"][1] if cards else None
+
     def ts(self, kind: str = "stage1", **changed) -> list[float]:
         """The dFID noise levels of a point's final evaluation."""
         return sorted({float(r["t"]) for r in self.where(self.results, kind, **changed) if r["metric"] == "dfid"})
@@ -308,25 +316,33 @@ def _setting_rows(tb: Tables, name: str, values: list, ref, note=lambda v: "") -
     """One row per value of a stage-2 field: 1-/2-step FID (mean ± std) and the paired 1-step difference to `ref`;
     note(v) is appended to the row's label."""
     ref1 = tb.final("fid_1step", "stage2", **{name: ref})
+    ref_mid = tb.t_mid("stage2", **{name: ref})
     rows, diffs = [], {}
     for v in values:
         one, two = tb.final("fid_1step", "stage2", **{name: v}), tb.final("fid_2step", "stage2", **{name: v})
         diffs[v] = paired(one, ref1) if not _same(v, ref) else None
-        rows.append((_label(name, v) + note(v), mean_std(_values(one)), mean_std(_values(two)),
+        mid = tb.t_mid("stage2", **{name: v})
+        via = f" (via t = {mid:g})" if mid is not None and ref_mid is not None and mid != ref_mid else ""
+        rows.append((_label(name, v) + note(v), mean_std(_values(one)), mean_std(_values(two)) + via,
                      "(reference)" if diffs[v] is None else diff_text(diffs[v]), str(len(one))))
     return rows, diffs
 
 
-HEADER = ("setting", "1-step FID", "2-step FID", "1-step − reference [95% CI]", "seeds")
+HEADER = ("setting", "1-step FID", "2-step FID (T → t_mid; a model with t′ > t_mid: T → t′)",
+          "1-step − reference [95% CI]", "seeds")
 
 
 def _best(diffs: dict) -> tuple[str, str]:
     """Verdict and reading of "the reference is best" over {value: paired differences (alternative − reference)}."""
     parts = {v: directional(d, +1) for v, d in diffs.items()}
+    text = lambda v: f"{v:g}" if isinstance(v, float) else str(v)
     beat = [v for v, p in parts.items() if p == DOES_NOT]
-    reading = (f"{', '.join(f'{v:g}' if isinstance(v, float) else str(v) for v in beat)} "
-               f"beat{'s' if len(beat) == 1 else ''} the reference" if beat else
+    reading = (f"{', '.join(map(text, beat))} beat{'s' if len(beat) == 1 else ''} the reference" if beat else
                f"the reference is better than {list(parts.values()).count(REPRODUCES)} of {len(parts)} alternatives")
+    means = {v: statistics.fmean(d) for v, d in diffs.items() if d and all(math.isfinite(x) for x in d)}
+    lowest = min(means, key=means.get, default=None)
+    if lowest is not None and means[lowest] < 0:
+        reading += f"; lowest mean 1-step FID: {text(lowest)} ({means[lowest]:+.1f} against the reference)"
     return combine(list(parts.values())), reading
 
 
@@ -379,7 +395,10 @@ def teacher_dropout(tb: Tables, ref: bool) -> Claim:
     other_worse = directional(d, +1)
     verdict = {REPRODUCES: "on better" if ref else "off better", DOES_NOT: "off better" if ref else "on better"}.get(
         other_worse, "no difference resolved")
-    return Claim(DROPOUT, DROPOUT_NOTE, HEADER, tuple(rows), verdict, f"1-step FID: {verdict}.")
+    on, off = (rows[0][1], rows[1][1]) if ref else (rows[1][1], rows[0][1])
+    return Claim(DROPOUT, DROPOUT_NOTE, HEADER, tuple(rows), verdict,
+                 f"1-step FID on {on}, off {off} ({_label('teacher_dropout', not ref)} − reference {diff_text(d)}): "
+                 f"{verdict}.")
 
 
 # ---------------------------------------------------------------------------------------------------------------------

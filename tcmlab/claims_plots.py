@@ -27,7 +27,7 @@ def tprime(tb: Tables, values: list[float]):
     import plotly.graph_objects as go
 
     fig = go.Figure()
-    for metric, name in (("fid_1step", "stage 2, 1-step"), ("fid_2step", "stage 2, 2-step")):
+    for metric, name in (("fid_1step", "stage 2, 1-step"), ("fid_2step", "stage 2, 2-step (via max(t_mid, t′))")):
         pts = [(v, *_ms(tb.final(metric, "stage2", t_prime=v).values())) for v in values]
         pts = [p for p in pts if p[1] is not None]
         fig.add_scatter(x=[p[0] for p in pts], y=[p[1] for p in pts], error_y=dict(array=[p[2] for p in pts]),
@@ -39,8 +39,8 @@ def tprime(tb: Tables, values: list[float]):
             fig.add_scatter(x=[lo, hi], y=[m, m], mode="lines", line_dash=dash, name=f"{kind}, 1-step")
     _floor_line(fig, tb, lo, hi)
     fig.update_layout(title="FID against the dividing time t′ (TCM Table 3; mean ± std over seeds)", height=420,
-                      width=900,
-                      xaxis_title="dividing time t′ (log scale)", xaxis_type="log", yaxis_title="FID")
+                      width=900, xaxis=dict(title="dividing time t′ (log scale)", type="log", tickvals=values,
+                                            ticktext=[f"{v:g}" for v in values]), yaxis_title="FID")
     return fig
 
 

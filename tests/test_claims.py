@@ -1,6 +1,7 @@
 """The claims report: its statistics, the verdict rules on tables built here, and that the README's claims block is
 exactly what `python -m tcmlab claims` regenerates from the committed sweep tables."""
 
+import json
 import math
 import shutil
 from pathlib import Path
@@ -162,7 +163,14 @@ def test_best_setting_judges_only_the_values_the_paper_tried():
     values = [0.17, 0.5, 0.8, 1.0, 1.5]
     c = claims.best_setting(tb, "t′", "Table 3", "t_prime", values, 1.0, claims.TABLE3_T_PRIMES)
     assert c.verdict == REPRODUCES and "(not in the paper's table)" in c.rows[1][0]
-    assert claims.best_setting(tb, "t′", "Table 3", "t_prime", values, 1.0).verdict == DOES_NOT  # all values judged
+    every = claims.best_setting(tb, "t′", "Table 3", "t_prime", values, 1.0)  # all values judged
+    assert every.verdict == DOES_NOT and "lowest mean 1-step FID: 0.5 (-10.5 against the reference)" in every.reading
+    # a t′ above t_mid samples its 2-step FID through t′ (the eval card says so): the table says it too
+    for r in tb.results:
+        if r["metric"] == "fid_2step":
+            r["card"] = json.dumps({"steps": [80.0, max(1.0, float(r["s2.loss.t_prime"]))]})
+    c = claims.best_setting(tb, "t′", "Table 3", "t_prime", values, 1.0, claims.TABLE3_T_PRIMES)
+    assert [r[2] for r in c.rows][3:] == ["90.0 ± 0.0", "97.0 ± 0.0 (via t = 1.5)"]
 
 
 def test_claims_without_a_sweep_says_what_to_run(tmp_path, capsys):

@@ -122,7 +122,9 @@ def cmd_evaluate(args) -> None:
     print(f"[tcmlab] {args.run} step {m.step} ({m.which}), n = {n_q}, reference {es.reference_name}, extractor "
           f"{es.extractor}" + (f", real-vs-real floor at n = {n_q}: {fl:.2f}" if fl is not None else ""))
     for r in rows[:2]:
-        print(f"  FID {len(r['card']['steps'])}-step {r['fid']:.2f}   KID {r['kid_mean']:.4g} ± {r['kid_std']:.2g}")
+        via = " → ".join(f"{t:g}" for t in r["card"]["steps"])  # a stage-2 model with t′ > t_mid goes through t′
+        print(f"  FID {len(r['card']['steps'])}-step ({via}) {r['fid']:.2f}   KID {r['kid_mean']:.4g} ± "
+              f"{r['kid_std']:.2g}")
     print("  dFID_t: " + ", ".join(f"{t:g}: {v:.1f}" for t, v in d.items()))
     print(f"  appended to {path} in {time.perf_counter() - t0:.1f} s")
 
@@ -230,7 +232,8 @@ def build_parser() -> argparse.ArgumentParser:
         s = sub.add_parser(name, help=help_)
         s.add_argument("run", help="run directory or checkpoint file")
         s.add_argument("--seed", type=int, default=0)
-        s.add_argument("--t-mid", type=float, default=1.0)
+        s.add_argument("--t-mid", type=float, default=1.0, help="intermediate time of 2-step sampling (TCM App. E; "
+                       "evaluate raises it to t′ for a stage-2 model with t′ > t_mid)")
         s.add_argument("--device", default=_default_device(), help="default: CUDA when present")
         s.add_argument("--batch", type=_positive(1), default=1024, help="images per network call")
     s = sub.choices["sample"]

@@ -35,7 +35,10 @@ def _tprime_slice(rows: list[dict], path: Path) -> list[dict]:
             by_setting.setdefault(tuple(r[c] for c in others), set()).add(r[T_PRIME])
     most = max(map(len, by_setting.values()), default=0)
     best = [k for k, v in by_setting.items() if len(v) == most]
-    if len(best) > 1 and most > 1:
+    if len(best) > 1 and most == 1:
+        raise ValueError(f"{path} trains one t′ per setting of its other grid fields: there is no row over t′ to "
+                         f"show (a sweep over loss.t_prime, alone or as one table of a one-at-a-time grid, is)")
+    if len(best) > 1:
         varied = [c for i, c in enumerate(others) if len({k[i] for k in best}) > 1]
         raise ValueError(f"{path} varies {', '.join(varied)} together with t′: this view needs one setting of the "
                          f"other fields over several t′ (points differing in those would be averaged as if they "

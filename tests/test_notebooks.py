@@ -258,3 +258,6 @@ def test_tprime_sweep_reader_takes_the_tprime_row_of_an_ablation(tmp_path):
     (tmp_path / "results.csv").write_text(head + "\n".join(rows) + "\n")
     with pytest.raises(ValueError, match="varies s2.loss.w_b together with t′"):
         TPrimeSweep(tmp_path)
+    (tmp_path / "results.csv").write_text(head + "\n".join(rows[:2] + rows[3:4]) + "\n")  # w_b only, one t′ each
+    with pytest.raises(ValueError, match="one t′ per setting"):
+        TPrimeSweep(tmp_path)

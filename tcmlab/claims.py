@@ -427,20 +427,32 @@ def claims(tb: Tables, values: dict[str, list], ref: dict, t_max: float) -> list
     return out
 
 
+def psi_shapes(tb: Tables) -> list[dict[str, float]]:
+    """The ψ̄ shapes the sweep's stage-2 points were trained with, each {'psi_scale': σ, 'psi_nu': ν} (only the fields
+    the grid varies)."""
+    cols = [c for c in ("psi_scale", "psi_nu") if f"s2.loss.{c}" in tb.default]
+    shapes = sorted({tuple(float(r[f"s2.loss.{c}"]) for c in cols) for r in tb.results if r["kind"] == "stage2"})
+    return [dict(zip(cols, sh)) for sh in shapes] if cols else []
+
+
+def psi_label(shape: dict[str, float]) -> str:
+    return ", ".join(f"{'σ' if c == 'psi_scale' else 'ν'} = {v:g}" for c, v in shape.items())
+
+
 def _psi(tb: Tables, ref: dict) -> Claim:
     """TCM Fig. 4b: ψ̄ with (σ, ν) = (0.2, 0.01) beats (2, 10⁴) and (0.2, 2). A ψ̄ shape changes two fields at once,
     so each is looked up as a pair (a field the grid does not vary is left out of the lookup)."""
-    cols = [c for c in ("psi_scale", "psi_nu") if f"s2.loss.{c}" in tb.default]
-    shapes = sorted({tuple(float(r[f"s2.loss.{c}"]) for c in cols) for r in tb.results if r["kind"] == "stage2"})
-    base = tuple(float(ref[c]) for c in cols)
-    get = lambda m, sh: tb.final(m, "stage2", **dict(zip(cols, sh)))
-    label = lambda sh: ", ".join(f"{'σ' if c == 'psi_scale' else 'ν'} = {v:g}" for c, v in zip(cols, sh))
+    shapes = psi_shapes(tb)
+    base = {c: float(ref[c]) for c in shapes[0]} if shapes else {}
+    label = psi_label
+    ref1 = tb.final("fid_1step", "stage2", **base)
     rows, diffs = [], {}
     for sh in shapes:
+        one = tb.final("fid_1step", "stage2", **sh)
         if sh != base:
-            diffs[label(sh)] = paired(get("fid_1step", sh), get("fid_1step", base))
-        rows.append((label(sh), mean_std(_values(get("fid_1step", sh))), mean_std(_values(get("fid_2step", sh))),
-                     "(reference)" if sh == base else diff_text(diffs[label(sh)]), str(len(get("fid_1step", sh)))))
+            diffs[label(sh)] = paired(one, ref1)
+        rows.append((label(sh), mean_std(_values(one)), mean_std(_values(tb.final("fid_2step", "stage2", **sh))),
+                     "(reference)" if sh == base else diff_text(diffs[label(sh)]), str(len(one))))
     verdict, reading = _best(diffs)
     return Claim(f"ψ̄ with {label(base)} is the best shape", "TCM Fig. 4b: of the three ψ̄ shapes, σ = 0.2, ν = 0.01 "
                  "gives the best FID", HEADER, tuple(rows), verdict, reading + ".")
@@ -457,12 +469,17 @@ def grid_values(spec) -> dict[str, list]:
             for key in st.keys}
 
 
-def defaults(spec) -> dict[str, object]:
-    """Grid column 's2.<field>' → the value of the stage-2 config the grid varies around (preset plus `set`)."""
+def _stage2_config(spec):
+    """The stage-2 config the spec's grid varies around: the preset's, with the stage's `set`."""
     from .config import preset
     from .sweep import _apply
 
-    cfg = _apply(preset(spec.preset, 2), spec.stage(2).set)
+    return _apply(preset(spec.preset, 2), spec.stage(2).set)
+
+
+def defaults(spec) -> dict[str, object]:
+    """Grid column 's2.<field>' → its value in the stage-2 config the grid varies around."""
+    cfg = _stage2_config(spec)
     return {f"s2.{key}": getattr(getattr(cfg, key.partition(".")[0]), key.partition(".")[2])
             for key in spec.stage(2).keys}
 
@@ -506,13 +523,10 @@ def markdown(found: list[Claim], tb: Tables, spec, command: str, images: list[tu
 
 
 def reference(spec) -> dict[str, object]:
-    """The stage-2 loss config the spec's grid varies around (preset plus the stage's `set`), field → value."""
+    """The stage-2 loss config the spec's grid varies around, field → value."""
     import dataclasses
 
-    from .config import preset
-    from .sweep import _apply
-
-    return dataclasses.asdict(_apply(preset(spec.preset, 2), spec.stage(2).set).loss)
+    return dataclasses.asdict(_stage2_config(spec).loss)
 
 
 def report(spec, folder: str | Path | None = None) -> tuple[Tables, list[Claim]]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import statistics
 
-from .claims import Tables
+from .claims import Tables, psi_label, psi_shapes
 
 
 def _ms(values) -> tuple[float | None, float]:
@@ -121,10 +121,6 @@ def all_figures(tb: Tables, values: dict[str, list]) -> dict:
         out["tprime"] = tprime(tb, [float(v) for v in values["t_prime"]])
     settings = [(f"{name} = {v}", {name: v}) for name in ("t_prime", "w_b", "rho", "teacher_dropout")
                 for v in values.get(name, []) if str(v) != str(ref.get(name))]
-    if "psi_scale" in values:
-        shapes = sorted({(float(r["s2.loss.psi_scale"]), float(r["s2.loss.psi_nu"])) for r in tb.results
-                         if r["kind"] == "stage2" and r.get("s2.loss.psi_scale") not in (None, "")})
-        settings += [(f"σ = {s:g}, ν = {nu:g}", {"psi_scale": s, "psi_nu": nu}) for s, nu in shapes
-                     if (s, nu) != (float(ref["psi_scale"]), float(ref["psi_nu"]))]
+    settings += [(psi_label(sh), sh) for sh in psi_shapes(tb) if any(float(v) != float(ref[c]) for c, v in sh.items())]
     out["ablations"] = ablations(tb, [("defaults", {})] + settings)
     return out

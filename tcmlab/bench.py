@@ -120,14 +120,16 @@ def sync_fn(device):
 
 
 def time_steps(steps: dict, rounds: int, per_round: int, device, warmup: int = 2) -> dict:
-    """name -> list of per-round mean step times (s); variants interleaved round by round."""
+    """name -> list of per-round mean step times (s); variants interleaved round by round, in reversed order every
+    other round (so no variant always runs right after the same other one)."""
     sync = sync_fn(device)
     for fn, _ in steps.values():
         for _ in range(warmup):
             fn()
     times = {k: [] for k in steps}
-    for _ in range(rounds):
-        for name, (fn, _) in steps.items():
+    for i in range(rounds):
+        for name in list(steps)[::(-1) ** i]:
+            fn = steps[name][0]
             sync()
             t0 = time.perf_counter()
             for _ in range(per_round):
@@ -314,8 +316,9 @@ def parse_args(argv):
     ap.add_argument("--precision", choices=sorted(AUTOCAST), default="fp32")
     ap.add_argument("--compile", action="store_true", help="torch.compile f and θ0")
     ap.add_argument("--channels-last", action="store_true", help="weights and images in channels_last")
-    ap.add_argument("--rounds", type=int, default=7)
-    ap.add_argument("--per-round", type=int, default=5)
+    # one step per round, many rounds: on a shared VM the speed drifts within seconds (docs/performance.md)
+    ap.add_argument("--rounds", type=int, default=40)
+    ap.add_argument("--per-round", type=int, default=1)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--compare-recipes", action="store_true",
                     help="stage 1 only: official fp32 vs bf16 + channels_last + torch.compile (target >= 1.3x)")

@@ -64,14 +64,16 @@ def ect_loss(f, x: torch.Tensor, eps: torch.Tensor, t: torch.Tensor, ratio: floa
     """Stage 1 (ECT), TCM Eq. (4): ω(t)/Δt · d(f_θ(x + tε, t), f_θ⁻(x + rε, r)), r = t − Δt.
 
     One ε for both inputs; θ⁻ = stopgrad(θ) (the online weights); the target pass replays the RNG state of the
-    student pass, so both see the same dropout mask on whatever device runs them (docs/decisions.md §9).
+    student pass and takes the student's dropout masks (`SharedMasks`, not redrawn), so both see the same mask on
+    whatever device runs them (docs/decisions.md §9).
     `f_minus` is the same network unwrapped (e.g. the module inside DDP); it defaults to `f`.
     """
     f_minus = f if f_minus is None else f_minus
     r = ect_r(t, ratio)
-    state = get_rng_state(x.device)
-    D_yt = f(x + append_dims(t, x.ndim) * eps, t)
-    with torch.no_grad(), replay_rng(x.device, state):
+    state, masks = get_rng_state(x.device), SharedMasks()
+    with dropout_rows(None, x.shape[0], masks):
+        D_yt = f(x + append_dims(t, x.ndim) * eps, t)
+    with torch.no_grad(), replay_rng(x.device, state), dropout_rows(None, x.shape[0], masks):
         D_yr = f_minus(x + append_dims(r, x.ndim) * eps, r)
     per = pseudo_huber(D_yt, D_yr, c) * consistency_weight(t, r, weighting)
     return LossOut(_mean(per, n_total), per.detach(), t, r)
@@ -91,16 +93,16 @@ def teacher_routing(r: torch.Tensor, t_prime: float) -> tuple[torch.Tensor, torc
 
 
 def tcm_targets(f, f0, y_r: torch.Tensor, r: torch.Tensor, t_prime: float, rng_state, teacher_passes: str,
-                routing=None):
+                routing=None, masks: SharedMasks | None = None):
     """Targets of TCM Eq. (5)/(6): f_θ0(y_r, r) where r < t′, else f_θ⁻(y_r, r); no gradient flows.
 
     teacher_passes='routed' (ours): θ0 runs only on its rows and θ⁻ only on the rest, so the teacher work is B rows;
-    both passes share one draw of the full-batch dropout masks (`SharedMasks`), so the masks cost what stage 1's
-    single target pass costs. teacher_passes='full' (official TCM code): each network runs on the whole batch and
+    both passes take the full-batch dropout masks from `masks` (the student's, as in stage 1's target pass; without
+    it they share one draw). teacher_passes='full' (official TCM code): each network runs on the whole batch and
     `torch.where` keeps its rows. Both replay the student's RNG state, and `dropout_rows` gives every row the
     student's dropout mask, so the two strategies return the same targets; afterwards the RNG is where the student
     pass left it (docs/decisions.md §7, §9). A network with no rows is not run. `routing`: `teacher_routing(r,
-    t_prime)` if the caller has it already.
+    t_prime)` if the caller has it already. The full strategy redraws the masks, as the official code does.
     """
     if teacher_passes not in ("routed", "full"):
         raise ValueError(f"teacher_passes must be 'routed' or 'full', got {teacher_passes!r}")
@@ -109,7 +111,7 @@ def tcm_targets(f, f0, y_r: torch.Tensor, r: torch.Tensor, t_prime: float, rng_s
     with torch.no_grad():
         if teacher_passes == "routed":
             target = torch.empty_like(y_r, dtype=torch.float32)
-            masks = SharedMasks()
+            masks = SharedMasks() if masks is None else masks
             for net, rows in ((f0, rows0), (f, rows1)):
                 if rows.numel() == 0:
                     continue
@@ -148,11 +150,12 @@ def tcm_loss(f, f0, x: torch.Tensor, eps: torch.Tensor, t: torch.Tensor, is_boun
     """
     r = ect_r(t, ratio)
     routing = teacher_routing(r, t_prime)
-    state = get_rng_state(x.device)
-    D_yt = f(x + append_dims(t, x.ndim) * eps, t)
+    state, masks = get_rng_state(x.device), SharedMasks()
+    with dropout_rows(None, x.shape[0], masks):
+        D_yt = f(x + append_dims(t, x.ndim) * eps, t)
     f_minus = f if f_minus is None else f_minus
     D_yr, n_teacher = tcm_targets(f_minus, f0, x + append_dims(r, x.ndim) * eps, r, t_prime, state, teacher_passes,
-                                  routing)
+                                  routing, masks)
     per = pseudo_huber(D_yt, D_yr, c) * consistency_weight(t, r, weighting)
     loss = (w_b * _masked_mean(per, is_boundary, n_boundary_total)
             + _masked_mean(per, ~is_boundary, n_consistency_total))

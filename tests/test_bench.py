@@ -66,6 +66,13 @@ def test_step_samples_times_inside_the_timed_step(monkeypatch):
     assert len(times["stage2 routed"]) == 2 and calls == [4] * (1 + 2 * 3)
 
 
+def test_rounds_alternate_the_order_of_the_variants():
+    order = []
+    steps = {k: (lambda k=k: order.append(k), None) for k in "abc"}
+    times = bench.time_steps(steps, rounds=3, per_round=1, device=bench.torch.device("cpu"), warmup=0)
+    assert order == list("abccbaabc") and all(len(v) == 3 for v in times.values())
+
+
 def test_cpu_step_rise_counts_the_largest_live_allocation():
     import torch
 

@@ -165,3 +165,21 @@ def test_teacher_routing_partition():
     assert isinstance(n0, int) and n0 == 3
     assert rows0.tolist() == [0, 2, 4] and rows1.tolist() == [1, 3, 5]
     assert use_f0.tolist() == [True, False, True, False, True, False]
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_target_passes_take_the_student_masks_without_drawing(stage, monkeypatch):
+    # The student draws each full-batch mask once; the target pass(es) take them (docs/decisions.md §9), so a step
+    # draws as many masks as the student pass has RowDropout calls, in stage 1 and in routed stage 2 alike.
+    import tcmlab.nets.dropout as dropout
+    f, f0 = dropout_net(0), dropout_net(1).requires_grad_(False).train()
+    x, eps = batch()
+    draws = []
+    real_rand = torch.rand
+    monkeypatch.setattr(dropout.torch, "rand", lambda *a, **k: draws.append(a) or real_rand(*a, **k))
+    if stage == 1:
+        ect_loss(f, x, eps, torch.full((16,), 0.5), 0.999, 1e-8, "inv_dt")
+    else:
+        t = torch.tensor([1.0] * 4 + [1.001] * 4 + [3.0] * 8)
+        tcm_loss(f, f0, x, eps, t, torch.arange(16) < 4, 1.0, 0.999, 1e-8, "inv_dt", 0.1)
+    assert len(draws) == 2  # the 2 RowDropout calls of the student pass

@@ -8,9 +8,11 @@ TCM stage 2 runs the teachers on row subsets (θ0 on rows with r < t′, θ⁻ o
 would differ from the student's mask for those rows, so inside `dropout_rows(rows, batch)` every `RowDropout` draws
 the mask for the whole batch and keeps `rows`: each row sees exactly the mask it saw in the student pass.
 
-TCM's two teacher passes replay the same RNG state, so they would draw the same full-batch masks twice. Passing one
-`SharedMasks()` to both `dropout_rows` blocks draws them once: the first block that draws keeps each full-batch mask,
-later blocks take them in call order (the masks are the ones a redraw would give; only the drawing is saved).
+The teacher passes replay the student's RNG state, so they would draw the student's full-batch masks again. Passing
+one `SharedMasks()` to the student's block (`dropout_rows(None, batch, masks)`: full batch, nothing selected) and to
+the teachers' blocks draws them once: the first block that draws keeps each full-batch mask, later blocks take them in
+call order (the masks are the ones a redraw would give; only the drawing is saved, ~5 % of a CPU step of the digits
+MLP, where torch's CPU generator is slow).
 
 `replay_rng(device, state)` runs a teacher pass from the student's RNG state and then puts the generator back where
 the student pass left it, so the next micro-batch or step draws fresh masks whatever the teacher passes drew (or did
@@ -36,7 +38,7 @@ class SharedMasks:
 
 @dataclass
 class _Rows:
-    rows: torch.Tensor  # [n] long: the batch rows this pass runs on
+    rows: torch.Tensor | None  # [n] long: the batch rows this pass runs on; None: all `batch` rows
     batch: int  # full batch size the masks are drawn for
     shared: SharedMasks | None
     calls: int = 0  # RowDropout calls so far in this block
@@ -60,9 +62,10 @@ _ROWS: ContextVar[_Rows | None] = ContextVar("tcmlab_dropout_rows", default=None
 
 
 @contextmanager
-def dropout_rows(rows: torch.Tensor, batch: int, shared: SharedMasks | None = None):
+def dropout_rows(rows: torch.Tensor | None, batch: int, shared: SharedMasks | None = None):
     """Within this block, `RowDropout` draws masks for `batch` rows and applies the masks of `rows` (a long index
-    tensor) only; with `shared`, masks drawn by an earlier block with the same `shared` are reused, not redrawn."""
+    tensor; None: every row, in order) only; with `shared`, masks drawn by an earlier block with the same `shared` are
+    reused, not redrawn."""
     token = _ROWS.set(_Rows(rows, batch, shared))
     try:
         yield
@@ -86,7 +89,8 @@ class RowDropout(nn.Module):
         if sel is None:
             keep = torch.rand(x.shape, device=x.device) >= self.p
         else:
-            keep = sel.full_mask((sel.batch,) + tuple(x.shape[1:]), self.p, x.device).index_select(0, sel.rows)
+            keep = sel.full_mask((sel.batch,) + tuple(x.shape[1:]), self.p, x.device)
+            keep = keep if sel.rows is None else keep.index_select(0, sel.rows)
         return x * keep.to(x.dtype) / (1 - self.p)
 
     def extra_repr(self) -> str:

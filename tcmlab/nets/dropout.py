@@ -30,7 +30,9 @@ from torch import nn
 
 
 class SharedMasks:
-    """Full-batch keep-masks carried from one `dropout_rows` block to the next, in `RowDropout` call order."""
+    """Full-batch dropout masks carried from one `dropout_rows` block to the next, in `RowDropout` call order. A mask
+    is kept as the scale x is multiplied by (keep / (1 − p)): the student pass's autograd saves that same tensor for
+    its backward, so keeping it here costs no memory."""
 
     def __init__(self):
         self.masks: list[tuple[float, torch.Tensor]] = []
@@ -43,19 +45,26 @@ class _Rows:
     shared: SharedMasks | None
     calls: int = 0  # RowDropout calls so far in this block
 
-    def full_mask(self, shape: tuple[int, ...], p: float, device) -> torch.Tensor:
-        """The keep-mask of call number `calls` for the full batch: drawn (rand ≥ p), or taken from `shared`."""
+    def full_mask(self, shape: tuple[int, ...], p: float, x: torch.Tensor) -> torch.Tensor:
+        """The mask scale of call number `calls` for the full batch: drawn (`dropout_scale`), or taken from
+        `shared`, in x's dtype."""
         k, self.calls = self.calls, self.calls + 1
         if self.shared is not None and k < len(self.shared.masks):
-            p_k, keep = self.shared.masks[k]
-            if p_k != p or tuple(keep.shape) != shape:
+            p_k, scale = self.shared.masks[k]
+            if p_k != p or tuple(scale.shape) != shape:
                 raise RuntimeError(f"shared dropout masks: call {k} has p={p}, shape {shape}; the mask drawn for it "
-                                   f"has p={p_k}, shape {tuple(keep.shape)} (teacher nets must share one architecture)")
-            return keep
-        keep = torch.rand(shape, device=device) >= p
+                                   f"has p={p_k}, shape {tuple(scale.shape)} (teacher nets must share one "
+                                   "architecture)")
+            return scale.to(x.dtype)
+        scale = dropout_scale(shape, p, x)
         if self.shared is not None:
-            self.shared.masks.append((p, keep))
-        return keep
+            self.shared.masks.append((p, scale))
+        return scale
+
+
+def dropout_scale(shape: tuple[int, ...], p: float, x: torch.Tensor) -> torch.Tensor:
+    """Inverted dropout's factor: keep / (1 − p) with keep = (rand ≥ p), in x's dtype on x's device."""
+    return (torch.rand(shape, device=x.device) >= p).to(x.dtype) * (1 / (1 - p))
 
 
 _ROWS: ContextVar[_Rows | None] = ContextVar("tcmlab_dropout_rows", default=None)
@@ -87,11 +96,9 @@ class RowDropout(nn.Module):
             return x
         sel = _ROWS.get()
         if sel is None:
-            keep = torch.rand(x.shape, device=x.device) >= self.p
-        else:
-            keep = sel.full_mask((sel.batch,) + tuple(x.shape[1:]), self.p, x.device)
-            keep = keep if sel.rows is None else keep.index_select(0, sel.rows)
-        return x * keep.to(x.dtype) / (1 - self.p)
+            return x * dropout_scale(tuple(x.shape), self.p, x)
+        scale = sel.full_mask((sel.batch,) + tuple(x.shape[1:]), self.p, x)
+        return x * (scale if sel.rows is None else scale.index_select(0, sel.rows))
 
     def extra_repr(self) -> str:
         return f"p={self.p}"

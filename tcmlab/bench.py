@@ -9,9 +9,10 @@ official full-batch teacher passes, on the same network and batch, measured in o
 
 One timed step is what `train()` does per step and stage: draw t with the stage's `sample_times` (on the host, from
 a torch.Generator), move t to the device, loss, backward, optimiser step. Data indices and ε are drawn outside the
-step (the same work for every stage). Variants are interleaved round by round, so drift and the load of other
-processes hit all of them alike; the median over rounds is reported with ratios to the stage-1 step. Target
-(docs/decisions.md §7): routed stage 2 ≤ 1.05× stage 1 in time and in peak memory.
+step (the same work for every stage). Variants are interleaved round by round (by default one step per round, 40
+rounds, the order reversed every other round), so drift and the load of other processes hit all of them alike; the
+median over rounds is reported with ratios to the stage-1 step. Target (docs/decisions.md §7): routed stage 2 ≤ 1.05×
+stage 1 in time and in peak memory.
 
 Peak memory: on CUDA, `torch.cuda.max_memory_allocated` over one step (everything the caching allocator holds for
 tensors: weights, optimiser state, activations). On the CPU, torch keeps no allocator statistics, so it is the

@@ -176,7 +176,7 @@ def cmd_claims(args) -> None:
         readme = Path(args.readme)
         block = claims.header(tb, spec, command) + (f" Tables per claim: [{args.md}]({args.md})." if args.md else "") \
             + "\n\n" + claims.summary_table(found)
-        atomic_write_text(readme, claims.replace_block(readme.read_text(), block))
+        atomic_write_text(readme, claims.replace_block(readme.read_text(), block, spec.path))
         print(f"[claims] {readme}: claims block replaced")
 
 

@@ -178,19 +178,20 @@ def test_claims_without_a_sweep_says_what_to_run(tmp_path, capsys):
     assert "python -m tcmlab sweep" in capsys.readouterr().err
 
 
-def test_readme_and_report_regenerate_from_the_committed_tables(tmp_path, monkeypatch):
-    """Every number of the README's claims block and of docs/results/digits_claims.md comes from the committed sweep
-    tables through `python -m tcmlab claims` (what `make results` runs after the sweep)."""
+@pytest.mark.parametrize("sweep", ["digits_claims", "digits_long"])
+def test_readme_and_report_regenerate_from_the_committed_tables(sweep, tmp_path, monkeypatch):
+    """Every number of the README's claims blocks and of docs/results/<sweep>.md comes from the committed sweep
+    tables through `python -m tcmlab claims` (what `make results` runs after each sweep)."""
     monkeypatch.chdir(ROOT)  # the report names the spec by the path it was given
-    tables = ROOT / "docs" / "results" / "digits_claims"
+    tables = ROOT / "docs" / "results" / sweep
     readme = tmp_path / "README.md"
     shutil.copy(ROOT / "README.md", readme)
-    md = tmp_path / "digits_claims.md"
-    assert main(["claims", "sweeps/digits_claims.toml", "--out", str(tables), "--md", str(md), "--readme",
+    md = tmp_path / f"{sweep}.md"
+    assert main(["claims", f"sweeps/{sweep}.toml", "--out", str(tables), "--md", str(md), "--readme",
                  str(readme), "--command", "make results"]) == 0
-    committed = (ROOT / "docs" / "results" / "digits_claims.md").read_text()
+    committed = (ROOT / "docs" / "results" / f"{sweep}.md").read_text()
     assert md.read_text() == committed.split("\n## Figures\n")[0].rstrip("\n") + "\n"
-    assert readme.read_text().replace(str(md), "docs/results/digits_claims.md") == (ROOT / "README.md").read_text()
+    assert readme.read_text().replace(str(md), f"docs/results/{sweep}.md") == (ROOT / "README.md").read_text()
 
 
 def test_report_figures_have_titled_axes_and_the_sweep_points():
@@ -216,3 +217,13 @@ def test_report_figures_have_titled_axes_and_the_sweep_points():
     assert list(figs["stage2_training"].data[0].x) == [0, 500, 1000]  # step 0 = the end of stage 1
     assert [b for b in figs["ablations"].data[0].x] == ["stage 1", "control", "defaults", "t_prime = 0.5",
                                                         "t_prime = 1.5"]
+
+
+def test_each_spec_replaces_only_its_own_readme_block():
+    a0, a1 = claims.markers("sweeps/digits_claims.toml")
+    b0, b1 = claims.markers("sweeps/digits_long.toml")
+    text = f"intro\n{a0}\nold a\n{a1}\nmiddle\n{b0}\nold b\n{b1}\nend\n"
+    new = claims.replace_block(text, "new b", "sweeps/digits_long.toml")
+    assert new == f"intro\n{a0}\nold a\n{a1}\nmiddle\n{b0}\nnew b\n{b1}\nend\n"
+    with pytest.raises(ValueError, match="no claims block for sweeps/ci.toml"):
+        claims.replace_block(text, "x", "sweeps/ci.toml")

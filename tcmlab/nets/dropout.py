@@ -11,8 +11,8 @@ the mask for the whole batch and keeps `rows`: each row sees exactly the mask it
 The teacher passes replay the student's RNG state, so they would draw the student's full-batch masks again. Passing
 one `SharedMasks()` to the student's block (`dropout_rows(None, batch, masks)`: full batch, nothing selected) and to
 the teachers' blocks draws them once: the first block that draws keeps each full-batch mask, later blocks take them in
-call order (the masks are the ones a redraw would give; only the drawing is saved, ~5 % of a CPU step of the digits
-MLP, where torch's CPU generator is slow).
+call order (the masks are the ones a redraw would give; only the drawing is saved: ~8 % of a stage-1 step of the
+digits MLP on the CPU, where torch's generator is slow; docs/performance.md).
 
 `replay_rng(device, state)` runs a teacher pass from the student's RNG state and then puts the generator back where
 the student pass left it, so the next micro-batch or step draws fresh masks whatever the teacher passes drew (or did

@@ -105,3 +105,16 @@ def test_compare_recipes_reports_the_fast_recipe_over_fp32(tmp_path, monkeypatch
                                                   / v["stage1 bf16+channels_last+compile"]["ms_per_step"])
     assert rec["target"] == {"recipe_speedup": 1.3, "met": rec["recipe_speedup"] >= 1.3}
     assert len(compiled) == 2 and all(m.autocast_dtype == bench.torch.bfloat16 for m in compiled)
+
+
+def test_performance_doc_names_every_key_of_the_record(record):
+    import re
+    from pathlib import Path
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "performance.md").read_text()
+    section = doc.split("## The JSON record", 1)[1].split("\n## ", 1)[0]
+    named = set(re.findall(r"`([a-z_0-9]+)`", section))
+    _, rec = record
+    keys = set(rec) | {k for row in rec["variants"].values() for k in row} | set(rec["target"]) | \
+        set(rec["routed_over_full"]) | {"recipe_speedup", "met", "profile", "op", "ms_per_step", "share",
+                                        "calls_per_step"}
+    assert keys <= named, sorted(keys - named)

@@ -66,7 +66,7 @@ sweep: $(STAMP)
 # The README's claims tables (TCM's claims on digits, 3 seeds; resumable): per sweep, the sweep, then its tables copied to
 # docs/results/<sweep>/ and the report, figures and README block written from them (tests/test_claims.py checks that
 # the README and the reports regenerate from the committed tables). digits_claims: about 75 minutes on 2 free cores;
-# digits_long (stage 2 for 4,000 steps against the control): about 70 more.
+# digits_long (stage 2 for 4,000 steps against the control): about 85 more.
 CLAIM_SWEEPS := digits_claims digits_long
 results: $(STAMP) chromium
 	for s in $(CLAIM_SWEEPS); do \

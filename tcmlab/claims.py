@@ -442,18 +442,17 @@ def _psi(tb: Tables, ref: dict) -> Claim:
     so each is looked up as a pair (a field the grid does not vary is left out of the lookup)."""
     shapes = psi_shapes(tb)
     base = {c: float(ref[c]) for c in shapes[0]} if shapes else {}
-    label = psi_label
     ref1 = tb.final("fid_1step", "stage2", **base)
     rows, diffs = [], {}
     for sh in shapes:
         one = tb.final("fid_1step", "stage2", **sh)
         if sh != base:
-            diffs[label(sh)] = paired(one, ref1)
-        rows.append((label(sh), mean_std(_values(one)), mean_std(_values(tb.final("fid_2step", "stage2", **sh))),
-                     "(reference)" if sh == base else diff_text(diffs[label(sh)]), str(len(one))))
+            diffs[psi_label(sh)] = paired(one, ref1)
+        rows.append((psi_label(sh), mean_std(_values(one)), mean_std(_values(tb.final("fid_2step", "stage2", **sh))),
+                     "(reference)" if sh == base else diff_text(diffs[psi_label(sh)]), str(len(one))))
     verdict, reading = _best(diffs)
-    return Claim(f"ψ̄ with {label(base)} is the best shape", "TCM Fig. 4b: of the three ψ̄ shapes, σ = 0.2, ν = 0.01 "
-                 "gives the best FID", HEADER, tuple(rows), verdict, reading + ".")
+    return Claim(f"ψ̄ with {psi_label(base)} is the best shape", "TCM Fig. 4b: of the three ψ̄ shapes, σ = 0.2, "
+                 "ν = 0.01 gives the best FID", HEADER, tuple(rows), verdict, reading + ".")
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -113,6 +113,8 @@ def cmd_evaluate(args) -> None:
     es = metrics.eval_set(m.cfg.data, data_root=args.data_root, inception_weights=args.inception_weights)
     es.cuda = torch.device(args.device).type == "cuda"
     rows = evaluate_run(m, es, n=args.n, seed=args.seed, t_mid=args.t_mid, batch=args.batch, progress=True)
+    if m.cfg.stage == 0:  # a diffusion model: also its own sampler's quality (the teacher's)
+        rows.append(metrics.heun_quality(m, es, args.heun_steps, n=args.n, seed=args.seed, batch=args.batch))
     n_q = metrics.floor_n(es, args.n)
     d = {r["card"]["steps"][0]: r["fid"] for r in rows if r["card"]["metric"] == "dfid"}
     path = run_dir / "eval.jsonl"
@@ -125,6 +127,12 @@ def cmd_evaluate(args) -> None:
         via = " → ".join(f"{t:g}" for t in r["card"]["steps"])  # a stage-2 model with t′ > t_mid goes through t′
         print(f"  FID {len(r['card']['steps'])}-step ({via}) {r['fid']:.2f}   KID {r['kid_mean']:.4g} ± "
               f"{r['kid_std']:.2g}")
+    for r in rows:
+        if r["card"]["metric"] == "fid_heun":
+            k = len(r["card"]["steps"])
+            print(f"  FID Heun, EDM grid of {k} times ({2 * k - 1} calls of D) {r['fid']:.2f}   KID "
+                  f"{r['kid_mean']:.4g} ± {r['kid_std']:.2g}   (stage 0 is a diffusion model: this is its quality; "
+                  f"the 1- and 2-step lines above are the consistency sampler applied to it)")
     print("  dFID_t: " + ", ".join(f"{t:g}: {v:.1f}" for t, v in d.items()))
     print(f"  appended to {path} in {time.perf_counter() - t0:.1f} s")
 
@@ -241,6 +249,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--n", type=_positive(1), default=64)
     e = sub.choices["evaluate"]
     e.add_argument("--raw", action="store_true", help="score the raw weights instead of the EMA")
+    e.add_argument("--heun-steps", type=_positive(2), default=18,
+                   help="stage-0 runs: also FID of EDM's Heun sampler on this many times (EDM: 18, 35 calls of D)")
     e.add_argument("--n", type=_positive(2), help="images to score (default: the query half / reference size)")
     e.add_argument("--data-root", help="CIFAR-10: folder holding cifar-10-batches-py (never taken from the checkpoint)")
     e.add_argument("--inception-weights", help="local Inception weights file (CIFAR-10; or $TCMLAB_INCEPTION_WEIGHTS)")

@@ -30,7 +30,7 @@ from .config import DataConfig
 from .data import cifar10, digits, toy2d
 from .model import device_of
 from .precond import T_MAX
-from .samplers import generate, one_and_two_step
+from .samplers import edm_times, generate, heun, one_and_two_step
 from .viz import to_uint8
 
 DIGITS_EXTRACTOR = "tcmlab-digits-cnn"
@@ -103,12 +103,12 @@ class U8Images(torch.utils.data.Dataset):
 class EvalCard:
     """What a score means: two scores are comparable only if their cards agree on everything but `step`."""
 
-    metric: str  # 'fid' | 'dfid'
+    metric: str  # 'fid' (consistency sampling) | 'fid_heun' (EDM's Heun sampler, stage 0) | 'dfid'
     n: int  # images scored
     extractor: str
     extractor_sha256: str
     reference: str  # e.g. 'digits-halfB(899)' or 'cifar10-train(50000)'
-    steps: tuple[float, ...] = ()  # sampler times (80,) or (80, t_mid); for dFID the noise level (t,)
+    steps: tuple[float, ...] = ()  # sampler times (80,) or (80, t_mid); Heun: EDM's grid; dFID: the noise level (t,)
     weights: str = "ema"  # 'ema' | 'raw'
     seed: int = 0
     step: int = -1  # training step of the checkpoint
@@ -394,3 +394,21 @@ def sample_quality(model, es: EvalSet, t_mid: float = 1.0, n: int | None = None,
         card = EvalCard("fid", n, es.extractor, es.sha256, es.reference_name, ts, model.which, seed, model.step)
         rows.append({"card": asdict(card), **scores, "floor": fl, "floor_n": floor_n(es, n)})
     return rows
+
+
+def heun_quality(model, es: EvalSet, num_steps: int = 18, n: int | None = None, seed: int = 0, device=None,
+                 batch: int = 1024) -> dict:
+    """FID/KID of a stage-0 (diffusion) `TrainedModel` sampled with EDM's Heun sampler on `edm_times(num_steps)`
+    (2·num_steps − 1 network calls): the teacher's own quality, which a consistency model distilled or tuned from it
+    is judged against. Same noise seed convention as `sample_quality`; the card's metric is 'fid_heun'."""
+    if model.cfg.stage != 0:
+        raise ValueError(f"the Heun sampler needs a diffusion (stage-0) model, got a stage-{model.cfg.stage} run: a "
+                         f"consistency model is sampled in 1 or 2 steps (`sample_quality`)")
+    n = n or len(es.query)
+    ts = edm_times(num_steps, t_max=model.t_max)
+    x = generate(model.f, n, model.shape, ts.tolist(), device=device, generator=torch.Generator().manual_seed(seed),
+                 batch=batch, sampler=heun)
+    card = EvalCard("fid_heun", n, es.extractor, es.sha256, es.reference_name, tuple(ts.tolist()), model.which, seed,
+                    model.step)
+    return {"card": asdict(card), **fid_kid(es.to_scored(x), es), "floor": _floor_or_none(es, n),
+            "floor_n": floor_n(es, n)}

@@ -1,8 +1,11 @@
-"""Few-step consistency sampling (TCM App. E; ECT/TCM `generator_fn`), in the k-diffusion calling convention.
+"""Few-step consistency sampling (TCM App. E; ECT/TCM `generator_fn`), in the k-diffusion calling convention, and
+EDM's deterministic Heun sampler for a stage-0 diffusion model (the teacher's own sample quality).
 
 `sample(f, x_T, ts, *, callback=None, generator=None, t_prime=None)`: x = f(x_T, ts[0]); then for each further t:
 x = f(x + t·ε, t). The time grid is float64 and the state between steps is kept in float64 (EDM). The re-noising adds
 t_mid·ε to the previous output, exactly as the official code does (no √(t² − t_min²) correction), docs/decisions.md §14.
+`heun(D, x_T, ts, ...)` (same signature): EDM Algorithm 1 with S_churn = 0 on the grid ts, then to t = 0; D is a
+denoiser (a stage-0 model: f of stage 0 is D of EDM), `edm_times(N)` is EDM's grid, Eq. (5).
 """
 
 from __future__ import annotations
@@ -46,10 +49,51 @@ def sample(f, x_T: torch.Tensor, ts: Sequence[float], *, callback: Callable[[dic
     return denoised.to(torch.float32)
 
 
+def edm_times(num_steps: int = 18, t_min: float = 0.002, t_max: float = T_MAX, rho: float = 7.0) -> torch.Tensor:
+    """EDM Eq. (5): t_i = (t_max^(1/ρ) + i/(N−1)·(t_min^(1/ρ) − t_max^(1/ρ)))^ρ, i = 0..N−1 (float64, decreasing).
+    EDM's defaults: N = 18 (35 network calls with Heun, CIFAR-10), t_min = 0.002, t_max = 80, ρ = 7."""
+    if num_steps < 2:
+        raise ValueError(f"EDM's time grid needs num_steps >= 2, got {num_steps}")
+    if not 0 < t_min < t_max:
+        raise ValueError(f"EDM's time grid needs 0 < t_min < t_max, got t_min={t_min}, t_max={t_max}")
+    i = torch.arange(num_steps, dtype=torch.float64)
+    return (t_max ** (1 / rho) + i / (num_steps - 1) * (t_min ** (1 / rho) - t_max ** (1 / rho))) ** rho
+
+
+@torch.no_grad()
+def heun(D, x_T: torch.Tensor, ts: Sequence[float], *, callback: Callable[[dict], None] | None = None,
+         generator: torch.Generator | None = None, t_prime: float | None = None) -> torch.Tensor:
+    """EDM Algorithm 1 (deterministic, S_churn = 0): the probability-flow ODE dx/dt = (x − D(x, t))/t from ts[0] to
+    t = 0, Heun steps between the grid's times and an Euler step into t = 0 (2N − 1 calls of D for N times).
+    `generator` is unused (no noise after x_T) and kept for the uniform signature; a truncated model (t_prime) is
+    not a denoiser and is refused."""
+    if t_prime is not None:
+        raise ValueError("heun integrates a diffusion model's ODE down to t = 0; a stage-2 (truncated) model is "
+                         "not a denoiser below t'. Sample it with `sample`.")
+    ts = torch.cat([check_times(ts), torch.zeros(1, dtype=torch.float64)]).tolist()
+    x = x_T.to(torch.float64)
+
+    def slope(x, t):
+        denoised = D(x.to(torch.float32), torch.full((x.shape[0],), t, device=x.device)).to(torch.float64)
+        return (x - denoised) / t, denoised
+
+    for i, (t, t_next) in enumerate(zip(ts[:-1], ts[1:])):
+        d, denoised = slope(x, t)
+        x_next = x + (t_next - t) * d
+        if t_next > 0:
+            d_next, _ = slope(x_next, t_next)
+            x_next = x + (t_next - t) * (d + d_next) / 2
+        if callback is not None:
+            callback({"i": i, "t": t, "x": x, "denoised": denoised})
+        x = x_next
+    return x.to(torch.float32)
+
+
 def generate(f, n: int, shape: Sequence[int], ts: Sequence[float] = (T_MAX,), *, device=None,
              generator: torch.Generator | None = None, t_prime: float | None = None,
-             callback: Callable[[dict], None] | None = None, batch: int = 1024) -> torch.Tensor:
-    """Draw n samples: x_T = ts[0]·z, then `sample`. ts=(T,) is one step, ts=(T, t_mid) two steps (App. E).
+             callback: Callable[[dict], None] | None = None, batch: int = 1024, sampler=sample) -> torch.Tensor:
+    """Draw n samples: x_T = ts[0]·z, then `sampler` (`sample`, or `heun` for a diffusion model). With `sample`,
+    ts=(T,) is one step and ts=(T, t_mid) two steps (App. E).
 
     Noise is drawn on the CPU from `generator` (the same samples on any device); the network runs on `device`,
     by default the device its weights live on. Returns CPU tensors."""
@@ -59,7 +103,7 @@ def generate(f, n: int, shape: Sequence[int], ts: Sequence[float] = (T_MAX,), *,
     for start in range(0, n, batch):
         m = min(batch, n - start)
         z = torch.randn((m, *shape), generator=generator, dtype=torch.float64)
-        out.append(sample(f, (ts[0] * z).to(device), ts, callback=callback, generator=generator, t_prime=t_prime))
+        out.append(sampler(f, (ts[0] * z).to(device), ts, callback=callback, generator=generator, t_prime=t_prime))
     return torch.cat(out).cpu()
 
 

@@ -21,3 +21,13 @@ def test_evaluate_writes_cards(ci_runs, capsys):
     kinds = [(r["card"]["metric"], tuple(r["card"]["steps"])) for r in rows]
     assert ("fid", (80.0,)) in kinds and ("fid", (80.0, 1.0)) in kinds and ("dfid", (1.0,)) in kinds
     assert "floor" in capsys.readouterr().out
+
+
+def test_evaluate_of_a_stage0_run_adds_the_heun_sampler(ci_runs, capsys):
+    import json
+    assert main(["evaluate", str(ci_runs / "s0"), "--n", "200", "--heun-steps", "5"]) == 0
+    rows = [json.loads(l) for l in (ci_runs / "s0" / "eval.jsonl").read_text().splitlines()]
+    heun = [r for r in rows if r["card"]["metric"] == "fid_heun"]
+    assert len(heun) == 1 and len(heun[0]["card"]["steps"]) == 5 and heun[0]["card"]["steps"][0] == 80.0
+    assert heun[0]["floor_n"] == 200 and heun[0]["fid"] > 0
+    assert "FID Heun, EDM grid of 5 times (9 calls of D)" in capsys.readouterr().out

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from tcmlab.samplers import generate, sample
+from tcmlab.samplers import edm_times, generate, heun, sample
 
 
 def test_one_and_two_step_follow_app_e():
@@ -32,6 +32,45 @@ def test_stage2_model_refuses_t_mid_below_t_prime():
 def test_bad_time_grids(ts):
     with pytest.raises(ValueError, match="sampling times"):
         sample(lambda x, t: x, torch.zeros(2, 2), ts)
+
+
+def test_edm_times_are_eq_5():
+    import numpy as np
+    ts = edm_times(18).numpy()
+    rho = 7.0
+    expected = np.linspace(80.0 ** (1 / rho), 0.002 ** (1 / rho), 18) ** rho  # EDM Eq. (5), written another way
+    np.testing.assert_allclose(ts, expected, rtol=1e-12)
+    assert ts[0] == pytest.approx(80.0) and ts[-1] == pytest.approx(0.002)
+    with pytest.raises(ValueError, match="num_steps >= 2"):
+        edm_times(1)
+
+
+def test_heun_solves_the_probability_flow_ode_of_a_gaussian():
+    """Data N(0, s²): the exact denoiser is D(x, t) = s²/(s² + t²)·x and the ODE dx/dt = (x − D)/t carries x_T to
+    x_0 = x_T·s/√(T² + s²) (x/√(t² + s²) is constant along it). Heun on EDM's grid converges there
+    at second order (4× the times, ~16× less error); an Euler-only loop converges at first order."""
+    s, T = 0.5, 80.0
+    calls = []
+
+    def D(x, t):
+        calls.append(float(t[0]))
+        return s**2 / (s**2 + t[:, None] ** 2) * x
+
+    x_T = T * torch.randn(100, 2, generator=torch.Generator().manual_seed(0))
+    exact = x_T * s / (T**2 + s**2) ** 0.5
+    err = {}
+    for n in (50, 200):
+        calls.clear()
+        out = heun(D, x_T, edm_times(n))
+        err[n] = float(((out - exact) / exact).abs().max())
+        assert len(calls) == 2 * n - 1 and calls[-1] == pytest.approx(0.002)
+    assert out.dtype == torch.float32
+    assert err[200] < 1e-3 and err[200] / err[50] < 0.1
+
+
+def test_heun_refuses_a_truncated_model():
+    with pytest.raises(ValueError, match="not a denoiser"):
+        heun(lambda x, t: x, torch.zeros(2, 2), [80.0, 1.0], t_prime=1.0)
 
 
 class DeviceRecorder(torch.nn.Module):

@@ -112,9 +112,8 @@ def cmd_evaluate(args) -> None:
     # A checkpoint's stored paths are data: shown, never followed; the CIFAR-10 folder comes from --data-root.
     es = metrics.eval_set(m.cfg.data, data_root=args.data_root, inception_weights=args.inception_weights)
     es.cuda = torch.device(args.device).type == "cuda"
-    rows = evaluate_run(m, es, n=args.n, seed=args.seed, t_mid=args.t_mid, batch=args.batch, progress=True)
-    if m.cfg.stage == 0:  # a diffusion model: also its own sampler's quality (the teacher's)
-        rows.append(metrics.heun_quality(m, es, args.heun_steps, n=args.n, seed=args.seed, batch=args.batch))
+    rows = evaluate_run(m, es, n=args.n, seed=args.seed, t_mid=args.t_mid, batch=args.batch, progress=True,
+                        heun_steps=args.heun_steps)
     n_q = metrics.floor_n(es, args.n)
     d = {r["card"]["steps"][0]: r["fid"] for r in rows if r["card"]["metric"] == "dfid"}
     path = run_dir / "eval.jsonl"

@@ -28,8 +28,9 @@ Layout: `<out>/seed<S>/<point>/` is a run directory, `<out>/seed<S>/<point>.json
 FID/KID, dFID_t at `metrics.dfid_ts(T)` and, for stage 2, at t′; each with its eval card and the real-vs-real floor
 at its n). Rebuilt from the JSONs on every call: `<out>/results.csv`, one row per point × metric with columns point,
 kind (stage0/stage1/stage2/control), stage, seed, one column per grid field ('s2.loss.t_prime'), steps (training
-steps of the checkpoint), metric (fid_1step, fid_2step, kid_1step, kid_2step, dfid), t (dFID's noise level), value,
-kid_std (KID's spread over subsets), n, floor (real-vs-real FD at floor_n; None for KID and for CIFAR-10), floor_n,
+steps of the checkpoint), metric (fid_1step, fid_2step, kid_1step, kid_2step, dfid; an evaluated stage-0 point also
+fid_heun, kid_heun: EDM's Heun sampler), t (dFID's noise level), value, kid_std (KID's spread over subsets), n,
+floor (real-vs-real FD at floor_n; None for KID and for CIFAR-10), floor_n,
 card (the eval card, JSON); `<out>/summary.csv` (`summarize`: mean, std, count over seeds per grid point and metric)
 and `<out>/summary.md` (its sample-quality rows as a markdown table); with `[eval] every`, `<out>/curves.csv` (dFID_t
 and 1-step FID during training, `curves_table`); `<out>/timing.csv` (steps each run trained itself and their median
@@ -288,11 +289,12 @@ def plan(points: list[Point], ev: EvalSpec) -> tuple[list[Task], dict[str, str]]
 
 
 def evaluate_run(m, es, *, n: int | None = None, seed: int = 0, t_mid: float = 1.0, batch: int = 1024,
-                 dfid: bool = True, device=None, progress: bool = False) -> list[dict]:
+                 dfid: bool = True, device=None, progress: bool = False, heun_steps: int = 18) -> list[dict]:
     """Rows with eval cards for a `TrainedModel`: 1- and 2-step FID/KID (`metrics.sample_quality`), then dFID_t at
     `metrics.dfid_ts(T)` and, for a stage-2 model, at t′; each row with the real-vs-real floor at its n. The 2-step
     sampler's t_mid is raised to t′ for a stage-2 model with t′ > t_mid (it is trained on [t′, T] only); the card's
-    steps say which t_mid was used."""
+    steps say which t_mid was used. A stage-0 (diffusion) model also gets the FID of EDM's Heun sampler on
+    `heun_steps` times (`metrics.heun_quality`): the teacher's own quality."""
     import torch
 
     from . import metrics
@@ -310,6 +312,8 @@ def evaluate_run(m, es, *, n: int | None = None, seed: int = 0, t_mid: float = 1
     fl = metrics.floor(es, n_q) if es.disjoint else None  # CIFAR-10's train-vs-train protocol has no floor
     rows += [{"card": dataclasses.asdict(metrics.dfid_card(es, t, n_q, m.which, seed, m.step)), "fid": v,
               "floor": fl, "floor_n": n_q} for t, v in d.items()]
+    if m.cfg.stage == 0:
+        rows.append(metrics.heun_quality(m, es, heun_steps, n=n, seed=seed, device=device, batch=batch))
     return rows
 
 
@@ -597,10 +601,10 @@ def _metric_rows(r: dict) -> list[dict]:
     common = {"n": card["n"], "floor_n": r["floor_n"], "card": json.dumps(card, sort_keys=True)}
     if card["metric"] == "dfid":
         return [{"metric": "dfid", "t": card["steps"][0], "value": r["fid"], "floor": r["floor"], **common}]
-    k = len(card["steps"])
-    out = [{"metric": f"fid_{k}step", "value": r["fid"], "floor": r["floor"], **common}]
+    sampler = "heun" if card["metric"] == "fid_heun" else f"{len(card['steps'])}step"  # Heun: a stage-0 model
+    out = [{"metric": f"fid_{sampler}", "value": r["fid"], "floor": r["floor"], **common}]
     if "kid_mean" in r:
-        out.append({"metric": f"kid_{k}step", "value": r["kid_mean"], "kid_std": r["kid_std"], **common})
+        out.append({"metric": f"kid_{sampler}", "value": r["kid_mean"], "kid_std": r["kid_std"], **common})
     return out
 
 

@@ -140,7 +140,7 @@ def figures(summary: list[dict], folder: Path, png: bool = True, curves: list[di
     return paths, png_note
 
 
-def summary_markdown(summary: list[dict], metrics=("fid_1step", "fid_2step", "kid_1step")) -> str:
+def summary_markdown(summary: list[dict], metrics=("fid_1step", "fid_2step", "kid_1step", "fid_heun")) -> str:
     """The summary's sample-quality rows as a markdown table: point, metric, mean ± std over seeds (count), floor."""
     lines = ["| point | metric | mean ± std | seeds | real-vs-real floor |", "|---|---|---|---|---|"]
     for r in sorted((r for r in summary if r["metric"] in metrics), key=lambda r: (r["metric"], _label(r))):

@@ -392,3 +392,19 @@ def test_two_step_evaluation_of_a_large_tprime_goes_through_tprime(tmp_path, ci_
     assert [list(r["card"]["steps"]) for r in rows] == [[80.0], [80.0, 2.0]]
     rows = sweep.evaluate_run(load_model(ci_runs / "s2"), metrics.digits_eval_set(), n=20, t_mid=1.0, dfid=False)
     assert [list(r["card"]["steps"]) for r in rows] == [[80.0], [80.0, 1.0]]  # t′ = 1 of the ci preset: unchanged
+
+
+def test_an_evaluated_stage0_point_gets_the_heun_sampler_rows(tmp_path):
+    """Stage 0 is a diffusion model: its table rows include EDM's Heun sampler (fid_heun, kid_heun) beside the
+    consistency sampler's 1- and 2-step rows, and summary.md lists fid_heun."""
+    spec_file = tmp_path / "s0.toml"
+    spec_file.write_text('preset = "ci"\nstages = [0]\n[stage0]\nsteps = 3\n'
+                         '[eval]\nn = 20\ndfid = false\nkinds = ["stage0"]\n')
+    spec = sweep.load_spec(spec_file, out=tmp_path / "out")
+    r = sweep.run_sweep(spec, sweep.Dispatch("inline"), png=False, log=lambda s: None)
+    assert r.failed == {}
+    metrics = [row["metric"] for row in r.table]
+    assert metrics == ["fid_1step", "kid_1step", "fid_2step", "kid_2step", "fid_heun", "kid_heun"]
+    heun = next(row for row in r.table if row["metric"] == "fid_heun")
+    assert len(json.loads(heun["card"])["steps"]) == 18 and heun["n"] == 20 and heun["floor"] > 0
+    assert "| fid_heun |" in (tmp_path / "out" / "summary.md").read_text()

@@ -122,16 +122,14 @@ def cmd_evaluate(args) -> None:
     fl = rows[0]["floor"]
     print(f"[tcmlab] {args.run} step {m.step} ({m.which}), n = {n_q}, reference {es.reference_name}, extractor "
           f"{es.extractor}" + (f", real-vs-real floor at n = {n_q}: {fl:.2f}" if fl is not None else ""))
-    for r in rows[:2]:
-        via = " → ".join(f"{t:g}" for t in r["card"]["steps"])  # a stage-2 model with t′ > t_mid goes through t′
-        print(f"  FID {len(r['card']['steps'])}-step ({via}) {r['fid']:.2f}   KID {r['kid_mean']:.4g} ± "
-              f"{r['kid_std']:.2g}")
     for r in rows:
-        if r["card"]["metric"] == "fid_heun":
-            k = len(r["card"]["steps"])
+        k = len(r["card"]["steps"])
+        if r["card"]["metric"] == "fid":
+            via = " → ".join(f"{t:g}" for t in r["card"]["steps"])  # a stage-2 model with t′ > t_mid goes through t′
+            print(f"  FID {k}-step ({via}) {r['fid']:.2f}   KID {r['kid_mean']:.4g} ± {r['kid_std']:.2g}")
+        elif r["card"]["metric"] == "fid_heun":  # stage 0 is a diffusion model: its own sampler, not 1 or 2 steps
             print(f"  FID Heun, EDM grid of {k} times ({2 * k - 1} calls of D) {r['fid']:.2f}   KID "
-                  f"{r['kid_mean']:.4g} ± {r['kid_std']:.2g}   (stage 0 is a diffusion model: this is its quality; "
-                  f"the 1- and 2-step lines above are the consistency sampler applied to it)")
+                  f"{r['kid_mean']:.4g} ± {r['kid_std']:.2g}")
     print("  dFID_t: " + ", ".join(f"{t:g}: {v:.1f}" for t, v in d.items()))
     print(f"  appended to {path} in {time.perf_counter() - t0:.1f} s")
 
@@ -235,7 +233,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--data-root", help="CIFAR-10 folder for dFID (the training data come from the config)")
     t.add_argument("--inception-weights", help="local Inception weights (CIFAR-10 dFID; or $TCMLAB_INCEPTION_WEIGHTS)")
     for name, help_ in (("sample", "1- and 2-step sample grids of a run"),
-                        ("evaluate", "1-/2-step FID/KID and dFID_t of a run, with eval cards (eval.jsonl)")):
+                        ("evaluate", "1-/2-step FID/KID (a stage-0 run: EDM's Heun sampler) and dFID_t of a run, with eval "
+                                     "cards (eval.jsonl)")):
         s = sub.add_parser(name, help=help_)
         s.add_argument("run", help="run directory or checkpoint file")
         s.add_argument("--seed", type=int, default=0)
@@ -249,7 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.choices["evaluate"]
     e.add_argument("--raw", action="store_true", help="score the raw weights instead of the EMA")
     e.add_argument("--heun-steps", type=_positive(2), default=18,
-                   help="stage-0 runs: also FID of EDM's Heun sampler on this many times (EDM: 18, 35 calls of D)")
+                   help="stage-0 runs: FID of EDM's Heun sampler on this many times (EDM: 18, 35 calls of D)")
     e.add_argument("--n", type=_positive(2), help="images to score (default: the query half / reference size)")
     e.add_argument("--data-root", help="CIFAR-10: folder holding cifar-10-batches-py (never taken from the checkpoint)")
     e.add_argument("--inception-weights", help="local Inception weights file (CIFAR-10; or $TCMLAB_INCEPTION_WEIGHTS)")

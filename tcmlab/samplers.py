@@ -52,10 +52,12 @@ def sample(f, x_T: torch.Tensor, ts: Sequence[float], *, callback: Callable[[dic
 def edm_times(num_steps: int = 18, t_min: float = 0.002, t_max: float = T_MAX, rho: float = 7.0) -> torch.Tensor:
     """EDM Eq. (5): t_i = (t_max^(1/ρ) + i/(N−1)·(t_min^(1/ρ) − t_max^(1/ρ)))^ρ, i = 0..N−1 (float64, decreasing).
     EDM's defaults: N = 18 (35 network calls with Heun, CIFAR-10), t_min = 0.002, t_max = 80, ρ = 7."""
-    if num_steps < 2:
-        raise ValueError(f"EDM's time grid needs num_steps >= 2, got {num_steps}")
+    if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 2:
+        raise ValueError(f"EDM's time grid needs an integer num_steps >= 2, got {num_steps!r}")
     if not 0 < t_min < t_max:
         raise ValueError(f"EDM's time grid needs 0 < t_min < t_max, got t_min={t_min}, t_max={t_max}")
+    if not rho > 0:
+        raise ValueError(f"EDM's time grid needs rho > 0 (EDM: 7), got {rho}")
     i = torch.arange(num_steps, dtype=torch.float64)
     return (t_max ** (1 / rho) + i / (num_steps - 1) * (t_min ** (1 / rho) - t_max ** (1 / rho))) ** rho
 
@@ -64,9 +66,10 @@ def edm_times(num_steps: int = 18, t_min: float = 0.002, t_max: float = T_MAX, r
 def heun(D, x_T: torch.Tensor, ts: Sequence[float], *, callback: Callable[[dict], None] | None = None,
          generator: torch.Generator | None = None, t_prime: float | None = None) -> torch.Tensor:
     """EDM Algorithm 1 (deterministic, S_churn = 0): the probability-flow ODE dx/dt = (x − D(x, t))/t from ts[0] to
-    t = 0, Heun steps between the grid's times and an Euler step into t = 0 (2N − 1 calls of D for N times).
-    `generator` is unused (no noise after x_T) and kept for the uniform signature; a truncated model (t_prime) is
-    not a denoiser and is refused."""
+    t = 0, Heun steps between the grid's times and an Euler step into t = 0 (2N − 1 calls of D for N times; ts are
+    positive, t = 0 is appended here). `callback` gets {'i', 't', 'x', 'denoised'} once per grid time: x_i and
+    D(x_i, t_i). `generator` is unused (no noise after x_T) and kept for the uniform signature; a truncated model
+    (t_prime) is not a denoiser and is refused."""
     if t_prime is not None:
         raise ValueError("heun integrates a diffusion model's ODE down to t = 0; a stage-2 (truncated) model is "
                          "not a denoiser below t'. Sample it with `sample`.")

@@ -28,8 +28,8 @@ Layout: `<out>/seed<S>/<point>/` is a run directory, `<out>/seed<S>/<point>.json
 FID/KID, dFID_t at `metrics.dfid_ts(T)` and, for stage 2, at t′; each with its eval card and the real-vs-real floor
 at its n). Rebuilt from the JSONs on every call: `<out>/results.csv`, one row per point × metric with columns point,
 kind (stage0/stage1/stage2/control), stage, seed, one column per grid field ('s2.loss.t_prime'), steps (training
-steps of the checkpoint), metric (fid_1step, fid_2step, kid_1step, kid_2step, dfid; an evaluated stage-0 point also
-fid_heun, kid_heun: EDM's Heun sampler), t (dFID's noise level), value, kid_std (KID's spread over subsets), n,
+steps of the checkpoint), metric (fid_1step, fid_2step, kid_1step, kid_2step, dfid; an evaluated stage-0 point has
+fid_heun, kid_heun instead: EDM's Heun sampler), t (dFID's noise level), value, kid_std (KID's spread over subsets), n,
 floor (real-vs-real FD at floor_n; None for KID and for CIFAR-10), floor_n,
 card (the eval card, JSON); `<out>/summary.csv` (`summarize`: mean, std, count over seeds per grid point and metric)
 and `<out>/summary.md` (its sample-quality rows as a markdown table); with `[eval] every`, `<out>/curves.csv` (dFID_t
@@ -293,8 +293,8 @@ def evaluate_run(m, es, *, n: int | None = None, seed: int = 0, t_mid: float = 1
     """Rows with eval cards for a `TrainedModel`: 1- and 2-step FID/KID (`metrics.sample_quality`), then dFID_t at
     `metrics.dfid_ts(T)` and, for a stage-2 model, at t′; each row with the real-vs-real floor at its n. The 2-step
     sampler's t_mid is raised to t′ for a stage-2 model with t′ > t_mid (it is trained on [t′, T] only); the card's
-    steps say which t_mid was used. A stage-0 (diffusion) model also gets the FID of EDM's Heun sampler on
-    `heun_steps` times (`metrics.heun_quality`): the teacher's own quality."""
+    steps say which t_mid was used. A stage-0 (diffusion) model is sampled with EDM's Heun sampler on `heun_steps`
+    times instead (`metrics.heun_quality`, card metric 'fid_heun'): the teacher's own quality. Sweeps use EDM's 18."""
     import torch
 
     from . import metrics
@@ -307,13 +307,14 @@ def evaluate_run(m, es, *, n: int | None = None, seed: int = 0, t_mid: float = 1
         g = torch.Generator().manual_seed(seed)
         ts = sorted(set(metrics.dfid_ts(m.t_max)) | ({m.t_prime} if m.t_prime else set()))
         d = metrics.dfid(m.f, es, ts, n=n, generator=g, batch=batch, device=device, progress=progress)
-    rows = metrics.sample_quality(m, es, t_mid=t_mid, n=n, seed=seed, batch=batch, device=device)
+    if m.cfg.stage == 0:
+        rows = [metrics.heun_quality(m, es, heun_steps, n=n, seed=seed, device=device, batch=batch)]
+    else:
+        rows = metrics.sample_quality(m, es, t_mid=t_mid, n=n, seed=seed, batch=batch, device=device)
     n_q = metrics.floor_n(es, n)
     fl = metrics.floor(es, n_q) if es.disjoint else None  # CIFAR-10's train-vs-train protocol has no floor
     rows += [{"card": dataclasses.asdict(metrics.dfid_card(es, t, n_q, m.which, seed, m.step)), "fid": v,
               "floor": fl, "floor_n": n_q} for t, v in d.items()]
-    if m.cfg.stage == 0:
-        rows.append(metrics.heun_quality(m, es, heun_steps, n=n, seed=seed, device=device, batch=batch))
     return rows
 
 

@@ -23,11 +23,17 @@ def test_evaluate_writes_cards(ci_runs, capsys):
     assert "floor" in capsys.readouterr().out
 
 
-def test_evaluate_of_a_stage0_run_adds_the_heun_sampler(ci_runs, capsys):
+def test_evaluate_of_a_stage0_run_uses_the_heun_sampler(ci_runs, tmp_path, capsys):
     import json
-    assert main(["evaluate", str(ci_runs / "s0"), "--n", "200", "--heun-steps", "5"]) == 0
-    rows = [json.loads(l) for l in (ci_runs / "s0" / "eval.jsonl").read_text().splitlines()]
+    import shutil
+    run = tmp_path / "s0"
+    shutil.copytree(ci_runs / "s0", run)  # a copy: eval.jsonl of the shared session runs stays as it is
+    (run / "eval.jsonl").unlink(missing_ok=True)
+    assert main(["evaluate", str(run), "--n", "200", "--heun-steps", "5"]) == 0
+    rows = [json.loads(l) for l in (run / "eval.jsonl").read_text().splitlines()]
+    assert sorted({r["card"]["metric"] for r in rows}) == ["dfid", "fid_heun"]  # no 1-/2-step rows for stage 0
     heun = [r for r in rows if r["card"]["metric"] == "fid_heun"]
     assert len(heun) == 1 and len(heun[0]["card"]["steps"]) == 5 and heun[0]["card"]["steps"][0] == 80.0
     assert heun[0]["floor_n"] == 200 and heun[0]["fid"] > 0
-    assert "FID Heun, EDM grid of 5 times (9 calls of D)" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "FID Heun, EDM grid of 5 times (9 calls of D)" in out and "1-step" not in out

@@ -41,8 +41,10 @@ def test_edm_times_are_eq_5():
     expected = np.linspace(80.0 ** (1 / rho), 0.002 ** (1 / rho), 18) ** rho  # EDM Eq. (5), written another way
     np.testing.assert_allclose(ts, expected, rtol=1e-12)
     assert ts[0] == pytest.approx(80.0) and ts[-1] == pytest.approx(0.002)
-    with pytest.raises(ValueError, match="num_steps >= 2"):
-        edm_times(1)
+    for bad, match in (({"num_steps": 1}, "num_steps >= 2"), ({"num_steps": 18.0}, "integer num_steps"),
+                       ({"t_min": 90.0}, "t_min < t_max"), ({"rho": 0.0}, "rho > 0")):
+        with pytest.raises(ValueError, match=match):
+            edm_times(**{"num_steps": 18, **bad})
 
 
 def test_heun_solves_the_probability_flow_ode_of_a_gaussian():
@@ -66,6 +68,10 @@ def test_heun_solves_the_probability_flow_ode_of_a_gaussian():
         assert len(calls) == 2 * n - 1 and calls[-1] == pytest.approx(0.002)
     assert out.dtype == torch.float32
     assert err[200] < 1e-3 and err[200] / err[50] < 0.1
+    seen = []
+    heun(D, x_T, [80.0, 1.0], callback=seen.append)
+    assert [(s["i"], s["t"]) for s in seen] == [(0, 80.0), (1, 1.0)] and seen[0]["x"].dtype == torch.float64
+    assert torch.allclose(seen[1]["denoised"], s**2 / (s**2 + 1.0) * seen[1]["x"])
 
 
 def test_heun_refuses_a_truncated_model():

@@ -233,8 +233,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--data-root", help="CIFAR-10 folder for dFID (the training data come from the config)")
     t.add_argument("--inception-weights", help="local Inception weights (CIFAR-10 dFID; or $TCMLAB_INCEPTION_WEIGHTS)")
     for name, help_ in (("sample", "1- and 2-step sample grids of a run"),
-                        ("evaluate", "1-/2-step FID/KID (a stage-0 run: EDM's Heun sampler) and dFID_t of a run, with eval "
-                                     "cards (eval.jsonl)")):
+                        ("evaluate", "1-/2-step FID/KID (a stage-0 run: EDM's Heun sampler) and dFID_t of a run, "
+                                     "with eval cards (eval.jsonl)")):
         s = sub.add_parser(name, help=help_)
         s.add_argument("run", help="run directory or checkpoint file")
         s.add_argument("--seed", type=int, default=0)

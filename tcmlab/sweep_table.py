@@ -59,13 +59,15 @@ def _label(row: dict) -> str:
 
 
 def summary_figures(summary: list[dict]) -> dict[str, Any]:
-    """Two plotly figures of the summary (mean ± std over seeds): 'fid', 1- and 2-step FID per point with the
-    real-vs-real floor, and 'dfid', the dFID_t curves."""
+    """Two plotly figures of the summary (mean ± std over seeds): 'fid', 1- and 2-step FID per point (and a stage-0
+    point's Heun FID) with the real-vs-real floor, and 'dfid', the dFID_t curves."""
     import plotly.graph_objects as go
 
     fid = go.Figure()
-    for metric in ("fid_1step", "fid_2step"):
+    for metric in ("fid_1step", "fid_2step", "fid_heun"):
         rows = [r for r in summary if r["metric"] == metric]
+        if not rows:
+            continue
         fid.add_scatter(x=[_label(r) for r in rows], y=[r["mean"] for r in rows], mode="markers", name=metric,
                         error_y=dict(array=[r["std"] or 0 for r in rows]))
     dfid = go.Figure()
@@ -73,7 +75,8 @@ def summary_figures(summary: list[dict]) -> dict[str, Any]:
         rows = sorted(rows, key=lambda r: float(r["t"]))
         dfid.add_scatter(x=[float(r["t"]) for r in rows], y=[r["mean"] for r in rows], name=label,
                          error_y=dict(array=[r["std"] or 0 for r in rows]))
-    floors = [r["floor"] for r in summary if r["metric"] in ("fid_1step", "dfid") and r["floor"] is not None]
+    floors = [r["floor"] for r in summary
+              if r["metric"] in ("fid_1step", "fid_heun", "dfid") and r["floor"] is not None]
     if floors:  # a dotted line (a trace, not add_hline, whose annotation breaks log axes)
         for fig in (fid, dfid):
             x = [d for tr in fig.data for d in tr.x]

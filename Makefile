@@ -66,8 +66,12 @@ sweep: $(STAMP)
 # The README's claims tables (TCM's claims on digits, 3 seeds; resumable): per sweep, the sweep, then its tables copied to
 # docs/results/<sweep>/ and the report, figures and README block written from them (tests/test_claims.py checks that
 # the README and the reports regenerate from the committed tables). digits_claims: about 75 minutes on 2 free cores;
-# digits_long (stage 2 for 4,000 steps against the control): about 85 more.
+# digits_long (stage 2 for 4,000 steps against the control): about 85 more. Then the recipe sweeps (no claims report:
+# their tables and summary.md are copied to docs/results/<sweep>/, which docs/results/digits_recipe.md quotes;
+# tests/test_claims.py checks the quotes): digits_teacher (stage 0 6,000 + stage 1 8,000 steps, d ∈ {500, 250}),
+# about 55 minutes.
 CLAIM_SWEEPS := digits_claims digits_long
+RECIPE_SWEEPS := digits_teacher
 results: $(STAMP) chromium
 	for s in $(CLAIM_SWEEPS); do \
 	  $(PY) -m tcmlab sweep sweeps/$$s.toml --workers 2 && mkdir -p docs/results/$$s && \
@@ -75,6 +79,11 @@ results: $(STAMP) chromium
 	    runs/sweeps/$$s/summary.csv docs/results/$$s/ && \
 	  $(PY) -m tcmlab claims sweeps/$$s.toml --out docs/results/$$s --md docs/results/$$s.md \
 	    --figures docs/results/$$s --readme README.md --command "make results" || exit 1; \
+	done
+	for s in $(RECIPE_SWEEPS); do \
+	  $(PY) -m tcmlab sweep sweeps/$$s.toml --workers 2 && mkdir -p docs/results/$$s && \
+	  cp runs/sweeps/$$s/results.csv runs/sweeps/$$s/timing.csv runs/sweeps/$$s/summary.csv \
+	    runs/sweeps/$$s/summary.md docs/results/$$s/ || exit 1; \
 	done
 
 # Mutation testing of losses/schedules/precond/samplers ([tool.mutmut] in pyproject.toml; docs/testing.md records the

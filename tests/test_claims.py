@@ -227,3 +227,28 @@ def test_each_spec_replaces_only_its_own_readme_block():
     assert new == f"intro\n{a0}\nold a\n{a1}\nmiddle\n{b0}\nnew b\n{b1}\nend\n"
     with pytest.raises(ValueError, match="no claims block for sweeps/ci.toml"):
         claims.replace_block(text, "x", "sweeps/ci.toml")
+
+
+RECIPE_QUOTES = {  # sweep -> the summary.csv rows docs/results/digits_recipe.md quotes: (kind, metric, grid values)
+    "digits_claims": [("stage0", "fid_heun", {}), ("stage1", "fid_1step", {}), ("stage1", "fid_2step", {})],
+    "digits_teacher": [("stage0", "fid_heun", {})] + [("stage1", m, {"s1.loss.d": d}) for d in ("500", "250")
+                                                      for m in ("fid_1step", "fid_2step")],
+}
+
+
+@pytest.mark.parametrize("sweep", sorted(RECIPE_QUOTES))
+def test_recipe_page_quotes_the_committed_sweep_tables(sweep):
+    """The recipe page's 3-seed numbers are the committed summary.csv's mean ± std (written by `make results`),
+    each followed by its sweep and grid point, e.g. "74.1 ± 5.2 (digits_teacher, d = 250)", so they cannot drift
+    from the tables."""
+    import csv
+
+    page = (ROOT / "docs" / "results" / "digits_recipe.md").read_text()
+    with open(ROOT / "docs" / "results" / sweep / "summary.csv") as fh:
+        summary = list(csv.DictReader(fh))
+    for kind, metric, grid in RECIPE_QUOTES[sweep]:
+        (r,) = [r for r in summary if r["kind"] == kind and r["metric"] == metric
+                and all(r[c] == v for c, v in grid.items())]
+        label = sweep + "".join(f", {c.split('.')[-1]} = {v}" for c, v in grid.items())
+        quote = f"{float(r['mean']):.1f} ± {float(r['std']):.1f} ({label})"
+        assert int(r["count"]) == 3 and quote in page, quote

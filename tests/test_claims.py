@@ -239,7 +239,7 @@ RECIPE_QUOTES = {  # sweep -> the summary.csv rows docs/results/digits_recipe.md
 @pytest.mark.parametrize("sweep", sorted(RECIPE_QUOTES))
 def test_recipe_page_quotes_the_committed_sweep_tables(sweep):
     """The recipe page's 3-seed numbers are the committed summary.csv's mean ± std (written by `make results`),
-    each followed by its sweep and grid point, e.g. "74.1 ± 5.2 (digits_teacher, d = 250)", so they cannot drift
+    each followed by its sweep and grid point, e.g. "76.2 ± 8.5 (digits_teacher, d = 250)", so they cannot drift
     from the tables."""
     import csv
 

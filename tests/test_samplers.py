@@ -70,7 +70,7 @@ def test_heun_solves_the_probability_flow_ode_of_a_gaussian():
     assert err[200] < 1e-3 and err[200] / err[50] < 0.1
     seen = []
     heun(D, x_T, [80.0, 1.0], callback=seen.append)
-    assert [(s["i"], s["t"]) for s in seen] == [(0, 80.0), (1, 1.0)] and seen[0]["x"].dtype == torch.float64
+    assert [(c["i"], c["t"]) for c in seen] == [(0, 80.0), (1, 1.0)] and seen[0]["x"].dtype == torch.float64
     assert torch.allclose(seen[1]["denoised"], s**2 / (s**2 + 1.0) * seen[1]["x"])
 
 

@@ -82,8 +82,8 @@ results: $(STAMP) chromium
 	done
 	for s in $(RECIPE_SWEEPS); do \
 	  $(PY) -m tcmlab sweep sweeps/$$s.toml --workers 2 && mkdir -p docs/results/$$s && \
-	  cp runs/sweeps/$$s/results.csv runs/sweeps/$$s/timing.csv runs/sweeps/$$s/summary.csv \
-	    runs/sweeps/$$s/summary.md docs/results/$$s/ || exit 1; \
+	  cp runs/sweeps/$$s/results.csv runs/sweeps/$$s/curves.csv runs/sweeps/$$s/timing.csv \
+	    runs/sweeps/$$s/summary.csv runs/sweeps/$$s/summary.md docs/results/$$s/ || exit 1; \
 	done
 
 # Mutation testing of losses/schedules/precond/samplers ([tool.mutmut] in pyproject.toml; docs/testing.md records the

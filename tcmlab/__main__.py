@@ -15,6 +15,7 @@ import errno
 import json
 import os
 import signal
+import statistics
 import sys
 import tempfile
 import time
@@ -113,7 +114,7 @@ def cmd_evaluate(args) -> None:
     es = metrics.eval_set(m.cfg.data, data_root=args.data_root, inception_weights=args.inception_weights)
     es.cuda = torch.device(args.device).type == "cuda"
     rows = evaluate_run(m, es, n=args.n, seed=args.seed, t_mid=args.t_mid, batch=args.batch, progress=True,
-                        heun_steps=args.heun_steps)
+                        heun_steps=args.heun_steps, draws=args.draws)
     n_q = metrics.floor_n(es, args.n)
     d = {r["card"]["steps"][0]: r["fid"] for r in rows if r["card"]["metric"] == "dfid"}
     path = run_dir / "eval.jsonl"
@@ -121,14 +122,19 @@ def cmd_evaluate(args) -> None:
     atomic_write_text(path, old + "".join(json.dumps(r) + "\n" for r in rows))
     fl = rows[0]["floor"]
     print(f"[tcmlab] {args.run} step {m.step} ({m.which}), n = {n_q}, reference {es.reference_name}, extractor "
-          f"{es.extractor}" + (f", real-vs-real floor at n = {n_q}: {fl:.2f}" if fl is not None else ""))
+          f"{es.extractor}" + (f", real-vs-real floor at n = {n_q}: {fl:.2f}" if fl is not None else "")
+          + (f"; each score the mean over {args.draws} noise draws (± their sd)" if args.draws > 1 else ""))
+
+    def fid(r):
+        return f"{r['fid']:.2f}" + (f" ± {statistics.stdev(r['fid_draws']):.1f}" if args.draws > 1 else "")
+
     for r in rows:
         k = len(r["card"]["steps"])
         if r["card"]["metric"] == "fid":
             via = " → ".join(f"{t:g}" for t in r["card"]["steps"])  # a stage-2 model with t′ > t_mid goes through t′
-            print(f"  FID {k}-step ({via}) {r['fid']:.2f}   KID {r['kid_mean']:.4g} ± {r['kid_std']:.2g}")
+            print(f"  FID {k}-step ({via}) {fid(r)}   KID {r['kid_mean']:.4g} ± {r['kid_std']:.2g}")
         elif r["card"]["metric"] == "fid_heun":  # stage 0 is a diffusion model: its own sampler, not 1 or 2 steps
-            print(f"  FID Heun, EDM grid of {k} times ({2 * k - 1} calls of D) {r['fid']:.2f}   KID "
+            print(f"  FID Heun, EDM grid of {k} times ({2 * k - 1} calls of D) {fid(r)}   KID "
                   f"{r['kid_mean']:.4g} ± {r['kid_std']:.2g}")
     print("  dFID_t: " + ", ".join(f"{t:g}: {v:.1f}" for t, v in d.items()))
     print(f"  appended to {path} in {time.perf_counter() - t0:.1f} s")
@@ -250,6 +256,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--heun-steps", type=_positive(2), default=18,
                    help="stage-0 runs: FID of EDM's Heun sampler on this many times (EDM: 18, 35 calls of D)")
     e.add_argument("--n", type=_positive(2), help="images to score (default: the query half / reference size)")
+    e.add_argument("--draws", type=_positive(1), default=1,
+                   help="noise draws per score, seeds SEED, SEED+1, …: the mean FID is reported with the spread "
+                        "over draws (digits at n = 898: one draw's 1-step FID varies by ~20)")
     e.add_argument("--data-root", help="CIFAR-10: folder holding cifar-10-batches-py (never taken from the checkpoint)")
     e.add_argument("--inception-weights", help="local Inception weights file (CIFAR-10; or $TCMLAB_INCEPTION_WEIGHTS)")
     w = sub.add_parser("sweep", help="train and evaluate a grid of runs over seeds (TOML spec, e.g. sweeps/ci.toml)",

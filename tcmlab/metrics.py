@@ -112,6 +112,7 @@ class EvalCard:
     weights: str = "ema"  # 'ema' | 'raw'
     seed: int = 0
     step: int = -1  # training step of the checkpoint
+    draws: int = 1  # noise draws seeded seed, seed + 1, …: the score is the mean of their FIDs, each at n
 
     def comparable_with(self, other: "EvalCard") -> list[str]:
         """Fields that differ (other than the checkpoint step); empty means comparable."""
@@ -354,8 +355,8 @@ def dfid(f, es: EvalSet, ts=DFID_TS, n: int | None = None, generator: torch.Gene
     return scores
 
 
-def dfid_card(es: EvalSet, t: float, n: int, weights: str, seed: int, step: int) -> EvalCard:
-    return EvalCard("dfid", n, es.extractor, es.sha256, es.reference_name, (float(t),), weights, seed, step)
+def dfid_card(es: EvalSet, t: float, n: int, weights: str, seed: int, step: int, draws: int = 1) -> EvalCard:
+    return EvalCard("dfid", n, es.extractor, es.sha256, es.reference_name, (float(t),), weights, seed, step, draws)
 
 
 def dfid_callback(es: EvalSet, ts=DFID_TS, n: int | None = None, seed: int = 0, device=None,
@@ -382,33 +383,61 @@ def _floor_or_none(es: EvalSet, n: int | None) -> float | None:
     return floor(es, n) if es.disjoint else None
 
 
+def check_draws(draws) -> int:
+    if isinstance(draws, bool) or not isinstance(draws, int) or draws < 1:
+        raise ValueError(f"draws (noise draws per score) must be an integer >= 1, got {draws!r}")
+    return draws
+
+
+def mean_over_draws(scores: list[dict]) -> dict:
+    """One score from the `fid_kid` dicts of independent noise draws (docs/decisions.md §16): 'fid' and 'kid_mean'
+    are the means over draws, 'kid_std' the mean of torch-fidelity's subset spreads, 'fid_draws' every draw's FID
+    (their spread is the evaluation noise of one draw: at n = 898 on digits the same model's 1-step FID spans
+    ~50–120 over ten draws)."""
+    out = {"fid": float(np.mean([s["fid"] for s in scores])), "fid_draws": [s["fid"] for s in scores]}
+    if "kid_mean" in scores[0]:
+        out["kid_mean"] = float(np.mean([s["kid_mean"] for s in scores]))
+        out["kid_std"] = float(np.mean([s["kid_std"] for s in scores]))
+    return out
+
+
 def sample_quality(model, es: EvalSet, t_mid: float = 1.0, n: int | None = None, seed: int = 0,
-                   device=None, batch: int = 1024) -> list[dict]:
+                   device=None, batch: int = 1024, draws: int = 1) -> list[dict]:
     """1-step and 2-step (T → t_mid) FID/KID of a `TrainedModel`, each with its eval card, and the floor at its n
-    (`floor_n` = n, the number of generated images)."""
+    (`floor_n` = n, the number of generated images). draws > 1: the mean over that many noise draws (seeds seed,
+    seed + 1, …; draw 0 is the one-draw score), each of n images scored against the same reference (`fid_draws`
+    keeps every draw's FID)."""
     n = n or len(es.query)
     fl = _floor_or_none(es, n)
+    by_ts = {}  # each draw scored as it is made: no draw's images are kept
+    for k in range(check_draws(draws)):
+        for ts, x in one_and_two_step(model, n, t_mid, seed + k, device, batch).items():
+            by_ts.setdefault(ts, []).append(fid_kid(es.to_scored(x), es))
     rows = []
-    for ts, x in one_and_two_step(model, n, t_mid, seed, device, batch).items():
-        scores = fid_kid(es.to_scored(x), es)
-        card = EvalCard("fid", n, es.extractor, es.sha256, es.reference_name, ts, model.which, seed, model.step)
+    for ts, per_draw in by_ts.items():
+        scores = mean_over_draws(per_draw)
+        card = EvalCard("fid", n, es.extractor, es.sha256, es.reference_name, ts, model.which, seed, model.step,
+                        draws)
         rows.append({"card": asdict(card), **scores, "floor": fl, "floor_n": floor_n(es, n)})
     return rows
 
 
 def heun_quality(model, es: EvalSet, num_steps: int = 18, n: int | None = None, seed: int = 0, device=None,
-                 batch: int = 1024) -> dict:
+                 batch: int = 1024, draws: int = 1) -> dict:
     """FID/KID of a stage-0 (diffusion) `TrainedModel` sampled with EDM's Heun sampler on `edm_times(num_steps)`
     (2·num_steps − 1 network calls): the teacher's own quality, which a consistency model distilled or tuned from it
-    is judged against. Same noise seed convention as `sample_quality`; the card's metric is 'fid_heun'."""
+    is judged against. Same noise seed and draws convention as `sample_quality`; the card's metric is 'fid_heun'."""
     if model.cfg.stage != 0:
         raise ValueError(f"the Heun sampler needs a diffusion (stage-0) model, got a stage-{model.cfg.stage} run: a "
                          f"consistency model is sampled in 1 or 2 steps (`sample_quality`)")
     n = n or len(es.query)
     ts = edm_times(num_steps, t_max=model.t_max)
-    x = generate(model.f, n, model.shape, ts.tolist(), device=device, generator=torch.Generator().manual_seed(seed),
-                 batch=batch, sampler=heun)
+    scores = []
+    for k in range(check_draws(draws)):
+        x = generate(model.f, n, model.shape, ts.tolist(), device=device,
+                     generator=torch.Generator().manual_seed(seed + k), batch=batch, sampler=heun)
+        scores.append(fid_kid(es.to_scored(x), es))
     card = EvalCard("fid_heun", n, es.extractor, es.sha256, es.reference_name, tuple(ts.tolist()), model.which, seed,
-                    model.step)
-    return {"card": asdict(card), **fid_kid(es.to_scored(x), es), "floor": _floor_or_none(es, n),
+                    model.step, draws)
+    return {"card": asdict(card), **mean_over_draws(scores), "floor": _floor_or_none(es, n),
             "floor_n": floor_n(es, n)}

@@ -29,7 +29,8 @@ FID/KID, dFID_t at `metrics.dfid_ts(T)` and, for stage 2, at t′; each with its
 at its n). Rebuilt from the JSONs on every call: `<out>/results.csv`, one row per point × metric with columns point,
 kind (stage0/stage1/stage2/control), stage, seed, one column per grid field ('s2.loss.t_prime'), steps (training
 steps of the checkpoint), metric (fid_1step, fid_2step, kid_1step, kid_2step, dfid; an evaluated stage-0 point has
-fid_heun, kid_heun instead: EDM's Heun sampler), t (dFID's noise level), value, kid_std (KID's spread over subsets), n,
+fid_heun, kid_heun instead: EDM's Heun sampler), t (dFID's noise level), value (with `[eval] draws` > 1, the mean over noise
+draws), value_sd (FID's spread over those draws; empty for one draw), kid_std (KID's spread over subsets), n,
 floor (real-vs-real FD at floor_n; None for KID and for CIFAR-10), floor_n, card (the eval card, JSON);
 `<out>/summary.csv` (`summarize`: mean, std, count over seeds per grid point and metric)
 and `<out>/summary.md` (its sample-quality rows as a markdown table); with `[eval] every`, `<out>/curves.csv` (dFID_t
@@ -289,12 +290,15 @@ def plan(points: list[Point], ev: EvalSpec) -> tuple[list[Task], dict[str, str]]
 
 
 def evaluate_run(m, es, *, n: int | None = None, seed: int = 0, t_mid: float = 1.0, batch: int = 1024,
-                 dfid: bool = True, device=None, progress: bool = False, heun_steps: int = 18) -> list[dict]:
+                 dfid: bool = True, device=None, progress: bool = False, heun_steps: int = 18,
+                 draws: int = 1) -> list[dict]:
     """Rows with eval cards for a `TrainedModel`: 1- and 2-step FID/KID (`metrics.sample_quality`), then dFID_t at
     `metrics.dfid_ts(T)` and, for a stage-2 model, at t′; each row with the real-vs-real floor at its n. The 2-step
     sampler's t_mid is raised to t′ for a stage-2 model with t′ > t_mid (it is trained on [t′, T] only); the card's
     steps say which t_mid was used. A stage-0 (diffusion) model is sampled with EDM's Heun sampler on `heun_steps`
-    times instead (`metrics.heun_quality`, card metric 'fid_heun'): the teacher's own quality. Sweeps use EDM's 18."""
+    times instead (`metrics.heun_quality`, card metric 'fid_heun'): the teacher's own quality. Sweeps use EDM's 18.
+    draws > 1: every score is the mean over that many noise draws (seeds seed, seed + 1, …; `metrics.mean_over_draws`);
+    dFID_t's draw k noises the query with a generator seeded seed + k, as the one-draw score does with seed."""
     import torch
 
     from . import metrics
@@ -302,19 +306,22 @@ def evaluate_run(m, es, *, n: int | None = None, seed: int = 0, t_mid: float = 1
     if m.t_prime is not None:
         t_mid = max(t_mid, m.t_prime)
 
-    d = {}
+    per_t = {}
     if dfid:
-        g = torch.Generator().manual_seed(seed)
         ts = sorted(set(metrics.dfid_ts(m.t_max)) | ({m.t_prime} if m.t_prime else set()))
-        d = metrics.dfid(m.f, es, ts, n=n, generator=g, batch=batch, device=device, progress=progress)
+        for k in range(metrics.check_draws(draws)):
+            g = torch.Generator().manual_seed(seed + k)
+            d = metrics.dfid(m.f, es, ts, n=n, generator=g, batch=batch, device=device, progress=progress)
+            for t, v in d.items():
+                per_t.setdefault(t, []).append({"fid": v})
     if m.cfg.stage == 0:
-        rows = [metrics.heun_quality(m, es, heun_steps, n=n, seed=seed, device=device, batch=batch)]
+        rows = [metrics.heun_quality(m, es, heun_steps, n=n, seed=seed, device=device, batch=batch, draws=draws)]
     else:
-        rows = metrics.sample_quality(m, es, t_mid=t_mid, n=n, seed=seed, batch=batch, device=device)
+        rows = metrics.sample_quality(m, es, t_mid=t_mid, n=n, seed=seed, batch=batch, device=device, draws=draws)
     n_q = metrics.floor_n(es, n)
     fl = metrics.floor(es, n_q) if es.disjoint else None  # CIFAR-10's train-vs-train protocol has no floor
-    rows += [{"card": dataclasses.asdict(metrics.dfid_card(es, t, n_q, m.which, seed, m.step)), "fid": v,
-              "floor": fl, "floor_n": n_q} for t, v in d.items()]
+    rows += [{"card": dataclasses.asdict(metrics.dfid_card(es, t, n_q, m.which, seed, m.step, draws)),
+              **metrics.mean_over_draws(v), "floor": fl, "floor_n": n_q} for t, v in per_t.items()]
     return rows
 
 
@@ -385,7 +392,8 @@ def _evaluate_point(point: Point, ev: EvalSpec, device: str | None) -> dict:
     t0 = time.perf_counter()
     m = load_model(point.run_dir, device=device)
     es = _eval_set(m.cfg, ev, torch.device(device).type == "cuda")
-    rows = evaluate_run(m, es, n=ev.n, seed=ev.seed, t_mid=ev.t_mid, batch=ev.batch, dfid=ev.dfid, device=device)
+    rows = evaluate_run(m, es, n=ev.n, seed=ev.seed, t_mid=ev.t_mid, batch=ev.batch, dfid=ev.dfid, device=device,
+                        draws=ev.draws)
     out = {"point": point.id, "kind": point.kind, "stage": point.stage, "seed": point.seed,
            "values": dict(point.values), "run_dir": point.run_dir, "step": m.step, "eval": ev.settings(),
            "config": _config_json(point.cfg), "seconds": time.perf_counter() - t0, "rows": rows}
@@ -593,17 +601,19 @@ def _schedule(tasks, runner, limit, log, details, running) -> dict[str, str]:
 # Table, summary, figures
 
 COLUMNS_HEAD = ("point", "kind", "stage", "seed")
-COLUMNS_TAIL = ("steps", "metric", "t", "value", "kid_std", "n", "floor", "floor_n", "card")
+COLUMNS_TAIL = ("steps", "metric", "t", "value", "value_sd", "kid_std", "n", "floor", "floor_n", "card")
 
 
 def _metric_rows(r: dict) -> list[dict]:
     """Table rows of one evaluation row: fid_Kstep and kid_Kstep (sample quality) or dfid at t."""
     card = r["card"]
     common = {"n": card["n"], "floor_n": r["floor_n"], "card": json.dumps(card, sort_keys=True)}
+    draws = r.get("fid_draws", [])  # absent in an evaluation written before draws existed: one draw
+    fid = {"value": r["fid"], "value_sd": statistics.stdev(draws) if len(draws) > 1 else None, "floor": r["floor"]}
     if card["metric"] == "dfid":
-        return [{"metric": "dfid", "t": card["steps"][0], "value": r["fid"], "floor": r["floor"], **common}]
+        return [{"metric": "dfid", "t": card["steps"][0], **fid, **common}]
     sampler = "heun" if card["metric"] == "fid_heun" else f"{len(card['steps'])}step"  # Heun: a stage-0 model
-    out = [{"metric": f"fid_{sampler}", "value": r["fid"], "floor": r["floor"], **common}]
+    out = [{"metric": f"fid_{sampler}", **fid, **common}]
     if "kid_mean" in r:
         out.append({"metric": f"kid_{sampler}", "value": r["kid_mean"], "kid_std": r["kid_std"], **common})
     return out

@@ -49,7 +49,8 @@ class EvalSpec:
     """Evaluation of each finished point (`evaluate_run`). n: images per score (None = the whole query set);
     kinds: which point kinds are evaluated. every: steps between evaluations during training of the stage-1, stage-2
     and control runs (dFID_t at the final evaluation's t and 1-step FID, logged to metrics.jsonl; the sweep's
-    curves.csv and figures over training, TCM Fig. 2 and 3); 0 = none."""
+    curves.csv and figures over training, TCM Fig. 2 and 3); 0 = none. draws: noise draws per final score (seeds
+    seed, seed + 1, …; the score is their mean FID, `metrics.mean_over_draws`); evaluations during training use one."""
 
     n: int | None = None
     t_mid: float = 1.0
@@ -60,10 +61,13 @@ class EvalSpec:
     data_root: str | None = None
     inception_weights: str | None = None
     every: int = 0
+    draws: int = 1
 
     def settings(self) -> dict:
-        """What a stored evaluation depends on: a JSON written under other settings is computed again."""
-        return {k: v for k, v in dataclasses.asdict(self).items() if k not in ("kinds", "every")}
+        """What a stored evaluation depends on: a JSON written under other settings is computed again (one draw is
+        left out, so an evaluation stored before draws existed stays current)."""
+        return {k: v for k, v in dataclasses.asdict(self).items()
+                if k not in ("kinds", "every") and not (k == "draws" and v == 1)}
 
 
 @dataclass(frozen=True)
@@ -223,6 +227,8 @@ def _eval_spec(path: str, table: dict) -> EvalSpec:
     if "every" in kw:
         _typed(f"{where} every", kw["every"], int, "an integer >= 0 (steps; 0 = no evaluation during training)",
                lambda v: v >= 0)
+    if "draws" in kw:
+        _typed(f"{where} draws", kw["draws"], int, "an integer >= 1 (noise draws per score)", lambda v: v >= 1)
     if "dfid" in kw:
         _typed(f"{where} dfid", kw["dfid"], bool, "true or false")
     if "kinds" in kw:

@@ -18,10 +18,11 @@ def _number(v) -> float | None:
 
 
 def summarize(table: list[dict]) -> list[dict]:
-    """Group the table's rows by grid point (every column except point, seed, value, kid_std, floor, floor_n, card)
-    and give mean, std (sample standard deviation over seeds; None for one seed), count and the mean floor. Works on
-    `results_table` rows and on rows read back from results.csv (strings)."""
-    skip = {"point", "seed", "value", "kid_std", "floor", "floor_n", "card"}
+    """Group the table's rows by grid point (every column except point, seed, value, value_sd, kid_std, floor,
+    floor_n, card) and give mean, std (sample standard deviation over seeds; None for one seed), count, the mean
+    floor and draw_sd, the mean over seeds of the spread over noise draws (None where each score is one draw).
+    Works on `results_table` rows and on rows read back from results.csv (strings)."""
+    skip = {"point", "seed", "value", "value_sd", "kid_std", "floor", "floor_n", "card"}
     groups: dict[tuple, list[dict]] = {}
     for row in table:
         groups.setdefault(tuple((c, row[c]) for c in row if c not in skip), []).append(row)
@@ -29,9 +30,11 @@ def summarize(table: list[dict]) -> list[dict]:
     for key, rows in groups.items():
         vals = [_number(r["value"]) for r in rows]
         floors = [f for f in (_number(r.get("floor")) for r in rows) if f is not None]
+        sds = [v for v in (_number(r.get("value_sd")) for r in rows) if v is not None]
         out.append({**dict(key), "mean": statistics.fmean(vals),
                     "std": statistics.stdev(vals) if len(vals) > 1 else None, "count": len(vals),
-                    "floor": statistics.fmean(floors) if floors else None})
+                    "floor": statistics.fmean(floors) if floors else None,
+                    "draw_sd": statistics.fmean(sds) if sds else None})
     return out
 
 
@@ -144,10 +147,16 @@ def figures(summary: list[dict], folder: Path, png: bool = True, curves: list[di
 
 
 def summary_markdown(summary: list[dict], metrics=("fid_1step", "fid_2step", "kid_1step", "fid_heun")) -> str:
-    """The summary's sample-quality rows as a markdown table: point, metric, mean ± std over seeds (count), floor."""
-    lines = ["| point | metric | mean ± std | seeds | real-vs-real floor |", "|---|---|---|---|---|"]
-    for r in sorted((r for r in summary if r["metric"] in metrics), key=lambda r: (r["metric"], _label(r))):
+    """The summary's sample-quality rows as a markdown table: point, metric, mean ± std over seeds (count), floor;
+    where scores are means over noise draws, also one draw's spread (`draw_sd`)."""
+    rows = sorted((r for r in summary if r["metric"] in metrics), key=lambda r: (r["metric"], _label(r)))
+    fmt = lambda v: "" if v in (None, "") else f"{float(v):.4g}"  # noqa: E731
+    drawn = any(r.get("draw_sd") not in (None, "") for r in rows)
+    lines = ["| point | metric | mean ± std | seeds | " + ("sd of one noise draw | " if drawn else "")
+             + "real-vs-real floor |", "|---|---|---|---|" + ("---|" if drawn else "") + "---|"]
+    for r in rows:
         std = "" if r["std"] in (None, "") else f" ± {float(r['std']):.4g}"
-        floor = "" if r["floor"] in (None, "") else f"{float(r['floor']):.4g}"
-        lines.append(f"| {_label(r)} | {r['metric']} | {float(r['mean']):.4g}{std} | {r['count']} | {floor} |")
+        sd = f"{fmt(r.get('draw_sd'))} | " if drawn else ""
+        lines.append(f"| {_label(r)} | {r['metric']} | {float(r['mean']):.4g}{std} | {r['count']} | {sd}"
+                     f"{fmt(r['floor'])} |")
     return "\n".join(lines)

@@ -23,6 +23,22 @@ def test_evaluate_writes_cards(ci_runs, capsys):
     assert "floor" in capsys.readouterr().out
 
 
+def test_evaluate_with_noise_draws_reports_their_mean_and_spread(ci_runs, tmp_path, capsys):
+    import json
+    import shutil
+    import statistics
+    run = tmp_path / "s1"
+    shutil.copytree(ci_runs / "s1", run)
+    (run / "eval.jsonl").unlink(missing_ok=True)
+    assert main(["evaluate", str(run), "--n", "100", "--draws", "2"]) == 0
+    rows = [json.loads(l) for l in (run / "eval.jsonl").read_text().splitlines()]
+    assert {r["card"]["draws"] for r in rows} == {2} and all(len(r["fid_draws"]) == 2 for r in rows)
+    one = rows[0]
+    out = capsys.readouterr().out
+    assert "mean over 2 noise draws" in out
+    assert f"FID 1-step (80) {one['fid']:.2f} ± {statistics.stdev(one['fid_draws']):.1f}" in out
+
+
 def test_evaluate_of_a_stage0_run_uses_the_heun_sampler(ci_runs, tmp_path, capsys):
     import json
     import shutil

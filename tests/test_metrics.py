@@ -87,6 +87,27 @@ def test_sample_quality_cards_and_comparison(ci_runs, es):
         check_comparable(c1, EvalCard(**{**rows2[0]["card"], "n": 50000}))
 
 
+def test_scores_over_noise_draws(ci_runs, es):
+    """draws = K: each score is the mean FID of K noise draws (seeds seed … seed + K − 1); draw 0 is the one-draw
+    score, the card says K, and scores over different numbers of draws are not comparable."""
+    from tcmlab.model import load_model
+    m = load_model(ci_runs / "s1")
+    one = metrics.sample_quality(m, es, n=100, seed=3)
+    three = metrics.sample_quality(m, es, n=100, seed=3, draws=3)
+    four = metrics.sample_quality(m, es, n=100, seed=4)
+    for a, b, c in zip(one, three, four):
+        assert b["card"]["draws"] == 3 and a["card"]["draws"] == 1 and len(b["fid_draws"]) == 3
+        assert b["fid_draws"][0] == a["fid"] and b["fid_draws"][1] == c["fid"]  # draw k is seed + k
+        assert b["fid"] == pytest.approx(np.mean(b["fid_draws"])) and len(set(b["fid_draws"])) == 3
+        with pytest.raises(ValueError, match="draws"):
+            check_comparable(EvalCard(**a["card"]), EvalCard(**b["card"]))
+    heun = metrics.heun_quality(load_model(ci_runs / "s0"), es, num_steps=3, n=50, draws=2)
+    assert heun["card"]["draws"] == 2 and heun["fid"] == pytest.approx(np.mean(heun["fid_draws"]))
+    for bad in (0, True, 1.5):
+        with pytest.raises(ValueError, match="draws"):
+            metrics.sample_quality(m, es, n=20, draws=bad)
+
+
 def test_dfid_callback_logs_to_metrics(tmp_path, ci_runs, es):
     import json
     from tcmlab.config import preset

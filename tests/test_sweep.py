@@ -127,6 +127,7 @@ def test_ci_spec_file_expands_to_ten_points(tmp_path):
     ('preset = "ci"\n[stage2]\nset = { "train.seed" = 3 }', ["train.seed", "seeds = [...]"]),
     ('preset = "ci"\n[stage1]\nsteps = "many"', ["[stage1] steps", "integer"]),
     ('preset = "ci"\n[eval]\nn = 1', ["[eval] n", ">= 2"]),
+    ('preset = "ci"\n[eval]\ndraws = 0', ["[eval] draws", ">= 1"]),
     ('preset = "nope"', ["preset", "ci"]),
     ('preset = "ci', ["not valid TOML"]),
     (None, ["does not exist"]),
@@ -409,3 +410,35 @@ def test_an_evaluated_stage0_point_is_scored_with_the_heun_sampler(tmp_path):
     assert len(json.loads(heun["card"])["steps"]) == 18 and heun["n"] == 20 and heun["floor"] > 0
     assert "| fid_heun |" in (tmp_path / "out" / "summary.md").read_text()
     assert [tr.name for tr in sweep.summary_figures(r.summary)["fid"].data] == ["fid_heun", "real-vs-real floor"]
+
+
+def test_noise_draws_make_each_score_a_mean_and_mark_one_draw_scores_stale(tmp_path):
+    """[eval] draws = 2: every score is the mean over 2 noise draws, value_sd their spread (summary: draw_sd, and a
+    column of summary.md); evaluations stored with one draw are computed again, but adding draws = 1 changes
+    nothing stored (its settings are those of a spec without draws)."""
+    spec_file = tmp_path / "s0.toml"
+    text = 'preset = "ci"\nstages = [0]\n[stage0]\nsteps = 3\n[eval]\nn = 20\nkinds = ["stage0"]\n'
+    spec_file.write_text(text)
+    spec = sweep.load_spec(spec_file, out=tmp_path / "out")
+    r = sweep.run_sweep(spec, sweep.Dispatch("inline"), png=False, log=lambda s: None)
+    assert r.failed == {} and all(row["value_sd"] is None for row in r.table)
+    assert "sd of one noise draw" not in (tmp_path / "out" / "summary.md").read_text()
+
+    spec_file.write_text(text + "draws = 1\n")
+    one = sweep.load_spec(spec_file, out=tmp_path / "out")
+    assert one.eval.settings() == spec.eval.settings() and "draws" not in one.eval.settings()  # as stored before
+    lines = []
+    sweep.run_sweep(one, sweep.Dispatch("inline"), png=False, log=lines.append)
+    assert "0 to evaluate" in lines[0], lines
+
+    spec_file.write_text(text + "draws = 2\n")
+    lines = []
+    r = sweep.run_sweep(sweep.load_spec(spec_file, out=tmp_path / "out"), sweep.Dispatch("inline"), png=False,
+                        log=lines.append)
+    assert "1 to evaluate" in lines[0], lines
+    heun = next(row for row in r.table if row["metric"] == "fid_heun")
+    assert json.loads(heun["card"])["draws"] == 2 and heun["value_sd"] > 0
+    assert all(row["value_sd"] > 0 for row in r.table if row["metric"] == "dfid")
+    summary = next(s for s in r.summary if s["metric"] == "fid_heun")
+    assert summary["draw_sd"] == pytest.approx(heun["value_sd"]) and summary["mean"] == pytest.approx(heun["value"])
+    assert "| sd of one noise draw |" in (tmp_path / "out" / "summary.md").read_text()

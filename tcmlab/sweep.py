@@ -29,10 +29,10 @@ FID/KID, dFID_t at `metrics.dfid_ts(T)` and, for stage 2, at t′; each with its
 at its n). Rebuilt from the JSONs on every call: `<out>/results.csv`, one row per point × metric with columns point,
 kind (stage0/stage1/stage2/control), stage, seed, one column per grid field ('s2.loss.t_prime'), steps (training
 steps of the checkpoint), metric (fid_1step, fid_2step, kid_1step, kid_2step, dfid; an evaluated stage-0 point has
-fid_heun, kid_heun instead: EDM's Heun sampler), t (dFID's noise level), value (with `[eval] draws` > 1, the mean over noise
-draws), value_sd (FID's spread over those draws; empty for one draw), kid_std (KID's spread over subsets), n,
-floor (real-vs-real FD at floor_n; None for KID and for CIFAR-10), floor_n, card (the eval card, JSON);
-`<out>/summary.csv` (`summarize`: mean, std, count over seeds per grid point and metric)
+fid_heun, kid_heun instead: EDM's Heun sampler), t (dFID's noise level), value (with `[eval] draws` > 1, the mean
+over noise draws), value_sd (FID's spread over those draws; empty for one draw), kid_std (KID's spread over subsets),
+n, floor (real-vs-real FD at floor_n; None for KID and for CIFAR-10), floor_n, card (the eval card, JSON);
+`<out>/summary.csv` (`summarize`: mean, std, count over seeds per grid point and metric; draw_sd)
 and `<out>/summary.md` (its sample-quality rows as a markdown table); with `[eval] every`, `<out>/curves.csv` (dFID_t
 and 1-step FID during training, `curves_table`); `<out>/timing.csv` (steps each run trained itself and their median
 seconds per step, `timing_table`); `<out>/figures/` (FID and dFID_t, mean ± std over seeds, and one

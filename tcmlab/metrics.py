@@ -331,6 +331,22 @@ def floor(es: EvalSet, n: int | None = None) -> float:
     return es.floors[n]
 
 
+def split_floors(es: EvalSet, splits: int = 8, seed: int = 0) -> list[float]:
+    """Real-vs-real FD over `splits` random re-splits of the eval set's real images (query ∪ reference) into two
+    disjoint halves of the query's and the reference's sizes: how far `floor` itself moves with the split, i.e. the
+    sampling noise of FD at this n that no model can beat (digits, n = 898: see docs/decisions.md §16)."""
+    if es.points or not es.disjoint:
+        raise ValueError(f"split floors need disjoint real image halves (digits); {es.name} has none")
+    real = torch.cat([es.query, es.reference])
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(splits):
+        perm = torch.randperm(len(real), generator=g)
+        a, b = real[perm[:len(es.query)]], real[perm[len(es.query):]]
+        out.append(fid_kid(a, es, kid=False, against=b)["fid"])
+    return out
+
+
 @torch.no_grad()
 def denoise(f, x: torch.Tensor, t: float, generator: torch.Generator | None = None, device=None,
             batch: int = 1024) -> torch.Tensor:

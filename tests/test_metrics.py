@@ -87,6 +87,17 @@ def test_sample_quality_cards_and_comparison(ci_runs, es):
         check_comparable(c1, EvalCard(**{**rows2[0]["card"], "n": 50000}))
 
 
+def test_split_floors_resplit_the_real_images(es, monkeypatch):
+    """Each re-split scores two disjoint halves of all real digits; the seed fixes the splits; a split that puts the
+    query and reference back as they are gives the floor itself."""
+    a = metrics.split_floors(es, splits=3, seed=1)
+    assert a == metrics.split_floors(es, splits=3, seed=1) and len(set(a)) == 3 and all(v > 0 for v in a)
+    assert metrics.split_floors(es, splits=3, seed=2) != a
+    same = metrics.EvalSet(es.name, es.query, es.reference, es.extractor, es.weights_path, es.sha256)
+    monkeypatch.setattr(metrics.torch, "randperm", lambda n, generator=None: torch.arange(n))  # the fixed split
+    assert metrics.split_floors(same, splits=1) == [pytest.approx(metrics.floor(es))]
+
+
 def test_scores_over_noise_draws(ci_runs, es):
     """draws = K: each score is the mean FID of K noise draws (seeds seed … seed + K − 1); draw 0 is the one-draw
     score, the card says K, and scores over different numbers of draws are not comparable."""

@@ -406,14 +406,12 @@ def check_draws(draws) -> int:
 
 
 def mean_over_draws(scores: list[dict]) -> dict:
-    """One score from the `fid_kid` dicts of independent noise draws (docs/decisions.md §16): 'fid' and 'kid_mean'
-    are the means over draws, 'kid_std' the mean of torch-fidelity's subset spreads, 'fid_draws' every draw's FID
-    (their spread is the evaluation noise of one draw: at n = 898 on digits the same model's 1-step FID spans
-    ~50–120 over ten draws)."""
+    """One score from the `fid_kid` dicts of independent noise draws (docs/decisions.md §16): 'fid' is the mean over
+    draws and 'fid_draws' every draw's FID (their spread is the evaluation noise of one draw: at n = 898 on digits
+    the same model's 1-step FID spans ~50–120 over ten draws). KID, where scored, is draw 0's (kid_mean, and
+    kid_std its spread over subsets): torch-fidelity's KID takes seconds a call, and draw 0 is the one-draw score."""
     out = {"fid": float(np.mean([s["fid"] for s in scores])), "fid_draws": [s["fid"] for s in scores]}
-    if "kid_mean" in scores[0]:
-        out["kid_mean"] = float(np.mean([s["kid_mean"] for s in scores]))
-        out["kid_std"] = float(np.mean([s["kid_std"] for s in scores]))
+    out.update({k: scores[0][k] for k in ("kid_mean", "kid_std") if k in scores[0]})
     return out
 
 
@@ -428,7 +426,7 @@ def sample_quality(model, es: EvalSet, t_mid: float = 1.0, n: int | None = None,
     by_ts = {}  # each draw scored as it is made: no draw's images are kept
     for k in range(check_draws(draws)):
         for ts, x in one_and_two_step(model, n, t_mid, seed + k, device, batch).items():
-            by_ts.setdefault(ts, []).append(fid_kid(es.to_scored(x), es))
+            by_ts.setdefault(ts, []).append(fid_kid(es.to_scored(x), es, kid=k == 0))
     rows = []
     for ts, per_draw in by_ts.items():
         scores = mean_over_draws(per_draw)
@@ -452,7 +450,7 @@ def heun_quality(model, es: EvalSet, num_steps: int = 18, n: int | None = None, 
     for k in range(check_draws(draws)):
         x = generate(model.f, n, model.shape, ts.tolist(), device=device,
                      generator=torch.Generator().manual_seed(seed + k), batch=batch, sampler=heun)
-        scores.append(fid_kid(es.to_scored(x), es))
+        scores.append(fid_kid(es.to_scored(x), es, kid=k == 0))
     card = EvalCard("fid_heun", n, es.extractor, es.sha256, es.reference_name, tuple(ts.tolist()), model.which, seed,
                     model.step, draws)
     return {"card": asdict(card), **mean_over_draws(scores), "floor": _floor_or_none(es, n),

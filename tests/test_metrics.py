@@ -110,6 +110,7 @@ def test_scores_over_noise_draws(ci_runs, es):
         assert b["card"]["draws"] == 3 and a["card"]["draws"] == 1 and len(b["fid_draws"]) == 3
         assert b["fid_draws"][0] == a["fid"] and b["fid_draws"][1] == c["fid"]  # draw k is seed + k
         assert b["fid"] == pytest.approx(np.mean(b["fid_draws"])) and len(set(b["fid_draws"])) == 3
+        assert (b["kid_mean"], b["kid_std"]) == (a["kid_mean"], a["kid_std"])  # KID: draw 0's
         with pytest.raises(ValueError, match="draws"):
             check_comparable(EvalCard(**a["card"]), EvalCard(**b["card"]))
     heun = metrics.heun_quality(load_model(ci_runs / "s0"), es, num_steps=3, n=50, draws=2)

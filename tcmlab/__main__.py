@@ -160,7 +160,13 @@ def cmd_claims(args) -> None:
     from .checkpoint import atomic_write_text
 
     spec = load_spec(args.spec)
-    tb, found = claims.report(spec, args.out)
+    where = {}
+    for item in args.where:
+        column, eq, value = item.partition("=")
+        if not eq or not value:
+            raise ValueError(f"--where {item}: expected COLUMN=VALUE, e.g. --where s1.loss.d=250")
+        where[column] = value
+    tb, found = claims.report(spec, args.out, where)
     command = args.command or f"python -m tcmlab claims {args.spec}"
     images = []
     if args.figures:
@@ -177,7 +183,7 @@ def cmd_claims(args) -> None:
                 continue
             (folder / f"{name}.png").write_bytes(data)
             images.append((name, os.path.relpath(folder / f"{name}.png", Path(args.md).parent if args.md else ".")))
-    text = claims.markdown(found, tb, spec, command, images)
+    text = claims.markdown(found, tb, spec, command, images, where)
     if args.md:
         atomic_write_text(Path(args.md), text)
         print(f"[claims] report: {args.md}")
@@ -185,7 +191,7 @@ def cmd_claims(args) -> None:
         print(text)
     if args.readme:
         readme = Path(args.readme)
-        block = claims.header(tb, spec, command) + (f" Tables per claim: [{args.md}]({args.md})." if args.md else "") \
+        block = claims.header(tb, spec, command, where) + (f" Tables per claim: [{args.md}]({args.md})." if args.md else "") \
             + "\n\n" + claims.summary_table(found)
         atomic_write_text(readme, claims.replace_block(readme.read_text(), block, spec.path))
         print(f"[claims] {readme}: claims block replaced")
@@ -288,6 +294,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--readme", help="also replace this README's claims block with the summary table")
     c.add_argument("--command", help="the command the report names as the one that regenerates it")
     c.add_argument("--figures", help="write the report's figures here (plotly JSON and PNG) and show them in it")
+    c.add_argument("--where", action="append", default=[], metavar="COLUMN=VALUE",
+                   help="one value of a stage-0/1 grid field, e.g. s1.loss.d=250 (needed where stage 1 has a grid; "
+                        "repeatable)")
     return ap
 
 

@@ -481,15 +481,33 @@ def defaults(spec) -> dict[str, object]:
             for key in spec.stage(2).keys}
 
 
-def load(spec, folder: str | Path | None = None) -> Tables:
-    """The sweep's tables (results.csv, curves.csv, timing.csv in `folder`, default the spec's `out`)."""
+def restrict(rows: list[dict], where: dict[str, object]) -> list[dict]:
+    """The rows of one value of earlier stages' grid fields (`where`: column → value, e.g. {'s1.loss.d': 250}): a
+    sweep whose stage-1 grid has several points read as one chain per seed. A row without that column's value (a
+    stage-0 point, shared by all) is kept."""
+    return [r for r in rows if all(r.get(c) in (None, "") or _same(r[c], v) for c, v in where.items())]
+
+
+def load(spec, folder: str | Path | None = None, where: dict[str, object] | None = None) -> Tables:
+    """The sweep's tables (results.csv, curves.csv, timing.csv in `folder`, default the spec's `out`), restricted
+    to `where` (`restrict`). A stage-1 grid needs one: the claims pair one stage-1 run per seed with its stage 2."""
     from .sweep_table import read_csv
 
     folder = Path(folder or spec.out)
     if not (folder / "results.csv").exists():
         raise FileNotFoundError(f"{folder / 'results.csv'} does not exist: run `python -m tcmlab sweep {spec.path}` "
                                 f"first (or give --out, the folder that holds the sweep's results.csv)")
-    read = lambda name: read_csv(folder / name) if (folder / name).exists() else []
+    where = dict(where or {})
+    earlier = {f"s{k}.{key}" for k, st in spec.stages if k < 2 for key in st.keys}
+    for c in where:
+        if c not in earlier:
+            raise ValueError(f"--where {c}: not a stage-0/1 grid column of {spec.path} (columns: "
+                             f"{', '.join(sorted(earlier)) or 'none'})")
+    missing = sorted(earlier - set(where))
+    if missing:
+        raise ValueError(f"{spec.path} varies {', '.join(missing)} before stage 2: pick one value of each, e.g. "
+                         f"--where {missing[0]}=VALUE (the claims pair one stage-1 run per seed with its stage 2)")
+    read = lambda name: restrict(read_csv(folder / name), where) if (folder / name).exists() else []
     return Tables(read("results.csv"), read("curves.csv"), read("timing.csv"), defaults(spec))
 
 
@@ -498,19 +516,21 @@ def summary_table(found: list[Claim]) -> str:
                                                          for c in found])
 
 
-def header(tb: Tables, spec, command: str) -> str:
+def header(tb: Tables, spec, command: str, where: dict[str, object] | None = None) -> str:
     n, fl = tb.floor()
     seeds = sorted({int(r["seed"]) for r in tb.results})
-    return (f"Spec `{spec.path}` (preset `{spec.preset}`), seeds {', '.join(map(str, seeds))} ({len(seeds)}); "
+    at = "".join(f", {c} = {v}" for c, v in (where or {}).items())
+    return (f"Spec `{spec.path}` (preset `{spec.preset}`{at}), seeds {', '.join(map(str, seeds))} ({len(seeds)}); "
             f"FID on n = {n} images against the {spec.preset} reference"
             + ("" if fl is None else f", real-vs-real floor at this n **{fl:.1f}**") +
             f". Regenerate with `{command}`. Mean ± sample std over seeds; differences are paired by seed with "
             f"their 95% Student-t interval (rules: `tcmlab/claims.py`).")
 
 
-def markdown(found: list[Claim], tb: Tables, spec, command: str, images: list[tuple[str, str]] = ()) -> str:
+def markdown(found: list[Claim], tb: Tables, spec, command: str, images: list[tuple[str, str]] = (),
+             where: dict[str, object] | None = None) -> str:
     """The whole report: header, summary table, one section per claim, then the figures (name, relative path)."""
-    parts = [f"# The paper's claims on {spec.preset}", "", header(tb, spec, command), "", summary_table(found)]
+    parts = [f"# The paper's claims on {spec.preset}", "", header(tb, spec, command, where), "", summary_table(found)]
     for c in found:
         parts += ["", f"## {c.name}", "", f"Paper: {c.paper}. Verdict: **{c.verdict}** — {c.reading}", "",
                   _table(c.header, c.rows)]
@@ -526,9 +546,11 @@ def reference(spec) -> dict[str, object]:
     return dataclasses.asdict(_stage2_config(spec).loss)
 
 
-def report(spec, folder: str | Path | None = None) -> tuple[Tables, list[Claim]]:
-    """A finished sweep's tables (folder: default the spec's `out`) and every claim it has points for."""
-    tb = load(spec, folder)
+def report(spec, folder: str | Path | None = None, where: dict[str, object] | None = None
+           ) -> tuple[Tables, list[Claim]]:
+    """A finished sweep's tables (folder: default the spec's `out`; `where`: see `load`) and every claim it has
+    points for."""
+    tb = load(spec, folder, where)
     ref = reference(spec)
     return tb, claims(tb, grid_values(spec), ref, float(ref["t_max"]))
 

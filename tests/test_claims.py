@@ -178,6 +178,38 @@ def test_claims_without_a_sweep_says_what_to_run(tmp_path, capsys):
     assert "python -m tcmlab sweep" in capsys.readouterr().err
 
 
+def test_a_stage1_grid_is_read_one_value_at_a_time(tmp_path, capsys):
+    """A sweep whose stage 1 has a grid (digits_teacher: ECT's d) has one chain per seed and value: the claims need
+    --where to pick one (refused without, naming the column), and then read only that value's rows (stage 0 kept)."""
+    from tcmlab.sweep import load_spec
+    from tcmlab.sweep_table import write_csv
+    spec = tmp_path / "s.toml"
+    spec.write_text('preset = "ci"\nseeds = [0, 1, 2]\ncontrol = true\n[stage1]\ngrid = { "loss.d" = [5, 10] }\n')
+    rows = []
+    for seed in range(3):
+        for d, gain in ((5, 6.0), (10, -6.0)):  # stage 2 beats the control at d = 5 only
+            for kind, v in (("stage1", 100.0), ("control", 90.0 + seed), ("stage2", 90.0 + seed - gain)):
+                for metric in ("fid_1step", "fid_2step"):
+                    rows.append({"point": f"seed{seed}/{kind}{d}", "kind": kind, "stage": str(STAGE[kind]),
+                                 "seed": str(seed), "s1.loss.d": str(d), "metric": metric, "t": "",
+                                 "value": str(v), "n": "898", "floor": "34.8"})
+        rows.append({"point": f"seed{seed}/s0", "kind": "stage0", "stage": "0", "seed": str(seed), "s1.loss.d": "",
+                     "metric": "fid_heun", "t": "", "value": "30", "n": "898", "floor": "34.8"})
+    write_csv(tmp_path / "results.csv", rows)
+    assert main(["claims", str(spec), "--out", str(tmp_path)]) == 2
+    assert "--where s1.loss.d=VALUE" in capsys.readouterr().err
+    assert main(["claims", str(spec), "--out", str(tmp_path), "--where", "s2.loss.w_b=1"]) == 2
+    assert "not a stage-0/1 grid column" in capsys.readouterr().err
+    verdicts = {}
+    for d in (5, 10):
+        tb, found = claims.report(load_spec(spec), tmp_path, {"s1.loss.d": d})
+        assert {r["s1.loss.d"] for r in tb.results} == {str(d), ""}
+        verdicts[d] = found[0].verdict
+    assert verdicts == {5: REPRODUCES, 10: DOES_NOT}
+    assert main(["claims", str(spec), "--out", str(tmp_path), "--where", "s1.loss.d=5"]) == 0
+    assert "(preset `ci`, s1.loss.d = 5)" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("sweep", ["digits_claims", "digits_long"])
 def test_readme_and_report_regenerate_from_the_committed_tables(sweep, tmp_path, monkeypatch):
     """Every number of the README's claims blocks and of docs/results/<sweep>.md comes from the committed sweep

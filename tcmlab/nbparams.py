@@ -52,6 +52,11 @@ def with_steps(cfg, steps):
 DFID_DEFAULTS = {"ci": (10, 200), "digits": (500, 300), "toy2d": (500, 1000), "cifar10": (10_000, 5_000)}
 
 
+# Noise draws per FID (`metrics.sample_quality(..., draws)`): on digits one draw moves a score by ~20
+# (docs/decisions.md §16); the smoke test and the large-n presets take one.
+DRAWS_DEFAULTS = {"ci": 1, "digits": 10, "toy2d": 1, "cifar10": 1}
+
+
 PRESET_NOTES = {
     "ci": "preset ci is a smoke-test size (20 steps per stage, a tiny net): samples look like noise and FID is in "
           "the thousands. That is expected. For real results run with -p preset digits (CPU minutes).",
@@ -69,6 +74,11 @@ def dfid_settings(preset_name: str, dfid_every, dfid_n) -> tuple[int, int]:
     """dFID_t cadence and size: the parameters, or the preset's defaults where they are 0."""
     every, n = DFID_DEFAULTS[check_preset(preset_name)]
     return as_steps("dfid_every", dfid_every) or every, as_steps("dfid_n", dfid_n) or n
+
+
+def draws_setting(preset_name: str, draws) -> int:
+    """Noise draws per score: the parameter, or the preset's default where it is 0."""
+    return as_steps("draws", draws) or DRAWS_DEFAULTS[check_preset(preset_name)]
 
 
 def parse_overrides(text) -> list[str]:

@@ -52,6 +52,14 @@ def test_boolean_parameters_are_parsed_strictly():
     assert cfg.loss.teacher_dropout is False
 
 
+def test_draws_parameter_takes_the_presets_default_at_zero():
+    from tcmlab import nbparams
+    assert nbparams.draws_setting("digits", 0) == 10 and nbparams.draws_setting("ci", 0) == 1
+    assert nbparams.draws_setting("ci", 3) == 3
+    with pytest.raises(ValueError, match="draws must be a positive integer"):
+        nbparams.draws_setting("digits", -2)
+
+
 def test_explorer_plots_the_dirac_mass_from_w_b_not_rho():
     # TCM Eq. (7)/(10): λ_b = w_b/(1 + w_b); ρ is the batch share at t′, not the mass.
     from tcmlab import plots

@@ -191,8 +191,8 @@ def cmd_claims(args) -> None:
         print(text)
     if args.readme:
         readme = Path(args.readme)
-        block = claims.header(tb, spec, command, where) + (f" Tables per claim: [{args.md}]({args.md})." if args.md else "") \
-            + "\n\n" + claims.summary_table(found)
+        link = f" Tables per claim: [{args.md}]({args.md})." if args.md else ""
+        block = claims.header(tb, spec, command, where) + link + "\n\n" + claims.summary_table(found)
         atomic_write_text(readme, claims.replace_block(readme.read_text(), block, spec.path))
         print(f"[claims] {readme}: claims block replaced")
 

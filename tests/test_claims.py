@@ -210,8 +210,9 @@ def test_a_stage1_grid_is_read_one_value_at_a_time(tmp_path, capsys):
     assert "(preset `ci`, s1.loss.d = 5)" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("sweep", ["digits_claims", "digits_long"])
-def test_readme_and_report_regenerate_from_the_committed_tables(sweep, tmp_path, monkeypatch):
+@pytest.mark.parametrize("sweep, where", [("digits_claims", []), ("digits_long", []),
+                                          ("digits_teacher", ["--where", "s1.loss.d=250"])])
+def test_readme_and_report_regenerate_from_the_committed_tables(sweep, where, tmp_path, monkeypatch):
     """Every number of the README's claims blocks and of docs/results/<sweep>.md comes from the committed sweep
     tables through `python -m tcmlab claims` (what `make results` runs after each sweep)."""
     monkeypatch.chdir(ROOT)  # the report names the spec by the path it was given
@@ -220,7 +221,7 @@ def test_readme_and_report_regenerate_from_the_committed_tables(sweep, tmp_path,
     shutil.copy(ROOT / "README.md", readme)
     md = tmp_path / f"{sweep}.md"
     assert main(["claims", f"sweeps/{sweep}.toml", "--out", str(tables), "--md", str(md), "--readme",
-                 str(readme), "--command", "make results"]) == 0
+                 str(readme), "--command", "make results", *where]) == 0
     committed = (ROOT / "docs" / "results" / f"{sweep}.md").read_text()
     assert md.read_text() == committed.split("\n## Figures\n")[0].rstrip("\n") + "\n"
     assert readme.read_text().replace(str(md), f"docs/results/{sweep}.md") == (ROOT / "README.md").read_text()
@@ -263,8 +264,8 @@ def test_each_spec_replaces_only_its_own_readme_block():
 
 RECIPE_QUOTES = {  # sweep -> the summary.csv rows docs/results/digits_recipe.md quotes: (kind, metric, grid values)
     "digits_claims": [("stage0", "fid_heun", {}), ("stage1", "fid_1step", {}), ("stage1", "fid_2step", {})],
-    "digits_teacher": [("stage0", "fid_heun", {})] + [("stage1", m, {"s1.loss.d": d}) for d in ("500", "250")
-                                                      for m in ("fid_1step", "fid_2step")],
+    "digits_teacher": [("stage0", "fid_heun", {})] + [(k, m, {"s1.loss.d": d}) for k in ("stage1", "control", "stage2")
+                                                      for d in ("500", "250") for m in ("fid_1step", "fid_2step")],
 }
 
 

@@ -66,8 +66,8 @@ sweep: $(STAMP)
 # The README's claims tables (TCM's claims on digits, 3 seeds; resumable): per sweep, the sweep, then its tables copied to
 # docs/results/<sweep>/ and the report, figures and README block written from them (tests/test_claims.py checks that
 # the README and the reports regenerate from the committed tables). digits_claims: about 75 minutes on 2 free cores;
-# digits_long (stage 2 for 4,000 steps against the control): about 85 more. Then the recipe sweeps (no claims report:
-# their tables and summary.md are copied to docs/results/<sweep>/, which docs/results/digits_recipe.md quotes;
+# digits_long (stage 2 for 4,000 steps against the control): about 85 more. Then the recipe sweeps (their
+# tables and summary.md are copied to docs/results/<sweep>/, which docs/results/digits_recipe.md quotes;
 # tests/test_claims.py checks the quotes): digits_teacher (stage 0 6,000 + stage 1 12,000 steps, d ∈ {500, 250},
 # then stage 2 and the control for 2,000 steps; every score the mean of 10 noise draws), about 2 hours, with a claims
 # report and README block of its d = 250 chains (the claims pair one stage-1 run per seed with its stage 2).

@@ -146,17 +146,21 @@ def figures(summary: list[dict], folder: Path, png: bool = True, curves: list[di
     return paths, png_note
 
 
+def _cell(v) -> str:
+    """A markdown table cell of a number (4 significant digits), empty for a missing one."""
+    return "" if _number(v) is None else f"{_number(v):.4g}"
+
+
 def summary_markdown(summary: list[dict], metrics=("fid_1step", "fid_2step", "kid_1step", "fid_heun")) -> str:
     """The summary's sample-quality rows as a markdown table: point, metric, mean ± std over seeds (count), floor;
     where scores are means over noise draws, also one draw's spread (`draw_sd`)."""
     rows = sorted((r for r in summary if r["metric"] in metrics), key=lambda r: (r["metric"], _label(r)))
-    fmt = lambda v: "" if v in (None, "") else f"{float(v):.4g}"  # noqa: E731
     drawn = any(r.get("draw_sd") not in (None, "") for r in rows)
     lines = ["| point | metric | mean ± std | seeds | " + ("sd of one noise draw | " if drawn else "")
              + "real-vs-real floor |", "|---|---|---|---|" + ("---|" if drawn else "") + "---|"]
     for r in rows:
         std = "" if r["std"] in (None, "") else f" ± {float(r['std']):.4g}"
-        sd = f"{fmt(r.get('draw_sd'))} | " if drawn else ""
+        sd = f"{_cell(r.get('draw_sd'))} | " if drawn else ""
         lines.append(f"| {_label(r)} | {r['metric']} | {float(r['mean']):.4g}{std} | {r['count']} | {sd}"
-                     f"{fmt(r['floor'])} |")
+                     f"{_cell(r['floor'])} |")
     return "\n".join(lines)

@@ -113,10 +113,11 @@ def all_figures(tb: Tables, values: dict[str, list]) -> dict:
     """The report's figures by file name."""
     ref = {c.rpartition(".")[2]: v for c, v in tb.default.items()}
     t_prime = float(ref.get("t_prime", 1.0))
-    out = {"dfid_profile": dfid_profile(tb, t_prime),
-           "stage1_training": over_training(tb, "stage1", "During stage 1 (TCM Fig. 2; mean over seeds)"),
-           "stage2_training": over_training(tb, "stage2", f"During stage 2, t′ = {t_prime:g}, from the end of "
-                                            "stage 1 (TCM Fig. 3; mean over seeds)", start="stage1")}
+    out = {"dfid_profile": dfid_profile(tb, t_prime)}
+    if tb.curves:  # a sweep without `[eval] every` has no curves: no empty figures over training
+        out["stage1_training"] = over_training(tb, "stage1", "During stage 1 (TCM Fig. 2; mean over seeds)")
+        out["stage2_training"] = over_training(tb, "stage2", f"During stage 2, t′ = {t_prime:g}, from the end of "
+                                               "stage 1 (TCM Fig. 3; mean over seeds)", start="stage1")
     if len(values.get("t_prime", [])) > 1:
         out["tprime"] = tprime(tb, [float(v) for v in values["t_prime"]])
     settings = [(f"{name} = {v}", {name: v}) for name in ("t_prime", "w_b", "rho", "teacher_dropout")

@@ -244,10 +244,10 @@ def to_json(cfg: RunConfig) -> str:
 # Presets. Each is (stage 0, stage 1, stage 2); `init_from` (the previous stage's run directory) is given by the
 # caller: `preset("digits", 2, init_from="runs/s1")`. Stage 2 refuses to train without it.
 
-def _small(name, data, net, train, edm_steps, ect_steps, tcm_steps, d, ratio_max, lr2):
+def _small(name, data, net, train, edm_steps, ect_steps, tcm_steps, d, ratio_max, lr2, lr0=None):
     ect = ECTConfig(d=d, ratio_max=ratio_max)
     return (
-        RunConfig(name, data, net, dataclasses.replace(train, steps=edm_steps), EDMConfig()),
+        RunConfig(name, data, net, dataclasses.replace(train, steps=edm_steps, lr=lr0 or train.lr), EDMConfig()),
         RunConfig(name, data, net, dataclasses.replace(train, steps=ect_steps), ect),
         RunConfig(name, data, net, dataclasses.replace(train, steps=tcm_steps, lr=lr2),
                   TCMConfig(ratio=ratio_max)),
@@ -263,9 +263,11 @@ PRESETS: dict[str, tuple[RunConfig | None, RunConfig, RunConfig]] = {
     "ci": _small("ci", DataConfig("digits"), NetConfig(arch="mlp", channels=64, depth=2, emb_channels=32, dropout=0.1),
                  TrainConfig(steps=1, batch=64, lr=1e-3, ema_beta=0.9, log_every=5, ckpt_every=20),
                  edm_steps=20, ect_steps=20, tcm_steps=20, d=5, ratio_max=0.99, lr2=5e-4),
-    # digits: the embedded default, CPU minutes (sklearn's 1,797 8×8 digits).
+    # digits: the embedded default, all stages in `make demo`'s 10 CPU minutes (sklearn's 1,797 8×8 digits). Stage 0
+    # at lr 3e-3, stage 1 with d = 250 for 3,000 steps, stage 2 for 1,500: sweeps/digits_fast.toml, measured against
+    # the earlier lr 1e-3 / d = 500 / 4,000 + 2,000 steps in docs/results/digits_recipe.md.
     "digits": _small("digits", DataConfig("digits"), _DIGITS_NET, _DIGITS_TRAIN,
-                     edm_steps=3000, ect_steps=4000, tcm_steps=2000, d=500, ratio_max=0.99, lr2=5e-4),
+                     edm_steps=3000, ect_steps=3000, tcm_steps=1500, d=250, ratio_max=0.99, lr2=5e-4, lr0=3e-3),
     # toy2d: two moons, CPU seconds to minutes.
     "toy2d": _small("toy2d", DataConfig("toy2d"), NetConfig(arch="mlp", channels=128, depth=3, dropout=0.0),
                     TrainConfig(steps=1, batch=512, lr=1e-3, ema_beta=0.999, log_every=50, ckpt_every=1000),

@@ -211,7 +211,7 @@ def test_a_stage1_grid_is_read_one_value_at_a_time(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("sweep, where", [("digits_claims", []), ("digits_long", []),
-                                          ("digits_teacher", ["--where", "s1.loss.d=250"])])
+                                          ("digits_teacher", ["--where", "s1.loss.d=250"]), ("digits_fast", [])])
 def test_readme_and_report_regenerate_from_the_committed_tables(sweep, where, tmp_path, monkeypatch):
     """Every number of the README's claims blocks and of docs/results/<sweep>.md comes from the committed sweep
     tables through `python -m tcmlab claims` (what `make results` runs after each sweep)."""
@@ -252,6 +252,16 @@ def test_report_figures_have_titled_axes_and_the_sweep_points():
                                                         "t_prime = 1.5"]
 
 
+def test_a_sweep_without_curves_gets_no_empty_figures_over_training():
+    """digits_fast sets no `[eval] every`: its report has the final-score figures only, not blank ones over training."""
+    from tcmlab import claims_plots
+
+    rows = [row(kind, s, m, v) for s in range(2) for kind, v in (("stage1", 100), ("control", 95), ("stage2", 90))
+            for m in ("fid_1step", "fid_2step")] + [row("stage1", s, "dfid", 40, t=0.5) for s in range(2)]
+    figs = claims_plots.all_figures(Tables(rows, [], [], DEFAULT), {})
+    assert set(figs) == {"dfid_profile", "ablations"}
+
+
 def test_each_spec_replaces_only_its_own_readme_block():
     a0, a1 = claims.markers("sweeps/digits_claims.toml")
     b0, b1 = claims.markers("sweeps/digits_long.toml")
@@ -264,6 +274,8 @@ def test_each_spec_replaces_only_its_own_readme_block():
 
 RECIPE_QUOTES = {  # sweep -> the summary.csv rows docs/results/digits_recipe.md quotes: (kind, metric, grid values)
     "digits_claims": [("stage0", "fid_heun", {}), ("stage1", "fid_1step", {}), ("stage1", "fid_2step", {})],
+    "digits_fast": [("stage0", "fid_heun", {})] + [(k, m, {}) for k in ("stage1", "control", "stage2")
+                                                   for m in ("fid_1step", "fid_2step")],
     "digits_teacher": [("stage0", "fid_heun", {})] + [(k, m, {"s1.loss.d": d}) for k in ("stage1", "control", "stage2")
                                                       for d in ("500", "250") for m in ("fid_1step", "fid_2step")],
 }
@@ -271,11 +283,14 @@ RECIPE_QUOTES = {  # sweep -> the summary.csv rows docs/results/digits_recipe.md
 
 @pytest.mark.parametrize("sweep", sorted(RECIPE_QUOTES))
 def test_recipe_page_quotes_the_committed_sweep_tables(sweep):
-    """The recipe page's 3-seed numbers are the committed summary.csv's mean ± std (written by `make results`),
-    each followed by its sweep and grid point, e.g. "76.2 ± 8.5 (digits_teacher, d = 250)", so they cannot drift
-    from the tables."""
+    """The recipe page's numbers are the committed summary.csv's mean ± std over all of the spec's seeds (written by
+    `make results`), each followed by its sweep and grid point, e.g. "76.2 ± 8.5 (digits_teacher, d = 250)", so they
+    cannot drift from the tables."""
     import csv
 
+    from tcmlab.sweep import load_spec
+
+    seeds = len(load_spec(ROOT / "sweeps" / f"{sweep}.toml").seeds)
     page = (ROOT / "docs" / "results" / "digits_recipe.md").read_text()
     with open(ROOT / "docs" / "results" / sweep / "summary.csv") as fh:
         summary = list(csv.DictReader(fh))
@@ -284,4 +299,4 @@ def test_recipe_page_quotes_the_committed_sweep_tables(sweep):
                 and all(r[c] == v for c, v in grid.items())]
         label = sweep + "".join(f", {c.split('.')[-1]} = {v}" for c, v in grid.items())
         quote = f"{float(r['mean']):.1f} ± {float(r['std']):.1f} ({label})"
-        assert int(r["count"]) == 3 and quote in page, quote
+        assert int(r["count"]) == seeds and quote in page, quote

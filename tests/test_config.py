@@ -27,6 +27,24 @@ def test_cifar10_preset_matches_paper_row_by_row():
         preset("cifar10", 0)
 
 
+def test_digits_preset_is_the_measured_recipe_and_the_sweeps_pin_the_earlier_one():
+    """The digits preset is sweeps/digits_fast.toml's recipe (docs/results/digits_recipe.md): stage 0 alone at lr
+    3e-3; the sweeps run before it pin the earlier lr 1e-3 and d = 500, so their committed tables stay theirs."""
+    from tcmlab.sweep import expand, load_spec
+
+    s0, s1, s2 = (preset("digits", k, init_from="x" if k == 2 else None) for k in range(3))
+    assert (s0.train.lr, s1.train.lr, s2.train.lr) == (3e-3, 1e-3, 5e-4)
+    assert (s0.train.steps, s1.train.steps, s2.train.steps, s1.loss.d) == (3000, 3000, 1500, 250)
+    root = Path(__file__).resolve().parents[1] / "sweeps"
+    for name in ("digits_claims", "digits_long", "digits_teacher"):
+        points = expand(load_spec(root / f"{name}.toml"))
+        assert {p.cfg.train.lr for p in points if p.kind == "stage0"} == {1e-3}, name
+    assert {p.cfg.loss.d for p in expand(load_spec(root / "digits_claims.toml")) if p.kind == "stage1"} == {500}
+    fast = {p.kind: p.cfg for p in expand(load_spec(root / "digits_fast.toml")) if p.seed == 0}
+    assert [fast[f"stage{k}"] for k in range(3)] == [
+        dataclasses.replace(c, init_from=fast[f"stage{k}"].init_from) for k, c in enumerate((s0, s1, s2))]
+
+
 @pytest.mark.parametrize("cls, kw, name", [
     (TCMConfig, dict(t_prime=0.0), "tprime"), (TCMConfig, dict(t_prime=80.0), "tprime"),
     (TCMConfig, dict(rho=1.0), "rho"), (TCMConfig, dict(rho=0.0), "rho"), (TCMConfig, dict(w_b=-0.1), "w_b"),

@@ -39,8 +39,8 @@ def test_digits_preset_is_the_measured_recipe_and_the_sweeps_pin_the_earlier_one
     for name in ("digits_claims", "digits_long", "digits_teacher"):
         points = expand(load_spec(root / f"{name}.toml"))
         assert {p.cfg.train.lr for p in points if p.kind == "stage0"} == {1e-3}, name
-    for name in ("digits_claims", "digits_long"):
-        assert {p.cfg.loss.d for p in expand(load_spec(root / f"{name}.toml")) if p.kind == "stage1"} == {500}, name
+        if name != "digits_teacher":  # digits_teacher grids d over {250, 500}
+            assert {p.cfg.loss.d for p in points if p.kind == "stage1"} == {500}, name
     fast = {p.kind: p.cfg for p in expand(load_spec(root / "digits_fast.toml")) if p.seed == 0}
     assert [fast[f"stage{k}"] for k in range(3)] == [
         dataclasses.replace(c, init_from=fast[f"stage{k}"].init_from) for k, c in enumerate((s0, s1, s2))]

@@ -71,7 +71,7 @@ sweep: $(STAMP)
 # tests/test_claims.py checks the quotes): digits_teacher (stage 0 6,000 + stage 1 12,000 steps, d ∈ {500, 250},
 # then stage 2 and the control for 2,000 steps, 5 seeds; every score the mean of 10 noise draws), about 3 h 20 min,
 # with a claims report and README block of its d = 250 chains (the claims pair one stage-1 run per seed with its
-# stage 2); digits_fast (the digits preset's own 7,500 steps with the control, 3 seeds), about 30 minutes, with a
+# stage 2); digits_fast (the digits preset's own 7,000 steps with the control, 3 seeds), under 30 minutes, with a
 # claims report and README block (no curves: it sets no [eval] every).
 CLAIM_SWEEPS := digits_claims digits_long
 RECIPE_SWEEPS := digits_teacher digits_fast

@@ -263,12 +263,12 @@ PRESETS: dict[str, tuple[RunConfig | None, RunConfig, RunConfig]] = {
     "ci": _small("ci", DataConfig("digits"), NetConfig(arch="mlp", channels=64, depth=2, emb_channels=32, dropout=0.1),
                  TrainConfig(steps=1, batch=64, lr=1e-3, ema_beta=0.9, log_every=5, ckpt_every=20),
                  edm_steps=20, ect_steps=20, tcm_steps=20, d=5, ratio_max=0.99, lr2=5e-4),
-    # digits: the embedded default, sized for `make demo` on 2 CPU cores (sklearn's 1,797 8×8 digits; the demo took
-    # 10 min 33 s). Stage 0 at lr 3e-3, stage 1 with d = 250 for 3,000 steps, stage 2 for 1,500:
+    # digits: the embedded default, sized for `make demo` on 2 CPU cores (sklearn's 1,797 8×8 digits). Stage 0 at
+    # lr 3e-3, stage 1 with d = 250 for 3,000 steps, stage 2 for 1,000 (1,500 scored the same over 3 seeds):
     # sweeps/digits_fast.toml, measured against the earlier lr 1e-3 / d = 500 / 4,000 + 2,000 steps in
-    # docs/results/digits_recipe.md.
+    # docs/results/digits_recipe.md, with the demo's time.
     "digits": _small("digits", DataConfig("digits"), _DIGITS_NET, _DIGITS_TRAIN,
-                     edm_steps=3000, ect_steps=3000, tcm_steps=1500, d=250, ratio_max=0.99, lr2=5e-4, lr0=3e-3),
+                     edm_steps=3000, ect_steps=3000, tcm_steps=1000, d=250, ratio_max=0.99, lr2=5e-4, lr0=3e-3),
     # toy2d: two moons, CPU seconds to minutes.
     "toy2d": _small("toy2d", DataConfig("toy2d"), NetConfig(arch="mlp", channels=128, depth=3, dropout=0.0),
                     TrainConfig(steps=1, batch=512, lr=1e-3, ema_beta=0.999, log_every=50, ckpt_every=1000),

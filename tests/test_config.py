@@ -34,7 +34,7 @@ def test_digits_preset_is_the_measured_recipe_and_the_sweeps_pin_the_earlier_one
 
     s0, s1, s2 = (preset("digits", k, init_from="x" if k == 2 else None) for k in range(3))
     assert (s0.train.lr, s1.train.lr, s2.train.lr) == (3e-3, 1e-3, 5e-4)
-    assert (s0.train.steps, s1.train.steps, s2.train.steps, s1.loss.d) == (3000, 3000, 1500, 250)
+    assert (s0.train.steps, s1.train.steps, s2.train.steps, s1.loss.d) == (3000, 3000, 1000, 250)
     root = Path(__file__).resolve().parents[1] / "sweeps"
     for name in ("digits_claims", "digits_long", "digits_teacher"):
         points = expand(load_spec(root / f"{name}.toml"))

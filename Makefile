@@ -72,9 +72,10 @@ sweep: $(STAMP)
 # then stage 2 and the control for 2,000 steps, 5 seeds; every score the mean of 10 noise draws), about 3 h 20 min,
 # with a claims report and README block of its d = 250 chains (the claims pair one stage-1 run per seed with its
 # stage 2); digits_fast (the digits preset's own 7,000 steps with the control, 3 seeds), under 30 minutes, with a
-# claims report and README block (no curves: it sets no [eval] every).
+# claims report and README block (no curves: it sets no [eval] every); digits_fast_T80 (the same at T = 80, TCM's T,
+# against the preset's 10: docs/decisions.md §18), under 30 minutes.
 CLAIM_SWEEPS := digits_claims digits_long
-RECIPE_SWEEPS := digits_teacher digits_fast
+RECIPE_SWEEPS := digits_teacher digits_fast digits_fast_T80
 results: $(STAMP) chromium
 	for s in $(CLAIM_SWEEPS); do \
 	  $(PY) -m tcmlab sweep sweeps/$$s.toml --workers 2 && mkdir -p docs/results/$$s && \

@@ -279,6 +279,26 @@ RECIPE_QUOTES = {  # sweep -> the summary.csv rows docs/results/digits_recipe.md
     "digits_teacher": [("stage0", "fid_heun", {})] + [(k, m, {"s1.loss.d": d}) for k in ("stage1", "control", "stage2")
                                                       for d in ("500", "250") for m in ("fid_1step", "fid_2step")],
 }
+RECIPE_QUOTES["digits_fast_T80"] = RECIPE_QUOTES["digits_fast"]  # the same recipe at T = 80
+
+
+@pytest.mark.parametrize("doc", ["README.md", "docs/results/digits_recipe.md"])
+def test_every_tagged_number_is_a_row_of_its_committed_table(doc):
+    """Every "mean ± std (sweep[, field = value])" in the README and the recipe page is the mean ± std of a row of
+    docs/results/<sweep>/summary.csv with those grid values: a number left behind when a table changes fails here."""
+    import csv
+    import re
+
+    text = " ".join((ROOT / doc).read_text().split())
+    quotes = re.findall(r"(\d+\.\d) ± (\d+\.\d) \((digits_\w+)((?:, \w+ = [^,)]+)*)\)", text)
+    assert quotes, doc
+    for mean, std, sweep, grid in quotes:
+        with open(ROOT / "docs" / "results" / sweep / "summary.csv") as fh:
+            summary = list(csv.DictReader(fh))
+        want = [kv.split(" = ") for kv in grid.split(", ")[1:]]
+        assert any(f"{float(r['mean']):.1f}" == mean and f"{float(r['std']):.1f}" == std
+                   and all(any(c.split(".")[-1] == k and r[c] == v for c in r) for k, v in want)
+                   for r in summary), f"{doc}: {mean} ± {std} ({sweep}{grid}) is no row of {sweep}/summary.csv"
 
 
 @pytest.mark.parametrize("sweep", sorted(RECIPE_QUOTES))
@@ -291,7 +311,7 @@ def test_recipe_page_quotes_the_committed_sweep_tables(sweep):
     from tcmlab.sweep import load_spec
 
     seeds = len(load_spec(ROOT / "sweeps" / f"{sweep}.toml").seeds)
-    page = (ROOT / "docs" / "results" / "digits_recipe.md").read_text()
+    page = " ".join((ROOT / "docs" / "results" / "digits_recipe.md").read_text().split())
     with open(ROOT / "docs" / "results" / sweep / "summary.csv") as fh:
         summary = list(csv.DictReader(fh))
     for kind, metric, grid in RECIPE_QUOTES[sweep]:

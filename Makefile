@@ -71,9 +71,9 @@ sweep: $(STAMP)
 # tests/test_claims.py checks the quotes): digits_teacher (stage 0 6,000 + stage 1 12,000 steps, d ∈ {500, 250},
 # then stage 2 and the control for 2,000 steps, 5 seeds; every score the mean of 10 noise draws), about 3 h 20 min,
 # with a claims report and README block of its d = 250 chains (the claims pair one stage-1 run per seed with its
-# stage 2); digits_fast (the digits preset's own 7,000 steps with the control, 3 seeds), under 30 minutes, with a
-# claims report and README block (no curves: it sets no [eval] every); digits_fast_T80 (the same at T = 80, TCM's T,
-# against the preset's 10: docs/decisions.md §18), under 30 minutes.
+# stage 2); digits_fast (the digits preset's own 6,000 steps with the control, 3 seeds), under 30 minutes, with a
+# claims report and README block (no curves: it sets no [eval] every); digits_fast_T80 (T = 80, TCM's T, against the
+# preset's 10, with stages 1 and 2 of 3,000 and 1,000 steps: docs/decisions.md §18), under 30 minutes.
 CLAIM_SWEEPS := digits_claims digits_long
 RECIPE_SWEEPS := digits_teacher digits_fast digits_fast_T80
 results: $(STAMP) chromium

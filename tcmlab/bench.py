@@ -40,11 +40,12 @@ from pathlib import Path
 
 import torch
 
-from .config import NetConfig, TCMConfig, preset
+from .config import NetConfig, TCMConfig, TrainConfig, preset
 from .model import AUTOCAST, frozen_copy
 from .nets import build_net
 from .precond import Precond
 from .stages import ECTStage, EDMStage, TCMStage
+from .train import make_optimizer
 
 NETS = {
     "mlp": ((1, 8, 8), preset("digits", 1).net),
@@ -93,11 +94,12 @@ def train_step(stage, f, f0, opt, x, eps, generator: torch.Generator):
 
 
 def make_steps(net_name: str, batch: int, device, precision: str = "fp32", channels_last: bool = False,
-               compile: bool = False, teacher_dropout: bool = True, names=tuple(STAGES)) -> dict:
+               compile: bool = False, teacher_dropout: bool = True, names=tuple(STAGES), foreach: bool = True) -> dict:
     """name -> (step(), state) for each stage variant on one shared network, optimiser and fixed batch; `state` is
-    what stays resident between steps (for the CPU memory figure)."""
+    what stays resident between steps (for the CPU memory figure). The optimiser is train()'s (`make_optimizer`:
+    RAdam, foreach unless `foreach=False`)."""
     f, f0 = build_pair(net_name, device, precision, channels_last, teacher_dropout)
-    opt = torch.optim.RAdam(f.parameters(), lr=1e-5)
+    opt = make_optimizer(f.parameters(), TrainConfig(lr=1e-5), foreach=foreach)
     x, eps = fixed_batch(net_name, batch, device, channels_last)
     fc, f0c = (torch.compile(f), torch.compile(f0)) if compile else (f, f0)
     g = torch.Generator().manual_seed(0)
@@ -114,6 +116,13 @@ def make_recipe_steps(net_name: str, batch: int, device) -> dict:
                                     "stage1 bf16+channels_last+compile": ("bf16", True)}.items():
         out.update({name: make_steps(net_name, batch, device, precision, fast, fast, names=(REF,))[REF]})
     return out
+
+
+def make_foreach_steps(net_name: str, batch: int, device) -> dict:
+    """Stage 1 with RAdam's per-parameter loop (torch's CPU default) and with its foreach update (train()'s), each
+    with its own network and optimiser (same seed, same batch)."""
+    return {f"stage1 RAdam {name}": make_steps(net_name, batch, device, names=(REF,), foreach=fe)[REF]
+            for name, fe in (("loop", False), ("foreach", True))}
 
 
 def sync_fn(device):
@@ -275,6 +284,8 @@ def build_record(args, argv: list[str], device, times: dict, peaks: dict, peaks_
             rec["target"] = {"stage2_routed_over_stage1": TARGET_STAGE2, "met_time": met(t_ratio[ROUTED]),
                              "met_memory": met(m_ratio.get(ROUTED)),
                              "met_memory_without_theta0": met(m0_ratio.get(ROUTED))}
+    if args.compare_foreach:
+        rec["foreach_speedup"] = ms[ref] / ms["stage1 RAdam foreach"]
     if args.compare_recipes:
         fast = "stage1 bf16+channels_last+compile"
         rec["recipe_speedup"] = ms[ref] / ms[fast]
@@ -298,6 +309,8 @@ def print_record(rec: dict) -> None:
         r = rec["routed_over_full"]
         mem = "" if r["memory"] is None else f", memory {r['memory']:.3f}"
         print(f"routed/full (official) stage 2: time {r['time']:.3f}{mem}")
+    if "foreach_speedup" in rec:
+        print(f"stage-1 step, RAdam foreach over its per-parameter loop: {rec['foreach_speedup']:.3f}x faster")
     if "recipe_speedup" in rec:
         print(f"stage-1 throughput, bf16+channels_last+compile over fp32: {rec['recipe_speedup']:.3f}x "
               f"(target >= {TARGET_RECIPE})")
@@ -323,6 +336,8 @@ def parse_args(argv):
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--compare-recipes", action="store_true",
                     help="stage 1 only: official fp32 vs bf16 + channels_last + torch.compile (target >= 1.3x)")
+    ap.add_argument("--compare-foreach", action="store_true",
+                    help="stage 1 only: RAdam's per-parameter loop vs its foreach update (what train() uses)")
     ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
     ap.add_argument("--profile", action="store_true", help="print torch.profiler's top ops of stage 1 and stage 2")
     ap.add_argument("--json", default=None, help="where to write the record (default bench-<net>.json)")
@@ -336,8 +351,12 @@ def main(argv=None) -> dict:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
     device = torch.device(args.device)
+    if args.compare_recipes and args.compare_foreach:
+        raise SystemExit("--compare-recipes and --compare-foreach are separate runs: give one")
     if args.compare_recipes:
         steps, ref = make_recipe_steps(args.net, args.batch, device), "stage1 fp32"
+    elif args.compare_foreach:
+        steps, ref = make_foreach_steps(args.net, args.batch, device), "stage1 RAdam loop"
     else:
         steps, ref = make_steps(args.net, args.batch, device, args.precision, args.channels_last, args.compile), REF
     times = time_steps(steps, args.rounds, args.per_round, device)

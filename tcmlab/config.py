@@ -264,13 +264,13 @@ PRESETS: dict[str, tuple[RunConfig | None, RunConfig, RunConfig]] = {
                  TrainConfig(steps=1, batch=64, lr=1e-3, ema_beta=0.9, log_every=5, ckpt_every=20),
                  edm_steps=20, ect_steps=20, tcm_steps=20, d=5, ratio_max=0.99, lr2=5e-4),
     # digits: the embedded default, sized for `make demo` on 2 CPU cores (sklearn's 1,797 8×8 digits). Stage 0 at
-    # lr 5e-3, stage 1 with d = 250 for 3,000 steps, stage 2 for 1,000, and T = 10 in stages 1 and 2 instead of
+    # lr 5e-3 for 3,000 steps, stage 1 with d = 250 for 2,500, stage 2 for 500, and T = 10 in stages 1 and 2 instead of
     # TCM's 80 (App. E, CIFAR-10 and ImageNet): Song & Ermon's rule (2020, technique 1) puts the largest noise level
     # at the largest distance between two training images, 9.6 for the digits (docs/decisions.md §18).
     # sweeps/digits_fast.toml, measured against T = 80 (sweeps/digits_fast_T80.toml) and the earlier recipes in
     # docs/results/digits_recipe.md, with the demo's time.
     "digits": _small("digits", DataConfig("digits"), _DIGITS_NET, _DIGITS_TRAIN,
-                     edm_steps=3000, ect_steps=3000, tcm_steps=1000, d=250, ratio_max=0.99, lr2=5e-4, lr0=5e-3,
+                     edm_steps=3000, ect_steps=2500, tcm_steps=500, d=250, ratio_max=0.99, lr2=5e-4, lr0=5e-3,
                      t_max=10.0),
     # toy2d: two moons, CPU seconds to minutes.
     "toy2d": _small("toy2d", DataConfig("toy2d"), NetConfig(arch="mlp", channels=128, depth=3, dropout=0.0),

@@ -107,6 +107,19 @@ def test_compare_recipes_reports_the_fast_recipe_over_fp32(tmp_path, monkeypatch
     assert len(compiled) == 2 and all(m.autocast_dtype == bench.torch.bfloat16 for m in compiled)
 
 
+def test_compare_foreach_times_train_s_optimiser_against_the_loop(tmp_path):
+    rec = bench.main(["--compare-foreach", "--batch", "4", "--rounds", "1", "--per-round", "1", "--no-memory",
+                      "--json", str(tmp_path / "foreach.json")])
+    v = rec["variants"]
+    assert set(v) == {"stage1 RAdam loop", "stage1 RAdam foreach"} and rec["reference"] == "stage1 RAdam loop"
+    assert rec["foreach_speedup"] == pytest.approx(v["stage1 RAdam loop"]["ms_per_step"]
+                                                   / v["stage1 RAdam foreach"]["ms_per_step"])
+    steps = bench.make_foreach_steps("mlp", 4, bench.torch.device("cpu"))
+    assert [s["opt"].defaults["foreach"] for _, s in steps.values()] == [False, True]
+    with pytest.raises(SystemExit, match="separate runs"):
+        bench.main(["--compare-foreach", "--compare-recipes"])
+
+
 def test_performance_doc_names_every_key_of_the_record(record):
     import re
     from pathlib import Path
@@ -115,6 +128,6 @@ def test_performance_doc_names_every_key_of_the_record(record):
     named = set(re.findall(r"`([a-z_0-9]+)`", section))
     _, rec = record
     keys = set(rec) | {k for row in rec["variants"].values() for k in row} | set(rec["target"]) | \
-        set(rec["routed_over_full"]) | {"recipe_speedup", "met", "profile", "op", "ms_per_step", "share",
-                                        "calls_per_step"}
+        set(rec["routed_over_full"]) | {"recipe_speedup", "foreach_speedup", "met", "profile", "op", "ms_per_step",
+                                        "share", "calls_per_step"}
     assert keys <= named, sorted(keys - named)

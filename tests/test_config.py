@@ -29,13 +29,14 @@ def test_cifar10_preset_matches_paper_row_by_row():
 
 def test_digits_preset_is_the_measured_recipe_and_the_sweeps_pin_the_earlier_one():
     """The digits preset is sweeps/digits_fast.toml's recipe (docs/results/digits_recipe.md): stage 0 alone at lr
-    5e-3, T = 10 in stages 1 and 2 (docs/decisions.md §18); digits_fast_T80 is that recipe at T = 80, and the sweeps
-    run before it pin the earlier lr 1e-3, d = 500 and T = 80, so their committed tables stay theirs."""
+    5e-3, T = 10 in stages 1 and 2 (docs/decisions.md §18); digits_fast_T80 is that recipe at T = 80 with the longer
+    stages 1 and 2 it was measured with, and the sweeps run before it pin the earlier lr 1e-3, d = 500 and T = 80, so
+    their committed tables stay theirs."""
     from tcmlab.sweep import expand, load_spec
 
     s0, s1, s2 = (preset("digits", k, init_from="x" if k == 2 else None) for k in range(3))
     assert (s0.train.lr, s1.train.lr, s2.train.lr) == (5e-3, 1e-3, 5e-4)
-    assert (s0.train.steps, s1.train.steps, s2.train.steps, s1.loss.d) == (3000, 3000, 1000, 250)
+    assert (s0.train.steps, s1.train.steps, s2.train.steps, s1.loss.d) == (3000, 2500, 500, 250)
     assert (s1.t_max, s2.t_max) == (10.0, 10.0)
     root = Path(__file__).resolve().parents[1] / "sweeps"
     for name in ("digits_claims", "digits_long", "digits_teacher"):
@@ -51,7 +52,9 @@ def test_digits_preset_is_the_measured_recipe_and_the_sweeps_pin_the_earlier_one
     assert t80["stage0"] == dataclasses.replace(fast["stage0"], init_from=t80["stage0"].init_from)
     for kind in ("stage1", "stage2", "control"):
         assert t80[kind].loss == dataclasses.replace(fast[kind].loss, t_max=80.0), kind
-        assert (t80[kind].net, t80[kind].train) == (fast[kind].net, fast[kind].train), kind
+        assert t80[kind].net == fast[kind].net, kind
+        assert dataclasses.replace(t80[kind].train, steps=fast[kind].train.steps) == fast[kind].train, kind
+    assert (t80["stage1"].train.steps, t80["stage2"].train.steps) == (3000, 1000)  # the recipe's steps then
 
 
 @pytest.mark.parametrize("cls, kw, name", [

@@ -83,6 +83,14 @@ def test_stage2_theta0_is_stage1_ema_and_stays_frozen(tmp_path, ci_runs, monkeyp
         assert states_equal(state, s1["ema"]) and not states_equal(state, s1["model"])
 
 
+@pytest.mark.parametrize("stage", [0, 1, 2])
+def test_every_stage_steps_with_the_foreach_optimiser(ci_runs, stage):
+    """train() takes RAdam's multi-tensor update on the CPU too (torch's CPU default is the slower per-parameter
+    loop; docs/performance.md), and the checkpoint's optimiser state says so for every stage."""
+    state, _ = load_state(ci_runs / f"s{stage}")
+    assert [g["foreach"] for g in state["optimizer"]["param_groups"]] == [True]
+
+
 def test_initial_weights_depend_only_on_train_seed(tmp_path):
     cfg = preset("ci", 0)
     cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, steps=1))

@@ -48,8 +48,9 @@ def with_steps(cfg, steps):
     return cfg if steps is None else dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, steps=steps))
 
 
-# (dfid_every, dfid_n) per preset: a few evaluations per stage, n large enough for a stable FD at that scale.
-DFID_DEFAULTS = {"ci": (10, 200), "digits": (500, 300), "toy2d": (500, 1000), "cifar10": (10_000, 5_000)}
+# (dfid_every, dfid_n) per preset: a few evaluations per stage (digits: two in its 500-step stage 2), n large enough
+# for a stable FD at that scale.
+DFID_DEFAULTS = {"ci": (10, 200), "digits": (250, 300), "toy2d": (500, 1000), "cifar10": (10_000, 5_000)}
 
 
 # Noise draws per FID (`metrics.sample_quality(..., draws)`): on digits one draw moves a score by ~20

@@ -279,7 +279,7 @@ RECIPE_QUOTES = {  # sweep -> the summary.csv rows docs/results/digits_recipe.md
     "digits_teacher": [("stage0", "fid_heun", {})] + [(k, m, {"s1.loss.d": d}) for k in ("stage1", "control", "stage2")
                                                       for d in ("500", "250") for m in ("fid_1step", "fid_2step")],
 }
-RECIPE_QUOTES["digits_fast_T80"] = RECIPE_QUOTES["digits_fast"]  # the same recipe at T = 80
+RECIPE_QUOTES["digits_fast_T80"] = RECIPE_QUOTES["digits_fast"]  # T = 80, stages 1 and 2 of 3,000 and 1,000 steps
 
 
 @pytest.mark.parametrize("doc", ["README.md", "docs/results/digits_recipe.md"])

@@ -41,8 +41,9 @@ from pathlib import Path
 import torch
 
 from .config import NetConfig, TCMConfig, TrainConfig, preset
-from .model import AUTOCAST, frozen_copy
+from .model import frozen_copy
 from .nets import build_net
+from .precision import AUTOCAST, float32_math
 from .precond import Precond
 from .stages import ECTStage, EDMStage, TCMStage
 from .train import make_optimizer
@@ -82,15 +83,16 @@ def fixed_batch(net_name: str, batch: int, device, channels_last: bool):
     return x.to(device, memory_format=fmt), eps.to(device, memory_format=fmt)
 
 
-def train_step(stage, f, f0, opt, x, eps, generator: torch.Generator):
+def train_step(stage, f, f0, opt, x, eps, generator: torch.Generator, precision: str = "fp32"):
     """One optimiser step as `train()` runs it for one micro-batch: t from `stage.sample_times` (host), loss,
-    backward, step."""
+    backward, step, under train()'s float32 flags for `precision` (TF32 off unless 'tf32', cuDNN benchmark on)."""
     batch = x.shape[0]
-    t, is_b = stage.sample_times(batch, generator)
-    t, is_b = t.to(x.device), None if is_b is None else is_b.to(x.device)
-    opt.zero_grad(set_to_none=True)
-    stage.loss(f, x, eps, t, is_b, I_LATE, batch, f0=f0).loss.backward()
-    opt.step()
+    with float32_math(precision, cudnn_benchmark=TrainConfig.cudnn_benchmark):
+        t, is_b = stage.sample_times(batch, generator)
+        t, is_b = t.to(x.device), None if is_b is None else is_b.to(x.device)
+        opt.zero_grad(set_to_none=True)
+        stage.loss(f, x, eps, t, is_b, I_LATE, batch, f0=f0).loss.backward()
+        opt.step()
 
 
 def make_steps(net_name: str, batch: int, device, precision: str = "fp32", channels_last: bool = False,
@@ -102,17 +104,40 @@ def make_steps(net_name: str, batch: int, device, precision: str = "fp32", chann
     opt = make_optimizer(f.parameters(), TrainConfig(lr=1e-5), foreach=foreach)
     x, eps = fixed_batch(net_name, batch, device, channels_last)
     fc, f0c = (torch.compile(f), torch.compile(f0)) if compile else (f, f0)
+    if compile:
+        allow_recompiles()
     g = torch.Generator().manual_seed(0)
     state = {"f": f, "f0": f0, "opt": opt, "x": x, "eps": eps}
-    return {name: (lambda s=STAGES[name]: train_step(s, fc, f0c, opt, x, eps, g), {**state, "stage": STAGES[name]})
-            for name in names}
+    return {name: (lambda s=STAGES[name]: train_step(s, fc, f0c, opt, x, eps, g, precision),
+                   {**state, "stage": STAGES[name]}) for name in names}
+
+
+RECOMPILE_LIMIT = 64
+
+
+def allow_recompiles(limit: int = RECOMPILE_LIMIT) -> None:
+    """Raise dynamo's per-function recompile limit (torch's default: 8). f and θ0 share `Precond.forward`'s code
+    object, and one process here runs every stage: grad and no-grad passes, full-batch and routed rows (whose count
+    changes every step), with and without the student's dropout masks; past the limit dynamo would silently run the
+    rest eagerly (seen on the CPU: unet32, bf16, channels_last). `compile_stats` in the record counts the graphs."""
+    cfg = torch._dynamo.config
+    name = "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit"
+    setattr(cfg, name, max(getattr(cfg, name), limit))
+
+
+def compile_stats() -> dict:
+    """dynamo's counters after the run: captured calls and unique graphs, graph breaks, and the number of functions
+    that hit the recompile limit (each then runs eagerly for new inputs)."""
+    from torch._dynamo.utils import counters
+    return {"stats": dict(counters["stats"]), "graph_breaks": sum(counters["graph_break"].values()),
+            "recompile_limit_hit": sum(v for k, v in counters["unimplemented"].items() if "recompile limit" in k)}
 
 
 def make_recipe_steps(net_name: str, batch: int, device) -> dict:
-    """Stage 1 under the official fp32 recipe and under bf16 + channels_last + torch.compile, each with its own
-    network and optimiser (same seed, same batch)."""
+    """Stage 1 under the official fp32 recipe (TF32 off, cuDNN benchmark on), under TF32 (one flag, for scale) and
+    under bf16 + channels_last + torch.compile, each with its own network and optimiser (same seed, same batch)."""
     out = {}
-    for name, (precision, fast) in {"stage1 fp32": ("fp32", False),
+    for name, (precision, fast) in {"stage1 fp32": ("fp32", False), "stage1 tf32": ("tf32", False),
                                     "stage1 bf16+channels_last+compile": ("bf16", True)}.items():
         out.update({name: make_steps(net_name, batch, device, precision, fast, fast, names=(REF,))[REF]})
     return out
@@ -271,7 +296,8 @@ def build_record(args, argv: list[str], device, times: dict, peaks: dict, peaks_
     rec = {"command": "python -m tcmlab.bench " + shlex.join(argv), "argv": argv, "reference": ref,
            "threads": torch.get_num_threads(),
            "net": args.net, "batch": args.batch, "precision": args.precision, "compile": args.compile,
-           "channels_last": args.channels_last, "rounds": args.rounds, "per_round": args.per_round,
+           "channels_last": args.channels_last, "cudnn_benchmark": TrainConfig.cudnn_benchmark,
+           "rounds": args.rounds, "per_round": args.per_round,
            "device": device_name(device), "device_type": device.type, "torch": torch.__version__,
            "python": platform.python_version(), "git_commit": git_commit(),
            "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "memory_method": memory_method(device),
@@ -289,7 +315,10 @@ def build_record(args, argv: list[str], device, times: dict, peaks: dict, peaks_
     if args.compare_recipes:
         fast = "stage1 bf16+channels_last+compile"
         rec["recipe_speedup"] = ms[ref] / ms[fast]
+        rec["tf32_speedup"] = ms[ref] / ms["stage1 tf32"]
         rec["target"] = {"recipe_speedup": TARGET_RECIPE, "met": rec["recipe_speedup"] >= TARGET_RECIPE}
+    if args.compile or args.compare_recipes:
+        rec["compile_stats"] = compile_stats()
     return rec
 
 
@@ -313,7 +342,11 @@ def print_record(rec: dict) -> None:
         print(f"stage-1 step, RAdam foreach over its per-parameter loop: {rec['foreach_speedup']:.3f}x faster")
     if "recipe_speedup" in rec:
         print(f"stage-1 throughput, bf16+channels_last+compile over fp32: {rec['recipe_speedup']:.3f}x "
-              f"(target >= {TARGET_RECIPE})")
+              f"(target >= {TARGET_RECIPE}); tf32 over fp32: {rec['tf32_speedup']:.3f}x")
+    if "compile_stats" in rec:
+        c = rec["compile_stats"]
+        print(f"torch.compile: {c['stats']}, {c['graph_breaks']} graph breaks; recompile limit hit by "
+              f"{c['recompile_limit_hit']} functions")
 
 
 def print_profile(name: str, ops: list[dict]) -> None:

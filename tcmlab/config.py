@@ -80,7 +80,9 @@ class TrainConfig:
     ema: str = "const"  # 'const' (CIFAR-10) | 'power' (EDM2 power-function EMA, ImageNet)
     ema_beta: float = 0.9999  # TCM/ECT CIFAR-10
     ema_gamma: float = 6.94  # TCM App. E power-EMA γ (official README uses 16.97)
-    precision: str = "fp32"  # 'fp32' (ECT/TCM CIFAR-10) | 'bf16' | 'fp16' (with a gradient scaler)
+    # 'fp32' (ECT/TCM CIFAR-10: TF32 off) | 'tf32' | 'bf16' | 'fp16' (with a gradient scaler); tcmlab.precision
+    precision: str = "fp32"
+    cudnn_benchmark: bool = True  # cuDNN's per-shape algorithm search: on in EDM's and ECT's training loops
     seed: int = 0
     log_every: int = 100  # steps between metrics.jsonl rows (official code: 1 tick = 100 iterations)
     ckpt_every: int = 5000  # steps between checkpoints (also written at the end)
@@ -102,8 +104,10 @@ class TrainConfig:
         _require(self.ema in ("const", "power"), "train.ema", "'const' or 'power'", self.ema)
         _require(0 <= self.ema_beta < 1, "train.ema_beta", "in [0, 1)", self.ema_beta)
         _require(self.ema_gamma > 0, "train.ema_gamma", "> 0", self.ema_gamma)
-        _require(self.precision in ("fp32", "bf16", "fp16"), "train.precision", "'fp32', 'bf16' or 'fp16'",
-                 self.precision)
+        _require(self.precision in ("fp32", "tf32", "bf16", "fp16"), "train.precision",
+                 "'fp32', 'tf32', 'bf16' or 'fp16'", self.precision)
+        _require(isinstance(self.cudnn_benchmark, bool), "train.cudnn_benchmark", "true or false",
+                 self.cudnn_benchmark)
         _require(self.log_every >= 1, "train.log_every", ">= 1", self.log_every)
         _require(self.ckpt_every >= 1, "train.ckpt_every", ">= 1", self.ckpt_every)
         _require(self.step_offset >= 0, "train.step_offset", ">= 0", self.step_offset)

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .nets.dropout import SharedMasks, dropout_rows, get_rng_state, replay_rng
+from .nets.dropout import SharedMasks, dropout_rows, get_rng_state, replay_rng, take_rows
 from .precond import SIGMA_DATA, append_dims, edm_scalings
 from .schedules import ect_r
 
@@ -116,7 +116,7 @@ def tcm_targets(f, f0, y_r: torch.Tensor, r: torch.Tensor, t_prime: float, rng_s
                 if rows.numel() == 0:
                     continue
                 with replay_rng(y_r.device, rng_state), dropout_rows(rows, B, masks):
-                    out = net(y_r.index_select(0, rows), r.index_select(0, rows))
+                    out = net(take_rows(y_r, rows), r.index_select(0, rows))
                 target.index_copy_(0, rows, out.to(torch.float32))
             return target, n0
         outs = []

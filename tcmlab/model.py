@@ -12,10 +12,10 @@ import torch
 from . import checkpoint
 from .config import RunConfig, from_dict
 from .nets import build_net
+from .precision import AUTOCAST
 from .precond import Precond
 
 CKPT_NAME = "latest.safetensors"
-AUTOCAST = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def build_model(cfg: RunConfig, shape: tuple[int, ...]) -> Precond:

@@ -64,7 +64,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from .config import RunConfig, preset, to_dict
+from .config import RunConfig, from_dict, preset, to_dict
 from .sweep_spec import KINDS, TOP_FIELDS, EvalSpec, SpecError, StageSpec, SweepSpec, parse_spec  # noqa: F401
 from .sweep_table import figures, read_csv, summarize, summary_figures, summary_markdown, write_csv  # noqa: F401
 
@@ -251,8 +251,17 @@ def status(point: Point, ev: EvalSpec) -> str:
         return "done"
     r = read_results(point)
     fresh = (r is not None and r.get("step") == step and r.get("eval") == ev.settings()
-             and r.get("config") == _config_json(point.cfg))
+             and _same_config(r.get("config"), point.cfg))
     return "done" if fresh else "trained"
+
+
+def _same_config(stored, cfg: RunConfig) -> bool:
+    """A results file's config is `cfg`, compared as configs (as `rundir.check_same_run` does): a field added to
+    tcmlab since the file was written reads as its default, so finished points stay finished."""
+    try:
+        return from_dict(stored) == cfg
+    except (KeyError, TypeError, ValueError, AttributeError):
+        return False
 
 
 @dataclass(frozen=True)

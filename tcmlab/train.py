@@ -38,6 +38,7 @@ from .edm_import import check_against, load_edm_pickle
 from .ema import ema_beta, update_ema
 from .losses import LossOut
 from .model import CKPT_NAME, build_model, checkpoint_path, frozen_copy, load_state, model_state
+from .precision import float32_math
 from .schedules import inverse_sqrt_lr
 from .stages import make_stage
 
@@ -188,6 +189,7 @@ def train(cfg: RunConfig, run_dir: str | Path, *, steps: int | None = None, devi
                 except (OSError, RuntimeError) as e:
                     error = e
             agree(rank, world, error)
+            held.enter_context(float32_math(tc.precision, tc.cudnn_benchmark))  # TF32 off unless 'tf32'
             return _train(cfg, run_dir, rank, world, device, b_rank, b_gpu, created, steps, progress, on_log,
                           eval_fn, eval_every)
 

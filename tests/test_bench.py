@@ -92,7 +92,7 @@ def test_bad_arguments_are_refused():
 
 def test_compare_recipes_reports_the_fast_recipe_over_fp32(tmp_path, monkeypatch):
     # torch.compile is replaced by the identity here (compiling takes minutes on a CPU); the record's arithmetic
-    # and the two recipes (fp32 contiguous vs bf16 + channels_last + compile) are what is checked.
+    # and the recipes (fp32 contiguous, tf32, bf16 + channels_last + compile) are what is checked.
     compiled = []
     monkeypatch.setattr(bench.torch, "compile", lambda m: compiled.append(m) or m)
     path = tmp_path / "recipes.json"
@@ -100,11 +100,67 @@ def test_compare_recipes_reports_the_fast_recipe_over_fp32(tmp_path, monkeypatch
                       "--json", str(path)])
     assert json.loads(path.read_text())["recipe_speedup"] == rec["recipe_speedup"]
     v = rec["variants"]
-    assert set(v) == {"stage1 fp32", "stage1 bf16+channels_last+compile"} and rec["reference"] == "stage1 fp32"
+    assert set(v) == {"stage1 fp32", "stage1 tf32", "stage1 bf16+channels_last+compile"}
+    assert rec["reference"] == "stage1 fp32"
     assert rec["recipe_speedup"] == pytest.approx(v["stage1 fp32"]["ms_per_step"]
                                                   / v["stage1 bf16+channels_last+compile"]["ms_per_step"])
+    assert rec["tf32_speedup"] == pytest.approx(v["stage1 fp32"]["ms_per_step"] / v["stage1 tf32"]["ms_per_step"])
     assert rec["target"] == {"recipe_speedup": 1.3, "met": rec["recipe_speedup"] >= 1.3}
     assert len(compiled) == 2 and all(m.autocast_dtype == bench.torch.bfloat16 for m in compiled)
+    assert set(rec["compile_stats"]) == {"stats", "graph_breaks", "recompile_limit_hit"}
+
+
+def test_steps_run_under_train_s_float32_flags(monkeypatch):
+    # the official fp32 recipe has TF32 off; torch's default would leave cuDNN convolutions in TF32
+    from tcmlab.precision import math_flags
+    monkeypatch.setattr(bench.torch.backends.cudnn, "allow_tf32", True)
+    seen = {}
+
+    class Spy:
+        def __init__(self, precision):
+            self.precision = precision
+
+        def sample_times(self, batch, generator):
+            return bench.torch.ones(batch), None
+
+        def loss(self, f, x, *args, **kw):
+            seen[self.precision] = math_flags()
+            return type("Out", (), {"loss": f(x, bench.torch.ones(x.shape[0])).sum()})
+
+    steps = {p: bench.make_steps("mlp", 2, bench.torch.device("cpu"), precision=p, names=(bench.REF,))[bench.REF]
+             for p in ("fp32", "tf32")}
+    for p, (_, state) in steps.items():
+        bench.train_step(Spy(p), state["f"], state["f0"], state["opt"], state["x"], state["eps"],
+                         bench.torch.Generator(), p)
+    assert seen == {p: {"matmul_tf32": p == "tf32", "cudnn_tf32": p == "tf32",
+                        "fp16_reduced_reduction": p == "tf32", "cudnn_benchmark": True}
+                    for p in ("fp32", "tf32")}
+    calls = []
+    monkeypatch.setattr(bench, "train_step", lambda *a: calls.append(a[-1]))
+    for p, (fn, _) in steps.items():
+        fn()
+    assert calls == ["fp32", "tf32"]  # each variant's step passes its own precision
+    assert bench.torch.backends.cudnn.allow_tf32  # restored after every step
+
+
+def test_compiled_runs_may_recompile_past_torch_s_default_limit(monkeypatch):
+    cfg = bench.torch._dynamo.config
+    name = "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit"
+    monkeypatch.setattr(cfg, name, 8)
+    bench.allow_recompiles()
+    assert getattr(cfg, name) == bench.RECOMPILE_LIMIT
+    monkeypatch.setattr(cfg, name, 1000)
+    bench.allow_recompiles()
+    assert getattr(cfg, name) == 1000  # never lowered
+    # the record counts a function that hit the limit (from then on it runs eagerly: the timing would be eager's)
+    from torch._dynamo.utils import counters
+    counters.clear()
+    monkeypatch.setattr(cfg, name, 1)
+    double = bench.torch.compile(lambda x: x * 2, backend="eager")
+    for shape in ((2,), (3, 3), (4, 4, 4)):
+        double(bench.torch.ones(shape))
+    assert bench.compile_stats()["recompile_limit_hit"] == 1
+    counters.clear()
 
 
 def test_compare_foreach_times_train_s_optimiser_against_the_loop(tmp_path):

@@ -63,6 +63,7 @@ def test_digits_preset_is_the_measured_recipe_and_the_sweeps_pin_the_earlier_one
     (TCMConfig, dict(psi_nu=0.0), "psi_nu"), (TCMConfig, dict(psi_scale=-1.0), "psi_scale"),
     (TCMConfig, dict(teacher_passes="half"), "teacher_passes"), (TrainConfig, dict(batch=1), "train.batch"),
     (TrainConfig, dict(lr=0.0), "train.lr"), (TrainConfig, dict(precision="fp8"), "train.precision"),
+    (TrainConfig, dict(cudnn_benchmark="false"), "train.cudnn_benchmark"),
     (ECTConfig, dict(ratio_max=1.0), "ratio_max"), (ECTConfig, dict(q=1.0), "loss.q"),
     (NetConfig, dict(dropout=1.0), "net.dropout"), (DataConfig, dict(name="mnist"), "data.name"),
     (EDMConfig, dict(P_std=0.0), "P_std"),

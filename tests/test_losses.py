@@ -66,6 +66,27 @@ def test_tcm_routing_rows_below_t_prime_take_theta0(passes):
     assert student.w.grad is not None and student.w.grad != 0
 
 
+def test_routed_teacher_passes_keep_channels_last():
+    # index_select alone returns NCHW rows: the teachers of a channels_last net would run in another layout
+    from tcmlab.nets.dropout import take_rows
+    y = torch.randn(6, 3, 4, 4).to(memory_format=torch.channels_last)
+    rows = torch.tensor([4, 0, 2])
+    assert torch.equal(take_rows(y, rows), y[rows]) and take_rows(y, rows).is_contiguous(
+        memory_format=torch.channels_last)
+    assert take_rows(y.contiguous(), rows).is_contiguous()
+    seen = []
+
+    class Spy(Marker):
+        def forward(self, x, t):
+            seen.append(x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous())
+            return super().forward(x, t)
+
+    r = torch.tensor([0.5, 2.0, 0.7, 3.0, 0.1, 5.0])
+    target, n0 = tcm_targets(Spy(2.0, False), Spy(1.0, False), y, r, 1.0, get_rng_state("cpu"), "routed")
+    assert n0 == 3 and seen == [True, True]
+    assert torch.equal(target[:, 0, 0, 0], torch.where(r < 1.0, 1.0, 2.0))
+
+
 def test_tcm_boundary_weight_and_means():
     x, eps = batch()
     t = torch.tensor([1.0] * 4 + [5.0] * 12)

@@ -19,3 +19,28 @@ def test_top_level_layout():
     for name in ("notebooks", "tcmlab", "data", "tests", "environment.yml", "README.md", "pyproject.toml", "Makefile",
                  ".ci/run"):
         assert (ROOT / name).exists(), name
+
+
+def test_gpu_check_script_runs_every_part_and_writes_its_records(tmp_path):
+    # .ci/gpu-check is what a session with a GPU runs in one go; here on the CPU with the digits MLP, torch.compile
+    # disabled (TORCHDYNAMO_DISABLE) and tests/gpu skipping, so that a broken part shows before GPU time is spent.
+    import json
+    import os
+    import subprocess
+    import sys
+    env = dict(os.environ, PYTHON=sys.executable, GPU_CHECK_BENCH="--net mlp --batch 4 --device cpu",
+               TORCHDYNAMO_DISABLE="1", OMP_NUM_THREADS="1")
+    r = subprocess.run(["bash", str(ROOT / ".ci/gpu-check"), str(tmp_path)], env=env, capture_output=True, text=True,
+                       timeout=900)
+    log = (tmp_path / "gpu-check.log").read_text()
+    assert r.returncode == 0, log[-3000:]
+    parts = ["env", "bench-fp32", "recipes", "bench-bf16", "tests-gpu", "bench-bf16-fast"]
+    for name in parts:
+        assert f"== {name}: rc=0 in" in log, (name, log[-3000:])
+    recs = {p.name: json.loads(p.read_text()) for p in tmp_path.glob("*.json")}
+    assert set(recs) == {"bench-ddpmpp-fp32.json", "bench-ddpmpp-recipes.json", "bench-ddpmpp-bf16.json",
+                         "bench-ddpmpp-bf16-fast.json"}
+    fast = recs["bench-ddpmpp-bf16-fast.json"]
+    assert (fast["precision"], fast["compile"], fast["channels_last"]) == ("bf16", True, True)
+    assert "profile" in recs["bench-ddpmpp-fp32.json"] and "recipe_speedup" in recs["bench-ddpmpp-recipes.json"]
+    assert "skipped" in log  # tests/gpu collected and skipped, with its reason, on a machine without CUDA

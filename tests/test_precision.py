@@ -44,3 +44,35 @@ def test_mixed_precision_steps_keep_fp32_weights(tmp_path, ci_runs, precision):
     assert r.step == 3 and math.isfinite(r.last["loss"])
     m = load_model(tmp_path / precision)
     assert all(p.dtype == torch.float32 for p in m.f.parameters())  # weights and EMA stay fp32
+
+
+def test_float32_math_turns_tf32_off_for_fp32_and_restores_torch_s_flags():
+    from tcmlab.precision import float32_math, math_flags
+    before = math_flags()
+    for precision, tf32 in (("fp32", False), ("bf16", False), ("fp16", False), ("tf32", True)):
+        with float32_math(precision, cudnn_benchmark=True):
+            assert math_flags() == {"matmul_tf32": tf32, "cudnn_tf32": tf32, "fp16_reduced_reduction": tf32,
+                                    "cudnn_benchmark": True}, precision
+        assert math_flags() == before
+    with pytest.raises(ValueError, match="precision"):
+        with float32_math("fp8", cudnn_benchmark=False):
+            pass
+    assert math_flags() == before
+
+
+@pytest.mark.parametrize("precision, benchmark", [("fp32", True), ("tf32", False)])
+def test_train_runs_under_its_precision_s_float32_flags(tmp_path, monkeypatch, precision, benchmark):
+    # torch's defaults (cuDNN convolutions in TF32) must not leak into an 'fp32' run: the official recipe has TF32 off
+    from tcmlab import precision as prec
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+    before = prec.math_flags()
+    seen = []
+    cfg = preset("ci", 0)
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, precision=precision, steps=2, log_every=1,
+                                                             cudnn_benchmark=benchmark))
+    train(cfg, tmp_path / "r", progress=False, on_log=lambda row: seen.append(prec.math_flags()))
+    tf32 = precision == "tf32"
+    want = {"matmul_tf32": tf32, "cudnn_tf32": tf32, "fp16_reduced_reduction": tf32, "cudnn_benchmark": benchmark}
+    assert seen and all(s == want for s in seen)
+    assert prec.math_flags() == before

@@ -412,6 +412,27 @@ def test_an_evaluated_stage0_point_is_scored_with_the_heun_sampler(tmp_path):
     assert [tr.name for tr in sweep.summary_figures(r.summary)["fid"].data] == ["fid_heun", "real-vs-real floor"]
 
 
+def test_results_written_before_a_config_field_existed_stay_done(tmp_path):
+    """A results file from before train.cudnn_benchmark existed (its config lacks the key) is still this point's
+    evaluation; one whose config differs in a value is stale."""
+    spec_file = tmp_path / "s0.toml"
+    spec_file.write_text('preset = "ci"\nstages = [0]\n[stage0]\nsteps = 2\n[eval]\nn = 20\nkinds = ["stage0"]\n')
+    spec = sweep.load_spec(spec_file, out=tmp_path / "out")
+    assert sweep.run_sweep(spec, sweep.Dispatch("inline"), png=False, log=lambda s: None).failed == {}
+    point = next(p for p in sweep.expand(spec) if p.evaluate)
+    assert sweep.status(point, spec.eval) == "done"
+    stored = json.loads(point.results_path.read_text())
+    del stored["config"]["train"]["cudnn_benchmark"]
+    point.results_path.write_text(json.dumps(stored))
+    assert sweep.status(point, spec.eval) == "done"
+    stored["config"]["train"]["lr"] *= 2
+    point.results_path.write_text(json.dumps(stored))
+    assert sweep.status(point, spec.eval) == "trained"
+    stored["config"] = "not a config"
+    point.results_path.write_text(json.dumps(stored))
+    assert sweep.status(point, spec.eval) == "trained"
+
+
 def test_noise_draws_make_each_score_a_mean_and_mark_one_draw_scores_stale(tmp_path):
     """[eval] draws = 2: every score is the mean over 2 noise draws, value_sd their spread (summary: draw_sd, and a
     column of summary.md); evaluations stored with one draw are computed again, but adding draws = 1 changes

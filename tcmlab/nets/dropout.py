@@ -62,6 +62,16 @@ class _Rows:
         return scale
 
 
+def take_rows(v: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """v[rows] along dim 0 (`index_select`) in v's memory format: index_select alone returns a contiguous tensor,
+    so the routed teacher passes of a channels_last network would run in NCHW (and recompile under torch.compile)."""
+    if v.dim() == 4 and v.is_contiguous(memory_format=torch.channels_last) and not v.is_contiguous():
+        out = torch.empty((rows.numel(), *v.shape[1:]), dtype=v.dtype, device=v.device,
+                          memory_format=torch.channels_last)
+        return torch.index_select(v, 0, rows, out=out)
+    return v.index_select(0, rows)
+
+
 def dropout_scale(shape: tuple[int, ...], p: float, x: torch.Tensor) -> torch.Tensor:
     """Inverted dropout's factor: keep / (1 − p) with keep = (rand ≥ p), in x's dtype on x's device."""
     return (torch.rand(shape, device=x.device) >= p).to(x.dtype) * (1 / (1 - p))
@@ -98,7 +108,7 @@ class RowDropout(nn.Module):
         if sel is None:
             return x * dropout_scale(tuple(x.shape), self.p, x)
         scale = sel.full_mask((sel.batch,) + tuple(x.shape[1:]), self.p, x)
-        return x * (scale if sel.rows is None else scale.index_select(0, sel.rows))
+        return x * (scale if sel.rows is None else take_rows(scale, sel.rows))
 
     def extra_repr(self) -> str:
         return f"p={self.p}"

@@ -1,0 +1,52 @@
+"""Numerical precision of training: what `train.precision` means for autocast and for float32 matrix products.
+
+- 'fp32': IEEE float32 throughout, TF32 off for matmuls and cuDNN convolutions. This is the official ECT/TCM
+  CIFAR-10 recipe (their training loops, from EDM's, set `allow_tf32 = False` for both); torch's own default runs
+  cuDNN convolutions in TF32 on Ampere and later GPUs, a 10-bit mantissa (docs/decisions.md §19).
+- 'tf32': float32 weights and activations, TF32 tensor cores for matmuls and convolutions (opt-in, not the
+  official recipe).
+- 'bf16' / 'fp16': the network F runs under autocast (`Precond`), preconditioning, losses, optimiser and EMA stay
+  in float32 (TF32 off); 'fp16' also uses a gradient scaler (`train()`).
+
+`cudnn_benchmark` is cuDNN's algorithm search per input shape (EDM's and ECT's training loops turn it on).
+On the CPU none of these flags changes anything.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+AUTOCAST = {"fp32": None, "tf32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def math_flags() -> dict:
+    """torch's current float32-matmul and cuDNN flags (the ones `float32_math` sets)."""
+    return {"matmul_tf32": torch.backends.cuda.matmul.allow_tf32, "cudnn_tf32": torch.backends.cudnn.allow_tf32,
+            "fp16_reduced_reduction": torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction,
+            "cudnn_benchmark": torch.backends.cudnn.benchmark}
+
+
+def _set(flags: dict) -> None:
+    torch.backends.cuda.matmul.allow_tf32 = flags["matmul_tf32"]
+    torch.backends.cudnn.allow_tf32 = flags["cudnn_tf32"]
+    torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction = flags["fp16_reduced_reduction"]
+    torch.backends.cudnn.benchmark = flags["cudnn_benchmark"]
+
+
+@contextlib.contextmanager
+def float32_math(precision: str, cudnn_benchmark: bool):
+    """Inside: TF32 for matmuls and cuDNN convolutions, and fp16 matmuls with reduced-precision reductions, iff
+    `precision == 'tf32'` (one switch, as in ECT's and EDM's loops: the official CIFAR-10 runs have all three off);
+    cuDNN's benchmark mode as given. torch's previous flags are restored on exit (they are process-wide)."""
+    if precision not in AUTOCAST:
+        raise ValueError(f"precision must be one of {sorted(AUTOCAST)}, got {precision!r}")
+    before = math_flags()
+    tf32 = precision == "tf32"
+    _set({"matmul_tf32": tf32, "cudnn_tf32": tf32, "fp16_reduced_reduction": tf32,
+          "cudnn_benchmark": bool(cudnn_benchmark)})
+    try:
+        yield
+    finally:
+        _set(before)

@@ -45,6 +45,7 @@ from .model import frozen_copy
 from .nets import build_net
 from .precision import AUTOCAST, float32_math
 from .precond import Precond
+from .speedups import compile_stats, compiled, memory_format
 from .stages import ECTStage, EDMStage, TCMStage
 from .train import make_optimizer
 
@@ -79,7 +80,7 @@ def fixed_batch(net_name: str, batch: int, device, channels_last: bool):
     g = torch.Generator().manual_seed(0)
     x = torch.rand((batch, *shape), generator=g) * 2 - 1
     eps = torch.randn((batch, *shape), generator=g)
-    fmt = torch.channels_last if channels_last and len(shape) == 3 else torch.contiguous_format
+    fmt = memory_format(channels_last, len(shape) + 1)
     return x.to(device, memory_format=fmt), eps.to(device, memory_format=fmt)
 
 
@@ -103,34 +104,11 @@ def make_steps(net_name: str, batch: int, device, precision: str = "fp32", chann
     f, f0 = build_pair(net_name, device, precision, channels_last, teacher_dropout)
     opt = make_optimizer(f.parameters(), TrainConfig(lr=1e-5), foreach=foreach)
     x, eps = fixed_batch(net_name, batch, device, channels_last)
-    fc, f0c = (torch.compile(f), torch.compile(f0)) if compile else (f, f0)
-    if compile:
-        allow_recompiles()
+    fc, f0c = compiled(f, f0) if compile else (f, f0)
     g = torch.Generator().manual_seed(0)
     state = {"f": f, "f0": f0, "opt": opt, "x": x, "eps": eps}
     return {name: (lambda s=STAGES[name]: train_step(s, fc, f0c, opt, x, eps, g, precision),
                    {**state, "stage": STAGES[name]}) for name in names}
-
-
-RECOMPILE_LIMIT = 64
-
-
-def allow_recompiles(limit: int = RECOMPILE_LIMIT) -> None:
-    """Raise dynamo's per-function recompile limit (torch's default: 8). f and θ0 share `Precond.forward`'s code
-    object, and one process here runs every stage: grad and no-grad passes, full-batch and routed rows (whose count
-    changes every step), with and without the student's dropout masks; past the limit dynamo would silently run the
-    rest eagerly (seen on the CPU: unet32, bf16, channels_last). `compile_stats` in the record counts the graphs."""
-    cfg = torch._dynamo.config
-    name = "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit"
-    setattr(cfg, name, max(getattr(cfg, name), limit))
-
-
-def compile_stats() -> dict:
-    """dynamo's counters after the run: captured calls and unique graphs, graph breaks, and the number of functions
-    that hit the recompile limit (each then runs eagerly for new inputs)."""
-    from torch._dynamo.utils import counters
-    return {"stats": dict(counters["stats"]), "graph_breaks": sum(counters["graph_break"].values()),
-            "recompile_limit_hit": sum(v for k, v in counters["unimplemented"].items() if "recompile limit" in k)}
 
 
 def make_recipe_steps(net_name: str, batch: int, device) -> dict:

@@ -83,6 +83,9 @@ class TrainConfig:
     # 'fp32' (ECT/TCM CIFAR-10: TF32 off) | 'tf32' | 'bf16' | 'fp16' (with a gradient scaler); tcmlab.precision
     precision: str = "fp32"
     cudnn_benchmark: bool = True  # cuDNN's per-shape algorithm search: on in EDM's and ECT's training loops
+    # GPU speed options, not in the official code (tcmlab.speedups): channels_last weights and images, torch.compile
+    channels_last: bool = False
+    compile: bool = False
     seed: int = 0
     log_every: int = 100  # steps between metrics.jsonl rows (official code: 1 tick = 100 iterations)
     ckpt_every: int = 5000  # steps between checkpoints (also written at the end)
@@ -106,8 +109,8 @@ class TrainConfig:
         _require(self.ema_gamma > 0, "train.ema_gamma", "> 0", self.ema_gamma)
         _require(self.precision in ("fp32", "tf32", "bf16", "fp16"), "train.precision",
                  "'fp32', 'tf32', 'bf16' or 'fp16'", self.precision)
-        _require(isinstance(self.cudnn_benchmark, bool), "train.cudnn_benchmark", "true or false",
-                 self.cudnn_benchmark)
+        for name in ("cudnn_benchmark", "channels_last", "compile"):
+            _require(isinstance(getattr(self, name), bool), f"train.{name}", "true or false", getattr(self, name))
         _require(self.log_every >= 1, "train.log_every", ">= 1", self.log_every)
         _require(self.ckpt_every >= 1, "train.ckpt_every", ">= 1", self.ckpt_every)
         _require(self.step_offset >= 0, "train.step_offset", ">= 0", self.step_offset)

@@ -40,6 +40,7 @@ from .losses import LossOut
 from .model import CKPT_NAME, build_model, checkpoint_path, frozen_copy, load_state, model_state
 from .precision import float32_math
 from .schedules import inverse_sqrt_lr
+from .speedups import compiled, memory_format
 from .stages import make_stage
 
 
@@ -207,7 +208,7 @@ def _train(cfg, run_dir, rank, world, device, b_rank, b_gpu, created, steps, pro
         data = load_data(cfg.data).to(device)
         shape = data.shape
         torch.manual_seed(tc.seed)  # the initial weights depend on train.seed alone, not on earlier RNG use
-        f = build_model(cfg, shape).to(device).train()
+        f = build_model(cfg, shape).to(device, memory_format=memory_format(tc.channels_last, 4)).train()
         f0, init_source = None, None
         if state is not None:
             for which in ("model", "ema", "teacher"):
@@ -264,6 +265,10 @@ def _train(cfg, run_dir, rank, world, device, b_rank, b_gpu, created, steps, pro
     if world > 1:
         f_train = torch.nn.parallel.DistributedDataParallel(f, device_ids=[device] if device.type == "cuda" else None,
                                                             broadcast_buffers=False)
+    # the networks the loss calls: the student (through DDP), θ⁻ (the target pass) and θ0; compiled if asked. EMA,
+    # checkpoints and gradients use f itself.
+    f_train, f_minus, f0_loss = compiled(f_train, f, f0) if tc.compile else (f_train, f, f0)
+    fmt = memory_format(tc.channels_last, len(shape) + 1)
     end = tc.steps if steps is None else min(tc.steps, step + steps)
     edges = loss_t_edges(cfg.t_max)
 
@@ -314,11 +319,12 @@ def _train(cfg, run_dir, rank, world, device, b_rank, b_gpu, created, steps, pro
             outs = []
             for a in range(lo, hi, b_gpu):
                 sl = slice(a, a + b_gpu)
-                x_b, eps_b, t_b = data.get(idx[sl]), eps[sl].to(device), t[sl].to(device)
+                x_b, eps_b = data.get(idx[sl]).contiguous(memory_format=fmt), eps[sl].to(device, memory_format=fmt)
+                t_b = t[sl].to(device)
                 is_b_b = None if is_b is None else is_b[sl].to(device)
                 sync = world == 1 or a + b_gpu >= hi
                 with f_train.no_sync() if not sync else contextlib.nullcontext():
-                    out = stage.loss(f_train, x_b, eps_b, t_b, is_b_b, i, tc.batch, f_minus=f, f0=f0)
+                    out = stage.loss(f_train, x_b, eps_b, t_b, is_b_b, i, tc.batch, f_minus=f_minus, f0=f0_loss)
                     scaler.scale(out.loss * world).backward()
                 outs.append(out)
             loss_value = all_reduce_sum(sum(o.loss.detach() for o in outs))

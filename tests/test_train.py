@@ -228,3 +228,46 @@ def test_power_ema_and_adam_with_lr_decay(tmp_path, ci_runs):
     r = train(dataclasses.replace(cfg, train=tc), tmp_path / "p", progress=False)
     assert r.last["lr"] == pytest.approx(1e-3 / (9 / 4) ** 0.5)
     assert r.last["ema_beta"] == pytest.approx((1 - 1 / 10) ** 7.94)
+
+
+def test_channels_last_and_compile_change_how_not_what(tmp_path, monkeypatch):
+    # train.channels_last and train.compile on a small DDPM++ U-Net, stage 2 (student, θ⁻ and θ0, routed rows):
+    # the same weights as the plain run up to float rounding, channels_last weights inside, contiguous checkpoints
+    # that resume. torch.compile runs with dynamo's eager backend here (inductor's code generation takes minutes on
+    # a CPU; the graphs, guards and recompiles are dynamo's either way).
+    nets, calls = [], []
+    real_compile = torch.compile
+
+    def spy_compile(m):
+        nets.append(m)
+        c = real_compile(m, backend="eager")
+        c.register_forward_pre_hook(lambda mod, args, k=len(nets) - 1: calls.append(k))
+        return c
+
+    monkeypatch.setattr(torch, "compile", spy_compile)
+    from torch._inductor import config as inductor_config
+    net = NetConfig(arch="ddpmpp", channels=8, channel_mult=(1, 2), depth=1, attn_resolutions=(4,), dropout=0.1)
+    tiny = dict(steps=3, log_every=1, ckpt_every=10, batch=16)
+    s1 = preset("ci", 1)
+    s1 = dataclasses.replace(s1, net=net, train=dataclasses.replace(s1.train, **tiny))
+    train(s1, tmp_path / "s1", progress=False)
+    s2 = preset("ci", 2, init_from=str(tmp_path / "s1"))
+    s2 = dataclasses.replace(s2, net=net, train=dataclasses.replace(s2.train, **tiny))
+    fast = dataclasses.replace(s2, train=dataclasses.replace(s2.train, channels_last=True, compile=True))
+    train(s2, tmp_path / "plain", progress=False)
+    assert nets == []
+    with inductor_config.patch(fallback_random=False):  # torch's own patch: monkeypatch would delete the entry
+        train(fast, tmp_path / "fast", progress=False)
+        assert inductor_config.fallback_random  # compiled dropout draws torch's masks (replayable)
+    assert len(nets) == 3  # the student, θ⁻ (the same module) and θ0
+    assert nets[0] is nets[1] and nets[2] is not nets[0] and set(calls) == {0, 1, 2}  # and the loss calls all three
+    convs = [p for m in nets for p in m.parameters() if p.dim() == 4 and p.shape[1] > 1 and p.shape[2] > 1]
+    assert convs and all(p.is_contiguous(memory_format=torch.channels_last) and not p.is_contiguous() for p in convs)
+    a, b = load_state(tmp_path / "plain")[0], load_state(tmp_path / "fast")[0]
+    for which in ("model", "ema", "teacher"):
+        for k in a[which]:
+            assert b[which][k].is_contiguous() and torch.allclose(a[which][k], b[which][k], atol=1e-6), (which, k)
+    train(fast, tmp_path / "split", steps=2, progress=False)
+    train(fast, tmp_path / "split", progress=False)  # resumed from a contiguous checkpoint into channels_last weights
+    c = load_state(tmp_path / "split")[0]
+    assert c["step"] == 3 and all(torch.allclose(b["model"][k], c["model"][k], atol=1e-6) for k in b["model"])

@@ -226,6 +226,18 @@ def to_dict(cfg: RunConfig) -> dict:
     return d
 
 
+# TrainConfig fields that change how a run computes, not what (tcmlab.precision, tcmlab.speedups): a run may be
+# resumed, and a finished sweep point kept, with other values.
+SPEED_FIELDS = ("cudnn_benchmark", "channels_last", "compile")
+
+
+def with_speed_options_of(cfg: RunConfig, other: RunConfig) -> RunConfig:
+    """cfg with other's values of SPEED_FIELDS: compare the result with `other` to ask whether two configs are the
+    same run."""
+    return dataclasses.replace(cfg, train=dataclasses.replace(
+        cfg.train, **{k: getattr(other.train, k) for k in SPEED_FIELDS}))
+
+
 def from_dict(d: dict) -> RunConfig:
     d = dict(d)
     stage = d.pop("stage")

@@ -24,7 +24,7 @@ from pathlib import Path
 from filelock import FileLock, Timeout
 
 from . import checkpoint
-from .config import RunConfig, from_dict, to_dict
+from .config import SPEED_FIELDS, RunConfig, from_dict, to_dict, with_speed_options_of
 
 LOCK_NAME = ".tcmlab.lock"
 HOLDER_NAME = ".tcmlab.lock.holder"
@@ -75,16 +75,19 @@ def stored_config(run_dir: Path, ckpt_state: dict | None) -> tuple[RunConfig | N
 
 
 def check_same_run(run_dir: Path, cfg: RunConfig, ckpt_state: dict | None) -> None:
-    """Refuse a run directory that holds a different run (only train.steps may change, to extend a run)."""
+    """Refuse a run directory that holds a different run (only train.steps may change, to extend a run, and the
+    speed options of `config.SPEED_FIELDS`)."""
     old, where = stored_config(run_dir, ckpt_state)
     if old is None:
         return
-    new_cmp = replace(cfg, train=replace(cfg.train, steps=old.train.steps))
+    new_cmp = with_speed_options_of(cfg, old)
+    new_cmp = replace(new_cmp, train=replace(new_cmp.train, steps=old.train.steps))
     if old != new_cmp:
         a, b = _flat(to_dict(old)), _flat(to_dict(new_cmp))
         diff = [k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
         raise ValueError(f"{run_dir} holds a different run (per {where}; differs in: {', '.join(diff)}). Use a new "
-                         f"run directory, or delete this one to start over. Only train.steps may change between calls.")
+                         f"run directory, or delete this one to start over. Only train.steps and the speed options "
+                         f"({', '.join('train.' + k for k in SPEED_FIELDS)}) may change between calls.")
 
 
 def read_metrics(path: str | Path) -> list[dict]:

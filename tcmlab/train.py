@@ -40,7 +40,7 @@ from .losses import LossOut
 from .model import CKPT_NAME, build_model, checkpoint_path, frozen_copy, load_state, model_state
 from .precision import float32_math
 from .schedules import inverse_sqrt_lr
-from .speedups import compiled, memory_format
+from .speedups import compile_settings, compiled, match_optimizer_formats, memory_format
 from .stages import make_stage
 
 
@@ -191,6 +191,8 @@ def train(cfg: RunConfig, run_dir: str | Path, *, steps: int | None = None, devi
                     error = e
             agree(rank, world, error)
             held.enter_context(float32_math(tc.precision, tc.cudnn_benchmark))  # TF32 off unless 'tf32'
+            if tc.compile:
+                held.enter_context(compile_settings())  # recompile limit, replayable dropout draws; restored after
             return _train(cfg, run_dir, rank, world, device, b_rank, b_gpu, created, steps, progress, on_log,
                           eval_fn, eval_every)
 
@@ -248,6 +250,7 @@ def _train(cfg, run_dir, rank, world, device, b_rank, b_gpu, created, steps, pro
         f.load_state_dict(state["model"])
         ema.load_state_dict(state["ema"])
         opt.load_state_dict(state["optimizer"])
+        match_optimizer_formats(opt)  # channels_last state for channels_last weights (the checkpoint is contiguous)
         if state["scaler"]:
             scaler.load_state_dict(state["scaler"])
         gen.set_state(state["rng"]["data"])

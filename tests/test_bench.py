@@ -145,15 +145,14 @@ def test_steps_run_under_train_s_float32_flags(monkeypatch):
 
 def test_compiled_runs_may_recompile_past_torch_s_default_limit():
     # torch's config modules are patched with their own `patch` (pytest's monkeypatch would delete the entry on undo)
+    from torch._inductor import config as inductor_config
     cfg = bench.torch._dynamo.config
     name = "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit"
-    before = getattr(cfg, name)
-    with cfg.patch(**{name: 8}):
-        speedups.allow_recompiles()
-        assert getattr(cfg, name) == speedups.RECOMPILE_LIMIT
-    with cfg.patch(**{name: 1000}):
-        speedups.allow_recompiles()
-        assert getattr(cfg, name) == 1000  # never lowered
+    for start, inside in ((8, speedups.RECOMPILE_LIMIT), (1000, 1000)):  # raised, never lowered
+        with cfg.patch(**{name: start}), inductor_config.patch(fallback_random=False):
+            with speedups.compile_settings():
+                assert getattr(cfg, name) == inside and inductor_config.fallback_random
+            assert getattr(cfg, name) == start and not inductor_config.fallback_random  # restored
     # the record counts a function that hit the limit (from then on it runs eagerly: the timing would be eager's)
     from torch._dynamo.utils import counters
     counters.clear()
@@ -163,7 +162,19 @@ def test_compiled_runs_may_recompile_past_torch_s_default_limit():
             double(bench.torch.ones(shape))
     assert speedups.compile_stats()["recompile_limit_hit"] == 1
     counters.clear()
-    assert getattr(cfg, name) == before
+
+
+def test_compare_foreach_times_train_s_optimiser_against_the_loop(tmp_path):
+    rec = bench.main(["--compare-foreach", "--batch", "4", "--rounds", "1", "--per-round", "1", "--no-memory",
+                      "--json", str(tmp_path / "foreach.json")])
+    v = rec["variants"]
+    assert set(v) == {"stage1 RAdam loop", "stage1 RAdam foreach"} and rec["reference"] == "stage1 RAdam loop"
+    assert rec["foreach_speedup"] == pytest.approx(v["stage1 RAdam loop"]["ms_per_step"]
+                                                   / v["stage1 RAdam foreach"]["ms_per_step"])
+    steps = bench.make_foreach_steps("mlp", 4, bench.torch.device("cpu"))
+    assert [s["opt"].defaults["foreach"] for _, s in steps.values()] == [False, True]
+    with pytest.raises(SystemExit, match="separate runs"):
+        bench.main(["--compare-foreach", "--compare-recipes"])
 
 
 def test_performance_doc_names_every_key_of_the_record(record):

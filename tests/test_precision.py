@@ -58,6 +58,10 @@ def test_float32_math_turns_tf32_off_for_fp32_and_restores_torch_s_flags():
         with float32_math("fp8", cudnn_benchmark=False):
             pass
     assert math_flags() == before
+    with pytest.raises(RuntimeError, match="inside"):  # restored when the body raises, too
+        with float32_math("tf32", cudnn_benchmark=not before["cudnn_benchmark"]):
+            raise RuntimeError("inside")
+    assert math_flags() == before
 
 
 @pytest.mark.parametrize("precision, benchmark", [("fp32", True), ("tf32", False)])

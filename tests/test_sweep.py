@@ -425,6 +425,9 @@ def test_results_written_before_a_config_field_existed_stay_done(tmp_path):
     del stored["config"]["train"]["cudnn_benchmark"]
     point.results_path.write_text(json.dumps(stored))
     assert sweep.status(point, spec.eval) == "done"
+    stored["config"]["train"]["compile"] = True  # a speed option: the same point
+    point.results_path.write_text(json.dumps(stored))
+    assert sweep.status(point, spec.eval) == "done"
     stored["config"]["train"]["lr"] *= 2
     point.results_path.write_text(json.dumps(stored))
     assert sweep.status(point, spec.eval) == "trained"

@@ -164,6 +164,10 @@ def test_run_dir_with_other_config_is_refused(tmp_path, ci_runs):
         train(other, tmp_path / "r", progress=False)
     longer = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, steps=25))  # extending is allowed
     assert train(longer, tmp_path / "r", progress=False).step == 25
+    # and so is changing how, not what, it computes (the speed options)
+    faster = dataclasses.replace(longer, train=dataclasses.replace(longer.train, steps=26, cudnn_benchmark=False,
+                                                                     channels_last=True))
+    assert train(faster, tmp_path / "r", progress=False).step == 26
 
 
 def test_nonfinite_loss_stops_and_keeps_checkpoint(tmp_path, ci_runs, monkeypatch):
@@ -235,11 +239,12 @@ def test_channels_last_and_compile_change_how_not_what(tmp_path, monkeypatch):
     # the same weights as the plain run up to float rounding, channels_last weights inside, contiguous checkpoints
     # that resume. torch.compile runs with dynamo's eager backend here (inductor's code generation takes minutes on
     # a CPU; the graphs, guards and recompiles are dynamo's either way).
-    nets, calls = [], []
+    nets, calls, settings = [], [], []
     real_compile = torch.compile
 
     def spy_compile(m):
         nets.append(m)
+        settings.append(inductor_config.fallback_random)
         c = real_compile(m, backend="eager")
         c.register_forward_pre_hook(lambda mod, args, k=len(nets) - 1: calls.append(k))
         return c
@@ -256,9 +261,9 @@ def test_channels_last_and_compile_change_how_not_what(tmp_path, monkeypatch):
     fast = dataclasses.replace(s2, train=dataclasses.replace(s2.train, channels_last=True, compile=True))
     train(s2, tmp_path / "plain", progress=False)
     assert nets == []
-    with inductor_config.patch(fallback_random=False):  # torch's own patch: monkeypatch would delete the entry
-        train(fast, tmp_path / "fast", progress=False)
-        assert inductor_config.fallback_random  # compiled dropout draws torch's masks (replayable)
+    before = inductor_config.fallback_random
+    train(fast, tmp_path / "fast", progress=False)
+    assert settings == [True] * 3 and inductor_config.fallback_random == before  # replayable masks; restored after
     assert len(nets) == 3  # the student, θ⁻ (the same module) and θ0
     assert nets[0] is nets[1] and nets[2] is not nets[0] and set(calls) == {0, 1, 2}  # and the loss calls all three
     convs = [p for m in nets for p in m.parameters() if p.dim() == 4 and p.shape[1] > 1 and p.shape[2] > 1]
@@ -268,6 +273,16 @@ def test_channels_last_and_compile_change_how_not_what(tmp_path, monkeypatch):
         for k in a[which]:
             assert b[which][k].is_contiguous() and torch.allclose(a[which][k], b[which][k], atol=1e-6), (which, k)
     train(fast, tmp_path / "split", steps=2, progress=False)
+    import tcmlab.train as train_module
+    layouts = []
+
+    def spy_formats(opt):
+        real_formats(opt)
+        layouts.extend(v.stride() == p.stride() for p, st in opt.state.items() for v in st.values() if v.dim() == 4)
+
+    real_formats = train_module.match_optimizer_formats
+    monkeypatch.setattr(train_module, "match_optimizer_formats", spy_formats)
     train(fast, tmp_path / "split", progress=False)  # resumed from a contiguous checkpoint into channels_last weights
+    assert layouts and all(layouts)  # the optimiser's state took the weights' channels_last layout again
     c = load_state(tmp_path / "split")[0]
     assert c["step"] == 3 and all(torch.allclose(b["model"][k], c["model"][k], atol=1e-6) for k in b["model"])

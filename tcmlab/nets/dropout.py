@@ -63,8 +63,9 @@ class _Rows:
 
 
 def take_rows(v: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """v[rows] along dim 0 (`index_select`) in v's memory format: index_select alone returns a contiguous tensor,
-    so the routed teacher passes of a channels_last network would run in NCHW (and recompile under torch.compile)."""
+    """v[rows] along dim 0 (`index_select`) in v's memory format, for tensors without gradient (the teachers' inputs):
+    index_select alone returns a contiguous tensor, so the routed teacher passes of a channels_last network would run
+    in NCHW (and recompile under torch.compile). Dropout masks are drawn contiguous, as in a plain run."""
     if v.dim() == 4 and v.is_contiguous(memory_format=torch.channels_last) and not v.is_contiguous():
         out = torch.empty((rows.numel(), *v.shape[1:]), dtype=v.dtype, device=v.device,
                           memory_format=torch.channels_last)
@@ -108,7 +109,7 @@ class RowDropout(nn.Module):
         if sel is None:
             return x * dropout_scale(tuple(x.shape), self.p, x)
         scale = sel.full_mask((sel.batch,) + tuple(x.shape[1:]), self.p, x)
-        return x * (scale if sel.rows is None else take_rows(scale, sel.rows))
+        return x * (scale if sel.rows is None else scale.index_select(0, sel.rows))
 
     def extra_repr(self) -> str:
         return f"p={self.p}"

@@ -72,3 +72,23 @@ def test_ddp_nccl_two_gpus_match_one(tmp_path, gpu_runs):
     a, b = load_state(tmp_path / "one")[0], load_state(tmp_path / "two")[0]
     for k in a["model"]:
         assert torch.allclose(a["model"][k], b["model"][k], rtol=1e-3, atol=1e-5), k
+
+
+def test_channels_last_and_compile_train_the_plain_model_on_gpu(tmp_path):
+    # inductor on the GPU (the CPU suite uses dynamo's eager backend): a small DDPM++ stage 2 with dropout, bf16,
+    # channels_last and torch.compile ends where the same run without the two speed options ends, to bf16 rounding
+    from tcmlab.config import NetConfig
+    net = NetConfig(arch="ddpmpp", channels=16, channel_mult=(1, 2), depth=1, attn_resolutions=(4,), dropout=0.1)
+    tiny = dict(steps=4, log_every=1, ckpt_every=10, batch=32, precision="bf16")
+    s1 = preset("ci", 1)
+    s1 = dataclasses.replace(s1, net=net, train=dataclasses.replace(s1.train, **tiny))
+    train(s1, tmp_path / "s1", device="cuda", progress=False)
+    s2 = preset("ci", 2, init_from=str(tmp_path / "s1"))
+    s2 = dataclasses.replace(s2, net=net, train=dataclasses.replace(s2.train, **tiny))
+    fast = dataclasses.replace(s2, train=dataclasses.replace(s2.train, channels_last=True, compile=True))
+    plain, quick = train(s2, tmp_path / "plain", device="cuda", progress=False), train(fast, tmp_path / "fast",
+                                                                                      device="cuda", progress=False)
+    assert abs(plain.last["loss"] - quick.last["loss"]) <= 0.05 * abs(plain.last["loss"])
+    a, b = load_state(tmp_path / "plain")[0], load_state(tmp_path / "fast")[0]
+    for k in a["model"]:
+        assert torch.allclose(a["model"][k], b["model"][k], rtol=1e-2, atol=1e-3), k

@@ -68,9 +68,8 @@ def build_pair(net_name: str, device, precision: str, channels_last: bool, teach
     """The student f (train mode, seed 0) and θ0 = its frozen copy (dropout as `teacher_dropout`, §8)."""
     shape, net_cfg = NETS[net_name]
     torch.manual_seed(0)
-    f = Precond(build_net(net_cfg, shape), autocast_dtype=AUTOCAST[precision]).to(device).train()
-    if channels_last:
-        f = f.to(memory_format=torch.channels_last)
+    f = Precond(build_net(net_cfg, shape), autocast_dtype=AUTOCAST[precision])
+    f = f.to(device, memory_format=memory_format(channels_last, 4)).train()
     f0 = frozen_copy(f).train(teacher_dropout)
     return f, f0
 

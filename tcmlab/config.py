@@ -68,6 +68,11 @@ class NetConfig:
         _require(0 <= self.dropout < 1, "net.dropout", "in [0, 1)", self.dropout)
 
 
+# TrainConfig fields that change how a run computes, not what (tcmlab.precision, tcmlab.speedups): a run may be
+# resumed, and a finished sweep point kept, with other values.
+SPEED_FIELDS = ("cudnn_benchmark", "channels_last", "compile")
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     steps: int = 250_000  # TCM App. E, CIFAR-10 stage 1
@@ -109,7 +114,7 @@ class TrainConfig:
         _require(self.ema_gamma > 0, "train.ema_gamma", "> 0", self.ema_gamma)
         _require(self.precision in ("fp32", "tf32", "bf16", "fp16"), "train.precision",
                  "'fp32', 'tf32', 'bf16' or 'fp16'", self.precision)
-        for name in ("cudnn_benchmark", "channels_last", "compile"):
+        for name in SPEED_FIELDS:
             _require(isinstance(getattr(self, name), bool), f"train.{name}", "true or false", getattr(self, name))
         _require(self.log_every >= 1, "train.log_every", ">= 1", self.log_every)
         _require(self.ckpt_every >= 1, "train.ckpt_every", ">= 1", self.ckpt_every)
@@ -224,11 +229,6 @@ def to_dict(cfg: RunConfig) -> dict:
     d = dataclasses.asdict(cfg)
     d["stage"] = cfg.stage
     return d
-
-
-# TrainConfig fields that change how a run computes, not what (tcmlab.precision, tcmlab.speedups): a run may be
-# resumed, and a finished sweep point kept, with other values.
-SPEED_FIELDS = ("cudnn_benchmark", "channels_last", "compile")
 
 
 def with_speed_options_of(cfg: RunConfig, other: RunConfig) -> RunConfig:

@@ -1,8 +1,9 @@
 """Schedules and time distributions, all pure functions of explicit inputs (the iteration `i` is an argument).
 
 - `ect_ratio(i, q, d, ratio_max)`: the ECT/TCM curriculum (TCM App. E, official-code form).
-- `ect_r(t, ratio)` / `delta_t(t, ratio)`: r and Δt = (1 + 8·sigmoid(−t))·(1 − ratio)·t with r = t − Δt clamped at ≥ 1e-6 (TCM App. E).
-- `LogNormal`: stage-0/1 time distribution, log-normal truncated to [t_min, t_max] by inverse CDF.
+- `ect_r(t, ratio)` / `delta_t(t, ratio)`: r and Δt = (1 + 8·sigmoid(−t))·(1 − ratio)·t with r = t − Δt clamped at
+  ≥ 1e-6 (TCM App. E).
+- `LogNormal`: stage-0/1 time distribution, log-normal truncated to [t_min, t_max] by inverse CDF (torch's `ndtri`).
 - `TruncatedLogStudentT`: stage-2 ψ̄_t, ln t = ln t′ + s·Z with Z ~ Student-t(ν), truncated to [t′, T]; sampled
   in torch from a cached table of its exact log-quantile (`log_quantile_table`, cubic Hermite, |Δ ln t| ≤ 1e-8).
 - `n_boundary` / `tcm_times`: TCM Eq. (7) / Algorithm 1 batch partition: N_B = int(B·ρ) boundary rows at t′, at random
@@ -56,9 +57,11 @@ def inverse_sqrt_lr(i: int, lr_ref: float, t_ref: int) -> float:
     return lr_ref / math.sqrt(max(i / t_ref, 1.0))
 
 
-def _uniform(n: int, lo: float, hi: float, generator: torch.Generator | None) -> np.ndarray:
-    u = torch.rand(n, generator=generator, dtype=torch.float64).numpy()
-    return lo + (hi - lo) * u
+@functools.lru_cache(maxsize=64)
+def _normal_mass(mean: float, std: float, t_min: float, t_max: float) -> tuple[float, float]:
+    z = (np.log([t_min, t_max]) - mean) / std
+    a, b = stats.norm.cdf(z)
+    return float(a), float(b)
 
 
 @dataclass(frozen=True)
@@ -80,13 +83,17 @@ class LogNormal:
         return (np.log(t) - self.mean) / self.std
 
     def _mass(self):
-        a, b = stats.norm.cdf(self._z(self.t_min)), stats.norm.cdf(self._z(self.t_max))
-        return a, b
+        """(Φ(z(t_min)), Φ(z(t_max))): the normal CDF at the truncation points, computed once per distribution."""
+        return _normal_mass(self.mean, self.std, self.t_min, self.t_max)
 
     def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Inverse CDF of float64 uniforms u from `generator`: ln t = mean + std·Φ⁻¹(a + (b − a)·u), in torch
+        (`torch.special.ndtri`, float64; it and scipy's `norm.ppf` agree to ~1e-15), so a training step's draw makes
+        no scipy call."""
         a, b = self._mass()
-        z = stats.norm.ppf(_uniform(n, a, b, generator))
-        return torch.from_numpy(np.exp(self.mean + self.std * z)).clamp(self.t_min, self.t_max).float()
+        u = torch.rand(n, generator=generator, dtype=torch.float64)
+        z = torch.special.ndtri(a + (b - a) * u)
+        return torch.exp(self.mean + self.std * z).clamp(self.t_min, self.t_max).float()
 
     def pdf(self, t) -> np.ndarray:
         """Density in t (not ln t), zero outside [t_min, t_max]."""

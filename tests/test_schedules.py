@@ -66,6 +66,23 @@ def test_lognormal_truncated_support():
     assert float(torch.log(t).mean()) == pytest.approx(-1.1, abs=0.05)
 
 
+@pytest.mark.parametrize("dist", [LogNormal(), LogNormal(-1.2, 1.2), LogNormal(0.3, 0.7, 0.01, 20.0)])
+def test_lognormal_draw_is_scipys_exact_inverse_cdf_without_calling_scipy(dist, monkeypatch):
+    # t = exp(mean + std·Φ⁻¹(a + (b − a)·u)) from the generator's float64 uniforms: torch's ndtri must give scipy's
+    # norm.ppf draw in float32 (a training step then makes no scipy call once the truncation mass is cached).
+    from scipy import stats
+
+    from tcmlab import schedules
+    n = 200_000
+    u = torch.rand(n, generator=torch.Generator().manual_seed(5), dtype=torch.float64).numpy()
+    a, b = stats.norm.cdf((np.log([dist.t_min, dist.t_max]) - dist.mean) / dist.std)
+    exact = np.clip(np.exp(dist.mean + dist.std * stats.norm.ppf(a + (b - a) * u)), dist.t_min, dist.t_max)
+    dist.sample(1)  # caches (a, b)
+    monkeypatch.setattr(schedules, "stats", None)  # any scipy call now raises
+    t = dist.sample(n, torch.Generator().manual_seed(5))
+    assert t.dtype == torch.float32 and torch.equal(t, torch.from_numpy(exact).float())
+
+
 def test_ect_ratio_never_overflows():
     # `ci` has d = 5 → ⌊i/d⌋ + 1 passes 1023 at i ≈ 5,115; q^(k) overflowed a float there.
     assert ect_ratio(5_115, q=2, d=5, ratio_max=0.99) == 0.99

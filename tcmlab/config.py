@@ -165,8 +165,8 @@ class TCMConfig:
     t_prime: float = 1.0  # dividing time t′, TCM §4 (CIFAR-10, ImageNet)
     w_b: float = 0.1  # boundary weight w_b = λ_b/(1 − λ_b) of Eq. (10), TCM §4 / official README (decisions §6)
     rho: float = 0.25  # share of each batch spent on L_B, N_B = int(B·ρ), TCM §4 / official README (decisions §5)
-    psi_scale: float = 0.2  # log-Student-t scale of ψ̄_t, TCM App. E
-    psi_nu: float = 0.01  # log-Student-t degrees of freedom ν, TCM App. E
+    psi_scale: float = 0.2  # log-Student-t scale of ψ̄_t, TCM §4.4
+    psi_nu: float = 0.01  # log-Student-t degrees of freedom ν, TCM §4.4
     t_max: float = T_MAX  # T
     ratio: float = 0.999  # held at ratio_max for all of stage 2, TCM App. E
     c: float = 1e-8  # pseudo-Huber c, as stage 1
@@ -212,8 +212,13 @@ class RunConfig:
                  "empty for stage 0 (diffusion pretraining starts from random weights; init_from is for stages 1, 2)",
                  self.init_from)
         if self.stage == 2:
-            _require(self.train.batch - n_boundary(self.train.batch, self.loss.rho) >= 1, "rho",
+            n_b = n_boundary(self.train.batch, self.loss.rho)
+            _require(self.train.batch - n_b >= 1, "rho",
                      "small enough to leave consistency rows in the batch", self.loss.rho)
+            # TCM §3 / Eq. (7): without samples at t′ the boundary loss vanishes and the objective can collapse
+            _require(n_b >= 1 or self.loss.w_b == 0, "rho (loss.rho)",
+                     f"large enough for N_B = int(batch·rho) >= 1 boundary row at batch {self.train.batch} (or set "
+                     f"loss.w_b = 0 to train without the boundary loss)", self.loss.rho)
 
     @property
     def stage(self) -> int:

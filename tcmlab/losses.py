@@ -99,10 +99,11 @@ def tcm_targets(f, f0, y_r: torch.Tensor, r: torch.Tensor, t_prime: float, rng_s
     teacher_passes='routed' (ours): θ0 runs only on its rows and θ⁻ only on the rest, so the teacher work is B rows;
     both passes take the full-batch dropout masks from `masks` (the student's, as in stage 1's target pass; without
     it they share one draw). teacher_passes='full' (official TCM code): each network runs on the whole batch and
-    `torch.where` keeps its rows. Both replay the student's RNG state, and `dropout_rows` gives every row the
-    student's dropout mask, so the two strategies return the same targets; afterwards the RNG is where the student
-    pass left it (docs/decisions.md §7, §9). A network with no rows is not run. `routing`: `teacher_routing(r,
-    t_prime)` if the caller has it already. The full strategy redraws the masks, as the official code does.
+    `torch.where` keeps its rows. Both replay the student's RNG state, so every row gets the student's dropout
+    mask: routed passes through `dropout_rows` (the mask rows of their batch rows), full passes by redrawing the
+    same full-batch masks from the replayed state. The two strategies return the same targets; afterwards the RNG
+    is where the student pass left it (docs/decisions.md §7, §9). A network with no rows is not run. `routing`:
+    `teacher_routing(r, t_prime)` if the caller has it already.
     """
     if teacher_passes not in ("routed", "full"):
         raise ValueError(f"teacher_passes must be 'routed' or 'full', got {teacher_passes!r}")

@@ -1,7 +1,8 @@
 """EDM preconditioning: the consistency function f(x, t) built around a free-form network F(x, c_noise).
 
-TCM Eq. (3) with the EDM scalings of TCM App. E. The official TCM code uses these scalings at every t (no σ_min
-shift), so f(x, t) -> x only as t -> 0 (docs/decisions.md §13); see `tests/test_precond.py` for the boundary behaviour.
+TCM Eq. (3) with c_skip, c_out of TCM App. E and EDM's c_in, c_noise (as the official `ECMPrecond`). The official
+TCM code uses these scalings at every t (no σ_min shift), so f(x, t) -> x only as t -> 0 (docs/decisions.md §13);
+see `tests/test_precond.py` for the boundary behaviour.
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ T_MAX = 80.0  # T, the largest noise level (TCM App. E); configs' t_max fields d
 
 
 def edm_scalings(t: torch.Tensor, sigma_data: float = SIGMA_DATA):
-    """TCM Eq. (3) / App. E: (c_skip, c_out, c_in, c_noise) for noise level t.
+    """TCM Eq. (3): (c_skip, c_out, c_in, c_noise) for noise level t; c_skip, c_out from TCM App. E, c_in and
+    c_noise from EDM (Karras et al. 2022, Table 1), as the official TCM code's `ECMPrecond`.
 
     c_skip = σ_d²/(t²+σ_d²), c_out = t·σ_d/√(t²+σ_d²), c_in = 1/√(t²+σ_d²), c_noise = ln(t)/4.
     """

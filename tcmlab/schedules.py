@@ -2,7 +2,7 @@
 
 - `ect_ratio(i, q, d, ratio_max)`: the ECT/TCM curriculum (TCM App. E, official-code form).
 - `ect_r(t, ratio)` / `delta_t(t, ratio)`: r and Δt = (1 + 8·sigmoid(−t))·(1 − ratio)·t with r = t − Δt clamped at
-  ≥ 1e-6 (TCM App. E).
+  ≥ 1e-6 (Δt: TCM App. E; the clamp: official `delta_sigmoid`).
 - `LogNormal`: stage-0/1 time distribution, log-normal truncated to [t_min, t_max] by inverse CDF (torch's `ndtri`).
 - `TruncatedLogStudentT`: stage-2 ψ̄_t, ln t = ln t′ + s·Z with Z ~ Student-t(ν), truncated to [t′, T]; sampled
   in torch from a cached table of its exact log-quantile (`log_quantile_table`, cubic Hermite, |Δ ln t| ≤ 1e-8).

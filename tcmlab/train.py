@@ -3,8 +3,8 @@
 Per step (global batch B, drawn from one seeded generator so that any number of data-parallel ranks sees the same
 global batch; each rank takes its rows): the stage object (`tcmlab.stages`) draws t and computes the loss at
 iteration i = step + train.step_offset (docs/decisions.md §11). Then gradient norm, a stop on any non-finite loss or
-gradient (reported in metrics.jsonl, never zeroed), the optimiser step with lr = inverse_sqrt_lr(i), and the EMA
-update. A checkpoint (model, EMA, optimiser, step, all RNG states, and in stage 2 θ0 with its source) is written
+gradient (reported in metrics.jsonl, never zeroed; docs/decisions.md §20), the optimiser step with lr =
+inverse_sqrt_lr(i) (under fp16, a step the gradient scaler skips is logged as `fp16_skip`), and the EMA update. A checkpoint (model, EMA, optimiser, step, all RNG states, and in stage 2 θ0 with its source) is written
 atomically every `ckpt_every` steps, at the end of every call, and when SIGTERM/SIGINT asks the run to stop.
 
 The run directory is locked for the whole call (`tcmlab.rundir`); nothing in it is written until the config, the
@@ -121,6 +121,11 @@ def _init_state(cfg: RunConfig, model, shape) -> tuple[dict, dict]:
         weights, step = model_state(state, "ema"), int(state["step"])
     checkpoint.check_finite(weights, f"init_from={path} (EMA weights)")
     return weights, {"path": str(path), "step": step, "sha256": checkpoint.sha256(path)}
+
+
+def _nonfinite_grads(f: torch.nn.Module) -> int:
+    """How many parameter gradients hold a non-finite value (reported, never zeroed: docs/decisions.md §20)."""
+    return sum(int(not torch.isfinite(p.grad).all()) for p in f.parameters() if p.grad is not None)
 
 
 def _diagnostics(outs: list[LossOut], edges: np.ndarray, device) -> dict:
@@ -337,14 +342,17 @@ def _train(cfg, run_dir, rank, world, device, b_rank, b_gpu, created, steps, pro
             if not finite:  # reported, never patched: how many per-sample losses and gradient tensors were non-finite
                 log({"kind": "nonfinite", "step": step, "loss": float(loss_value), "grad_norm": float(grad_norm),
                      "nonfinite_samples": int(sum((~torch.isfinite(o.per_sample)).sum() for o in outs)),
-                     "nonfinite_grads": sum(int(not torch.isfinite(p.grad).all()) for p in f.parameters()
-                                            if p.grad is not None)})
+                     "nonfinite_grads": _nonfinite_grads(f)})
                 bar.close()
                 raise NonFiniteError(f"non-finite loss or gradient at step {step} (loss={float(loss_value)}, grad "
                                      f"norm={float(grad_norm)}); the last checkpoint in {run_dir} is intact. Lower "
                                      f"train.lr, check the data, or use precision='fp32'.")
+            scale = scaler.get_scale() if scaler.is_enabled() else None
             scaler.step(opt)
             scaler.update()
+            if scale is not None and scaler.get_scale() < scale:  # fp16: the scaler skipped this optimiser step
+                log({"kind": "fp16_skip", "step": step, "scale": scale, "next_scale": scaler.get_scale(),
+                     "nonfinite_grads": _nonfinite_grads(f)})
             step += 1
             beta = ema_beta(step + tc.step_offset, tc.ema, tc.ema_beta, tc.ema_gamma)
             update_ema(ema, f, beta)

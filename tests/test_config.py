@@ -133,3 +133,13 @@ def test_every_config_field_is_read_somewhere(tmp_path, monkeypatch):
     unread = [f"{cls.__name__}.{f.name}" for cls in classes for f in dataclasses.fields(cls)
               if (cls.__name__, f.name) not in read]
     assert not unread, f"config fields never read by the library: {unread}"
+
+
+def test_stage2_needs_a_boundary_row_unless_w_b_is_zero():
+    # TCM §3 / Eq. (7): N_B = int(B·ρ) = 0 would drop L_B silently and let the objective collapse at t′.
+    s2 = preset("ci", 2, init_from="runs/s1")
+    with pytest.raises(ValueError, match=r"N_B = int\(batch·rho\) >= 1 boundary row at batch 3"):
+        dataclasses.replace(s2, train=dataclasses.replace(s2.train, batch=3))
+    no_lb = dataclasses.replace(s2, loss=dataclasses.replace(s2.loss, w_b=0.0))
+    assert dataclasses.replace(no_lb, train=dataclasses.replace(s2.train, batch=3)).train.batch == 3
+    assert dataclasses.replace(s2, train=dataclasses.replace(s2.train, batch=4)).train.batch == 4  # N_B = 1

@@ -80,3 +80,18 @@ def test_train_runs_under_its_precision_s_float32_flags(tmp_path, monkeypatch, p
     want = {"matmul_tf32": tf32, "cudnn_tf32": tf32, "fp16_reduced_reduction": tf32, "cudnn_benchmark": benchmark}
     assert seen and all(s == want for s in seen)
     assert prec.math_flags() == before
+
+
+def test_fp16_steps_the_scaler_skips_are_logged(tmp_path, ci_runs, monkeypatch):
+    # a scale of 2^100 overflows the fp16 gradients: the scaler skips every step; each skip must be reported
+    import functools
+
+    from tcmlab import rundir
+    monkeypatch.setattr(torch.amp, "GradScaler", functools.partial(torch.amp.GradScaler, init_scale=2.0**100))
+    cfg = preset("ci", 2, init_from=str(ci_runs / "s1"))
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, precision="fp16", steps=3, log_every=1))
+    r = train(cfg, tmp_path / "fp16", progress=False)
+    skips = [row for row in rundir.read_metrics(tmp_path / "fp16" / "metrics.jsonl") if row["kind"] == "fp16_skip"]
+    assert [row["step"] for row in skips] == [0, 1, 2] and r.step == 3
+    assert [row["scale"] for row in skips] == [2.0**100, 2.0**99, 2.0**98]
+    assert all(row["next_scale"] == row["scale"] / 2 and row["nonfinite_grads"] > 0 for row in skips)

@@ -6,7 +6,8 @@ NVlabs/edm's `torch_utils.persistence`: every persistent object is stored as
 normal load `exec`s) and the object's `__dict__` (`state`). `load_edm_pickle` reads it with an unpickler that admits
 only the globals such a file holds, maps the persistent-object call to one that keeps `class_name` and `state` and
 never looks at `module_src`, and rebuilds the EMA network's state dict from the `_parameters`/`_buffers`/`_modules`
-tree. Tensor storages are read with `torch.load(..., weights_only=True)`. Any other global is an error.
+tree. Tensor storages are read with `torch.load(..., weights_only=True)`. Any other global is an error, and so is
+a network that is not an `EDMPrecond` built as our `Precond(SongUNet)` (`check_edm_kwargs`).
 
 Names map `model.*` → `net.*` (our `Precond` wraps the same `SongUNet` layout); `model.map_augment.weight` (EDM's
 augmentation-label layer, augment_dim = 9) is dropped, as the official ECT/TCM code drops it by building the
@@ -61,7 +62,10 @@ def _rebuild_parameter(data, requires_grad, backward_hooks, *rest):
 
 
 def _load_from_bytes(b: bytes):
-    return torch.load(io.BytesIO(b), weights_only=True, map_location="cpu")
+    try:
+        return torch.load(io.BytesIO(b), weights_only=True, map_location="cpu")
+    except pickle.UnpicklingError:  # torch's message suggests weights_only=False, i.e. running the file's code
+        raise pickle.UnpicklingError("a tensor record holds objects other than tensors") from None
 
 
 class _EDMUnpickler(pickle.Unpickler):
@@ -103,6 +107,27 @@ def _state_dict(node: _Node, prefix: str = "") -> dict[str, torch.Tensor]:
 
 
 DROPPED = ("model.map_augment.weight", "model.map_augment.bias")
+# EDMPrecond's recorded constructor arguments that our Precond(SongUNet) hard-wires (NVlabs/edm training/networks.py
+# defaults and the edm-cifar10-32x32-uncond-vp.pkl config); checked where the file records them. Sizes (channels,
+# multipliers, blocks, attention) are checked by name and shape in `check_against`.
+EXPECTED_KWARGS = {"model_type": "SongUNet", "embedding_type": "positional", "encoder_type": "standard",
+                   "decoder_type": "standard", "channel_mult_noise": 1, "resample_filter": [1, 1], "label_dim": 0,
+                   "sigma_data": 0.5}
+
+
+def check_edm_kwargs(class_name: str, kwargs: dict, path) -> None:
+    """Refuse a network that is not EDMPrecond(SongUNet DDPM++) as our Precond computes it: another preconditioner
+    (EDM's baseline VPPrecond / VEPrecond pickles hold the same SongUNet tensors under other scalings) or recorded
+    constructor arguments that differ from EXPECTED_KWARGS."""
+    if class_name != "EDMPrecond":
+        raise ValueError(f"{path}: its network is a {class_name}, not EDMPrecond: its weights were trained under "
+                         f"other scalings than tcmlab's EDM c_skip/c_out/c_in/c_noise (TCM Eq. 3). Use EDM's "
+                         f"edm-cifar10-32x32-uncond-vp.pkl, not a baseline-*.pkl")
+    odd = {k: kwargs[k] for k, v in EXPECTED_KWARGS.items()
+           if k in kwargs and (list(kwargs[k]) if isinstance(kwargs[k], (list, tuple)) else kwargs[k]) != v}
+    if odd:
+        raise ValueError(f"{path}: its EDMPrecond was built with {odd}, where tcmlab's network has "
+                         f"{ {k: EXPECTED_KWARGS[k] for k in odd} }; it cannot be imported exactly")
 
 
 def load_edm_pickle(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
@@ -118,14 +143,17 @@ def load_edm_pickle(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
         if not isinstance(ema, _Node):
             raise ValueError("its 'ema' entry is not a persistent network")
         sd = _state_dict(ema)
+        kwargs = ema.state.get("_init_kwargs") or {}
+        if not isinstance(kwargs, dict):
+            raise ValueError("its network's recorded constructor arguments are not a dict")
     except (pickle.UnpicklingError, ValueError, KeyError, TypeError, EOFError, AttributeError, RuntimeError) as e:
         raise ValueError(f"{path} is not a usable EDM checkpoint ({e}). Nothing in it was executed. Use the "
                          f"official edm-cifar10-32x32-uncond-vp.pkl, or a tcmlab run as init_from.") from None
     odd = [k for k in sd if not k.startswith("model.")]
     if odd:
         raise ValueError(f"{path}: unexpected tensors outside the network ({odd[:3]}); not an EDMPrecond pickle")
-    kwargs = dict(ema.state.get("_init_kwargs") or {})
-    return {"net." + k[len("model."):]: v for k, v in sd.items() if k not in DROPPED}, kwargs
+    check_edm_kwargs(ema.class_name, kwargs, path)
+    return {"net." + k[len("model."):]: v for k, v in sd.items() if k not in DROPPED}, dict(kwargs)
 
 
 def check_against(state: dict[str, torch.Tensor], model: torch.nn.Module, path) -> None:

@@ -7,13 +7,15 @@ The floor FD(A, B) is what a perfect model would score at this n, so every digit
 CIFAR-10: torch-fidelity's `inception-v3-compat`, reference = the full training set (as the official code);
 `inception_weights` (or $TCMLAB_INCEPTION_WEIGHTS) points to a local weights file so an offline machine never
 downloads. torch-fidelity unpickles that file, so its SHA-256 is checked against torch-fidelity's published one
-first; torch-fidelity's on-disk statistics cache (also unpickled) is not used.
+first (a prefix, from the file name) and the file must load with `torch.load(weights_only=True)` (tensors only);
+torch-fidelity's on-disk statistics cache (also unpickled) is not used.
 Protocol choices: docs/decisions.md §16.
 """
 
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -44,6 +46,14 @@ DFID_GRID = (0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0)  # dFID_t noise lev
 def dfid_ts(t_max: float = T_MAX) -> tuple[float, ...]:
     """The dFID_t grid of a model trained up to T = t_max: DFID_GRID below T, then T itself (dFID_T = 1-step FID)."""
     return tuple(t for t in DFID_GRID if t < t_max) + (float(t_max),)
+
+
+def dfid_ts_for(t_max: float = T_MAX, t_prime: float | None = None) -> tuple[float, ...]:
+    """The dFID_t levels of a model: `dfid_ts(t_max)`, then t′ (stage 2) if it is not on that grid. In this order,
+    because `dfid` draws each level's noise in turn from one generator: the grid first gives every model of a
+    sweep the same noise at every grid level, whatever its t′ (sorting t′ in would shift the draws above it)."""
+    ts = dfid_ts(t_max)
+    return ts if t_prime is None or float(t_prime) in ts else ts + (float(t_prime),)
 
 
 DFID_TS = dfid_ts()
@@ -192,6 +202,12 @@ def inception_weights_path(setting: str | Path | None) -> str:
         raise ValueError(f"Inception weights file {path} has SHA-256 {sha[:16]}…, not the expected {expected}… "
                          f"(torch-fidelity's {INCEPTION_FILE}, or $TCMLAB_INCEPTION_SHA256): it was not loaded "
                          f"(loading unpickles it, which can run code). Copy the genuine file there.")
+    try:  # the hash is checked by a 32-bit prefix only: a file that holds anything but tensors is refused as well
+        torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ValueError(f"Inception weights file {path} holds objects other than tensors ({type(e).__name__}); it "
+                         f"was not loaded further (torch-fidelity unpickles it without restrictions, which can run "
+                         f"code). Copy the genuine {INCEPTION_FILE} there.") from None
     return str(path)
 
 
@@ -315,6 +331,27 @@ def fid_kid(images: torch.Tensor, es: EvalSet, kid: bool = True, against: torch.
     return out
 
 
+class NonFiniteSamples(UserWarning):
+    """Model outputs with non-finite values reached a score (counted in its 'nonfinite')."""
+
+
+def count_nonfinite(x: torch.Tensor) -> int:
+    """How many samples (rows) of x hold at least one non-finite value."""
+    return int((~torch.isfinite(x.detach())).reshape(x.shape[0], -1).any(1).sum())
+
+
+def score(x: torch.Tensor, es: EvalSet, kid: bool = True, what: str = "samples") -> dict:
+    """`fid_kid` of model output x as it is scored (`EvalSet.to_scored`), with 'nonfinite': how many of the samples
+    hold a non-finite value. Those are scored as the official code scores them (quantised: NaN lands on a pixel value,
+    ±inf on 255 / 0) and a `NonFiniteSamples` warning names the count: reported, never hidden (docs/decisions.md
+    §20). A score with nonfinite > 0 is not the score of the model's finite outputs."""
+    bad = count_nonfinite(x)
+    if bad:
+        warnings.warn(f"{bad} of {x.shape[0]} {what} hold non-finite values; they are scored as quantised pixels "
+                      f"(the score records nonfinite={bad})", NonFiniteSamples, stacklevel=2)
+    return {**fid_kid(es.to_scored(x), es, kid=kid), "nonfinite": bad}
+
+
 def floor_n(es: EvalSet, n: int | None) -> int:
     """The number of images a score over `n` query or generated images actually uses (n capped by the query)."""
     return len(es.query) if n is None else min(int(n), len(es.query))
@@ -361,14 +398,19 @@ def denoise(f, x: torch.Tensor, t: float, generator: torch.Generator | None = No
     return torch.cat(out)
 
 
+def dfid_scores(f, es: EvalSet, ts=DFID_TS, n: int | None = None, generator: torch.Generator | None = None,
+                device=None, progress: bool = True, batch: int = 1024) -> dict[float, dict]:
+    """Denoising FID (TCM §2.2): {t: `score` of f(x + tε, t) for the real query x} for every t in ts, in the order
+    of ts, each level's ε drawn in turn from `generator` (list a fixed grid first: `dfid_ts_for`)."""
+    x = es.to_model(es.query[:n])
+    return {float(t): score(denoise(f, x, t, generator, device, batch), es, kid=False, what=f"denoised at t={t:g}")
+            for t in tqdm(list(ts), desc="dFID_t", disable=not progress, leave=False)}
+
+
 def dfid(f, es: EvalSet, ts=DFID_TS, n: int | None = None, generator: torch.Generator | None = None, device=None,
          progress: bool = True, batch: int = 1024) -> dict[float, float]:
-    """Denoising FID (TCM §2.2): {t: FID(f(x + tε, t) for real query x, reference)} for every t in ts."""
-    x = es.to_model(es.query[:n])
-    scores = {}
-    for t in tqdm(list(ts), desc="dFID_t", disable=not progress, leave=False):
-        scores[float(t)] = fid_kid(es.to_scored(denoise(f, x, t, generator, device, batch)), es, kid=False)["fid"]
-    return scores
+    """{t: dFID_t} of `dfid_scores` (non-finite outputs are warned about there)."""
+    return {t: s["fid"] for t, s in dfid_scores(f, es, ts, n, generator, device, progress, batch).items()}
 
 
 def dfid_card(es: EvalSet, t: float, n: int, weights: str, seed: int, step: int, draws: int = 1) -> EvalCard:
@@ -383,14 +425,16 @@ def dfid_callback(es: EvalSet, ts=DFID_TS, n: int | None = None, seed: int = 0, 
     `seed` (the generation side of the trade-off, TCM Fig. 2 and 3)."""
     def eval_fn(step, ema):
         g = torch.Generator().manual_seed(seed)
-        scores = dfid(ema, es, ts, n, g, device=device, progress=False)
-        row = {"dfid": {str(t): v for t, v in scores.items()}, "n": floor_n(es, n), "floor": _floor_or_none(es, n),
-               "extractor": es.extractor, "reference": es.reference_name}
+        scores = dict(sorted(dfid_scores(ema, es, ts, n, g, device=device, progress=False).items()))
+        row = {"dfid": {str(t): v["fid"] for t, v in scores.items()}, "n": floor_n(es, n),
+               "floor": _floor_or_none(es, n), "extractor": es.extractor, "reference": es.reference_name,
+               "nonfinite": {str(t): v["nonfinite"] for t, v in scores.items()}}
         if one_step is not None:
             shape, t_max, t_prime = one_step
             x = generate(ema, floor_n(es, n), shape, (t_max,), device=device,
                          generator=torch.Generator().manual_seed(seed), t_prime=t_prime)
-            row["fid_1step"] = fid_kid(es.to_scored(x), es, kid=False)["fid"]
+            s1 = score(x, es, kid=False, what="1-step samples")
+            row["fid_1step"], row["nonfinite"]["1step"] = s1["fid"], s1["nonfinite"]
         return row
     return eval_fn
 
@@ -409,9 +453,12 @@ def mean_over_draws(scores: list[dict]) -> dict:
     """One score from the `fid_kid` dicts of independent noise draws (docs/decisions.md §16): 'fid' is the mean over
     draws and 'fid_draws' every draw's FID (their spread is the evaluation noise of one draw: at n = 898 on digits
     the same model's 1-step FID spans ~50–120 over ten draws). KID, where scored, is draw 0's (kid_mean, and
-    kid_std its spread over subsets): torch-fidelity's KID takes seconds a call, and draw 0 is the one-draw score."""
+    kid_std its spread over subsets): torch-fidelity's KID takes seconds a call, and draw 0 is the one-draw score.
+    'nonfinite' (where every draw counted it, `score`): non-finite samples over all draws."""
     out = {"fid": float(np.mean([s["fid"] for s in scores])), "fid_draws": [s["fid"] for s in scores]}
     out.update({k: scores[0][k] for k in ("kid_mean", "kid_std") if k in scores[0]})
+    if all("nonfinite" in s for s in scores):
+        out["nonfinite"] = sum(s["nonfinite"] for s in scores)  # over all draws' samples
     return out
 
 
@@ -426,7 +473,7 @@ def sample_quality(model, es: EvalSet, t_mid: float = 1.0, n: int | None = None,
     by_ts = {}  # each draw scored as it is made: no draw's images are kept
     for k in range(check_draws(draws)):
         for ts, x in one_and_two_step(model, n, t_mid, seed + k, device, batch).items():
-            by_ts.setdefault(ts, []).append(fid_kid(es.to_scored(x), es, kid=k == 0))
+            by_ts.setdefault(ts, []).append(score(x, es, kid=k == 0, what=f"{len(ts)}-step samples"))
     rows = []
     for ts, per_draw in by_ts.items():
         scores = mean_over_draws(per_draw)
@@ -450,7 +497,7 @@ def heun_quality(model, es: EvalSet, num_steps: int = 18, n: int | None = None, 
     for k in range(check_draws(draws)):
         x = generate(model.f, n, model.shape, ts.tolist(), device=device,
                      generator=torch.Generator().manual_seed(seed + k), batch=batch, sampler=heun)
-        scores.append(fid_kid(es.to_scored(x), es, kid=k == 0))
+        scores.append(score(x, es, kid=k == 0, what="Heun samples"))
     card = EvalCard("fid_heun", n, es.extractor, es.sha256, es.reference_name, tuple(ts.tolist()), model.which, seed,
                     model.step, draws)
     return {"card": asdict(card), **mean_over_draws(scores), "floor": _floor_or_none(es, n),

@@ -31,7 +31,9 @@ kind (stage0/stage1/stage2/control), stage, seed, one column per grid field ('s2
 steps of the checkpoint), metric (fid_1step, fid_2step, kid_1step, kid_2step, dfid; an evaluated stage-0 point has
 fid_heun, kid_heun instead: EDM's Heun sampler), t (dFID's noise level), value (with `[eval] draws` > 1, the mean
 over noise draws), value_sd (FID's spread over those draws; empty for one draw), kid_std (KID's spread over subsets),
-n, floor (real-vs-real FD at floor_n; None for KID and for CIFAR-10), floor_n, card (the eval card, JSON);
+n, nonfinite (how many of the scored samples, over all draws, held a non-finite value; empty in an evaluation
+written before this was counted), floor (real-vs-real FD at floor_n; None for KID and for CIFAR-10), floor_n, card
+(the eval card, JSON);
 `<out>/summary.csv` (`summarize`: mean, std, count over seeds per grid point and metric; draw_sd)
 and `<out>/summary.md` (its sample-quality rows as a markdown table); with `[eval] every`, `<out>/curves.csv` (dFID_t
 and 1-step FID during training, `curves_table`); `<out>/timing.csv` (steps each run trained itself and their median
@@ -304,10 +306,12 @@ def evaluate_run(m, es, *, n: int | None = None, seed: int = 0, t_mid: float = 1
                  dfid: bool = True, device=None, progress: bool = False, heun_steps: int = 18,
                  draws: int = 1) -> list[dict]:
     """Rows with eval cards for a `TrainedModel`: 1- and 2-step FID/KID (`metrics.sample_quality`), then dFID_t at
-    `metrics.dfid_ts(T)` and, for a stage-2 model, at t′; each row with the real-vs-real floor at its n. The 2-step
-    sampler's t_mid is raised to t′ for a stage-2 model with t′ > t_mid (it is trained on [t′, T] only); the card's
-    steps say which t_mid was used. A stage-0 (diffusion) model is sampled with EDM's Heun sampler on `heun_steps`
-    times instead (`metrics.heun_quality`, card metric 'fid_heun'): the teacher's own quality. Sweeps use EDM's 18.
+    `metrics.dfid_ts(T)` and, for a stage-2 model, at t′ (noised after the grid, `metrics.dfid_ts_for`; rows in
+    order of t); each row with the real-vs-real floor at its n and 'nonfinite', the samples with non-finite values
+    among those scored (`metrics.score`). The 2-step sampler's t_mid is raised to t′ for a stage-2 model with
+    t′ > t_mid (it is trained on [t′, T] only); the card's steps say which t_mid was used. A stage-0 (diffusion)
+    model is sampled with EDM's Heun sampler on `heun_steps` times instead (`metrics.heun_quality`, card metric
+    'fid_heun'): the teacher's own quality. Sweeps use EDM's 18.
     draws > 1: every score is the mean over that many noise draws (seeds seed, seed + 1, …; `metrics.mean_over_draws`);
     dFID_t's draw k noises the query with a generator seeded seed + k, as the one-draw score does with seed."""
     import torch
@@ -319,12 +323,12 @@ def evaluate_run(m, es, *, n: int | None = None, seed: int = 0, t_mid: float = 1
 
     per_t = {}
     if dfid:
-        ts = sorted(set(metrics.dfid_ts(m.t_max)) | ({m.t_prime} if m.t_prime else set()))
+        ts = metrics.dfid_ts_for(m.t_max, m.t_prime)  # the grid first: the same noise at every grid t for all t′
         for k in range(metrics.check_draws(draws)):
             g = torch.Generator().manual_seed(seed + k)
-            d = metrics.dfid(m.f, es, ts, n=n, generator=g, batch=batch, device=device, progress=progress)
+            d = metrics.dfid_scores(m.f, es, ts, n=n, generator=g, batch=batch, device=device, progress=progress)
             for t, v in d.items():
-                per_t.setdefault(t, []).append({"fid": v})
+                per_t.setdefault(t, []).append(v)
     if m.cfg.stage == 0:
         rows = [metrics.heun_quality(m, es, heun_steps, n=n, seed=seed, device=device, batch=batch, draws=draws)]
     else:
@@ -332,7 +336,7 @@ def evaluate_run(m, es, *, n: int | None = None, seed: int = 0, t_mid: float = 1
     n_q = metrics.floor_n(es, n)
     fl = metrics.floor(es, n_q) if es.disjoint else None  # CIFAR-10's train-vs-train protocol has no floor
     rows += [{"card": dataclasses.asdict(metrics.dfid_card(es, t, n_q, m.which, seed, m.step, draws)),
-              **metrics.mean_over_draws(v), "floor": fl, "floor_n": n_q} for t, v in per_t.items()]
+              **metrics.mean_over_draws(v), "floor": fl, "floor_n": n_q} for t, v in sorted(per_t.items())]
     return rows
 
 
@@ -377,7 +381,7 @@ def _training_eval(point: Point, ev: EvalSpec, device: str | None):
     cfg = point.cfg
     es = _eval_set(cfg, ev, torch.device(device or "cpu").type == "cuda")
     t_prime = cfg.loss.t_prime if cfg.stage == 2 else None
-    ts = sorted(set(metrics.dfid_ts(cfg.t_max)) | ({t_prime} if t_prime else set()))
+    ts = metrics.dfid_ts_for(cfg.t_max, t_prime)
     shape = tuple(es.to_model(es.query[:1]).shape[1:])
     return metrics.dfid_callback(es, ts, n=ev.n, seed=ev.seed, device=device, one_step=(shape, cfg.t_max, t_prime))
 
@@ -612,13 +616,14 @@ def _schedule(tasks, runner, limit, log, details, running) -> dict[str, str]:
 # Table, summary, figures
 
 COLUMNS_HEAD = ("point", "kind", "stage", "seed")
-COLUMNS_TAIL = ("steps", "metric", "t", "value", "value_sd", "kid_std", "n", "floor", "floor_n", "card")
+COLUMNS_TAIL = ("steps", "metric", "t", "value", "value_sd", "kid_std", "n", "nonfinite", "floor", "floor_n", "card")
 
 
 def _metric_rows(r: dict) -> list[dict]:
     """Table rows of one evaluation row: fid_Kstep and kid_Kstep (sample quality) or dfid at t."""
     card = r["card"]
-    common = {"n": card["n"], "floor_n": r["floor_n"], "card": json.dumps(card, sort_keys=True)}
+    common = {"n": card["n"], "nonfinite": r.get("nonfinite"),  # absent in an evaluation written before it was counted
+              "floor_n": r["floor_n"], "card": json.dumps(card, sort_keys=True)}
     draws = r.get("fid_draws", [])  # absent in an evaluation written before draws existed: one draw
     fid = {"value": r["fid"], "value_sd": statistics.stdev(draws) if len(draws) > 1 else None, "floor": r["floor"]}
     if card["metric"] == "dfid":

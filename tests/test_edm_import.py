@@ -5,7 +5,9 @@ The test writes a pickle the way NVlabs/edm's `torch_utils.persistence` does (ev
 `__dict__`; nn.ModuleDict pickled normally), with a source that would create a marker file if executed."""
 
 import dataclasses
+import io
 import pickle
+import re
 import sys
 import types
 
@@ -49,7 +51,15 @@ class EDMLoss:  # a persistent non-module object, as EDM's loss_fn
     pass
 
 
-def write_edm_pickle(path, net, marker, monkeypatch, extra=None):
+class NotATensor:
+    pass
+
+
+class VPPrecond(EDMPrecond):  # EDM's baseline-*-vp.pkl: the same SongUNet tensors under VP scalings
+    pass
+
+
+def write_edm_pickle(path, net, marker, monkeypatch, extra=None, wrapper=EDMPrecond, init_kwargs=None):
     modules, src = fake_persistence(marker)
     for name, m in modules.items():
         monkeypatch.setitem(sys.modules, name, m)
@@ -64,7 +74,9 @@ def write_edm_pickle(path, net, marker, monkeypatch, extra=None):
             return NotImplemented
 
     net.map_augment = nn.Linear(9, 16, bias=False)  # EDM's augmentation-label layer (augment_dim 9): dropped
-    ema = EDMPrecond(net).eval().requires_grad_(False)
+    ema = wrapper(net).eval().requires_grad_(False)
+    if init_kwargs is not None:
+        ema._init_kwargs = init_kwargs
     data = dict(ema=ema, loss_fn=EDMLoss(), augment_pipe=None, dataset_kwargs=dict(path="cifar10.zip"),
                 **(extra or {}))
     with open(path, "wb") as fh:
@@ -82,6 +94,35 @@ def test_edm_pickle_imports_by_name_without_executing(tmp_path, monkeypatch):
     assert list(state) == list(expected) and all(torch.equal(state[k], expected[k]) for k in state)
     assert kwargs == {"img_resolution": 8, "model_channels": 16}
     assert not any("map_augment" in k for k in state)
+
+
+def test_another_preconditioner_or_other_recorded_kwargs_are_refused(tmp_path, monkeypatch):
+    net = build_net(NET, (1, 8, 8))
+    write_edm_pickle(tmp_path / "vp.pkl", net, tmp_path / "EXECUTED", monkeypatch, wrapper=VPPrecond)
+    with pytest.raises(ValueError, match="is a VPPrecond, not EDMPrecond"):
+        load_edm_pickle(tmp_path / "vp.pkl")
+    edm_config = {"model_type": "SongUNet", "embedding_type": "positional", "resample_filter": [1, 1],
+                  "channel_mult_noise": 1, "model_channels": 16}
+    write_edm_pickle(tmp_path / "ok.pkl", net, tmp_path / "EXECUTED", monkeypatch, init_kwargs=edm_config)
+    assert load_edm_pickle(tmp_path / "ok.pkl")[1] == edm_config
+    for bad in ({"embedding_type": "fourier"}, {"resample_filter": [1, 3, 3, 1]}, {"label_dim": 10}):
+        write_edm_pickle(tmp_path / "bad.pkl", net, tmp_path / "EXECUTED", monkeypatch,
+                         init_kwargs={**edm_config, **bad})
+        with pytest.raises(ValueError, match=re.escape(f"built with {bad}")):
+            load_edm_pickle(tmp_path / "bad.pkl")
+    write_edm_pickle(tmp_path / "odd.pkl", net, tmp_path / "EXECUTED", monkeypatch, init_kwargs=[1, 2])
+    with pytest.raises(ValueError, match="not a usable EDM checkpoint.*not a dict"):
+        load_edm_pickle(tmp_path / "odd.pkl")
+    assert not (tmp_path / "EXECUTED").exists()
+
+
+def test_a_tensor_record_with_objects_is_refused_without_suggesting_to_run_it(tmp_path):
+    from tcmlab import edm_import
+    blob = io.BytesIO()
+    torch.save({"x": torch.zeros(1), "f": NotATensor()}, blob)  # not weights_only-loadable
+    with pytest.raises(pickle.UnpicklingError, match="objects other than tensors") as e:
+        edm_import._load_from_bytes(blob.getvalue())
+    assert "weights_only" not in str(e.value)
 
 
 def test_foreign_globals_are_refused(tmp_path):

@@ -173,6 +173,11 @@ def test_crafted_inception_weights_never_execute(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="not the expected 6726825d"):
         metrics.cifar10_eval_set(tmp_path / "cifar")
     assert not marker.exists()
+    # the hash check is a 32-bit prefix, which a crafted file can match: it must hold tensors only as well
+    monkeypatch.setattr(metrics, "INCEPTION_SHA256_PREFIX", digits_classifier.sha256(path)[:8])
+    with pytest.raises(ValueError, match="holds objects other than tensors"):
+        metrics.cifar10_eval_set(tmp_path / "cifar")
+    assert not marker.exists()
 
 
 def test_inception_missing_weights_names_the_setting(tmp_path, monkeypatch):
@@ -193,3 +198,40 @@ def test_frechet_distance_matches_torch_fidelity(n, d):
     ref = fid_statistics_to_metric(fid_features_to_statistics(a), fid_features_to_statistics(b), False)
     ours = metrics.frechet_distance(a.numpy().mean(0), np.cov(a.numpy(), rowvar=False), metrics.gaussian_stats(b))
     assert ours == pytest.approx(ref["frechet_inception_distance"], rel=1e-6, abs=1e-8)
+
+
+def test_nonfinite_outputs_are_counted_and_warned_not_hidden(es):
+    # NaN/inf quantise to pixel values (the official code scores them so): the count must reach every score
+    def broken(x, t):
+        out = x.clone()
+        out[:7] = float("nan")
+        out[7:9, :, 0, 0] = float("inf")
+        return out
+    with pytest.warns(metrics.NonFiniteSamples, match="9 of 300 denoised at t=0.5"):
+        d = metrics.dfid_scores(broken, es, ts=(0.5,), n=300, generator=torch.Generator().manual_seed(0),
+                                progress=False)
+    assert d[0.5]["nonfinite"] == 9 and math.isfinite(d[0.5]["fid"])
+    with pytest.warns(metrics.NonFiniteSamples):
+        row = metrics.dfid_callback(es, ts=(0.5,), n=300)(0, broken)
+    assert row["nonfinite"] == {"0.5": 9}
+    assert metrics.score(es.to_model(es.query[:50]), es, kid=False)["nonfinite"] == 0
+    assert metrics.mean_over_draws([{"fid": 1.0, "nonfinite": 2}, {"fid": 3.0, "nonfinite": 1}])["nonfinite"] == 3
+    assert "nonfinite" not in metrics.mean_over_draws([{"fid": 1.0}])  # a score that did not count says nothing
+
+
+def test_dfid_noise_at_grid_levels_does_not_depend_on_t_prime(es):
+    # dfid draws each level's noise in turn from one generator: t′ goes after the grid, so a stage-2 model at an
+    # off-grid t′ is noised like stage 1 at every grid t (sorting t′ in shifted the draws of every larger t)
+    assert metrics.dfid_ts_for(80.0, 0.8) == metrics.dfid_ts(80.0) + (0.8,)
+    assert metrics.dfid_ts_for(80.0, 1.0) == metrics.dfid_ts(80.0) and metrics.dfid_ts_for(10.0) == metrics.dfid_ts(10.0)
+    seen = {}
+
+    def record(tag):
+        def f(x, t):
+            seen.setdefault(tag, {})[round(float(t[0]), 6)] = x.clone()
+            return x
+        return f
+    for tag, tp in (("stage1", None), ("stage2", 0.8)):
+        metrics.dfid(record(tag), es, metrics.dfid_ts_for(80.0, tp), n=20, generator=torch.Generator().manual_seed(0),
+                     progress=False)
+    assert all(torch.equal(seen["stage1"][t], seen["stage2"][t]) for t in metrics.dfid_ts(80.0))

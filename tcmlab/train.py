@@ -123,6 +123,25 @@ def _init_state(cfg: RunConfig, model, shape) -> tuple[dict, dict]:
     return weights, {"path": str(path), "step": step, "sha256": checkpoint.sha256(path)}
 
 
+def _restore_dropout_rng(rng: dict, rank: int, world: int, device, seed: int, step: int) -> None:
+    """This rank's dropout RNG from a checkpoint's per-rank states. A rank the checkpoint has no state for (resumed
+    on more ranks than it was written by) starts its own stream, seeded from (seed, rank, step): reusing another
+    rank's state would give the same dropout masks to the same rows of every rank's slice."""
+    saved_torch, saved_cuda = rng["torch"], rng["cuda"]
+    if len(saved_torch) != world:
+        warnings.warn(f"resuming on {world} rank(s) from a checkpoint written by {len(saved_torch)}: ranks without a "
+                      f"saved dropout RNG start new streams, so the run differs from one on {world} rank(s) from "
+                      f"the start", stacklevel=3)
+    if rank < len(saved_torch):
+        torch.set_rng_state(saved_torch[rank])
+    else:
+        torch.manual_seed((seed * 1000 + rank) * 1_000_003 + step)  # CPU and every CUDA device
+    if device.type == "cuda" and rank < len(saved_cuda):
+        torch.cuda.set_rng_state(saved_cuda[rank], device)
+    elif device.type == "cuda":
+        torch.cuda.manual_seed((seed * 1000 + rank) * 1_000_003 + step)
+
+
 def _nonfinite_grads(f: torch.nn.Module) -> int:
     """How many parameter gradients hold a non-finite value (reported, never zeroed: docs/decisions.md §20)."""
     return sum(int(not torch.isfinite(p.grad).all()) for p in f.parameters() if p.grad is not None)
@@ -259,11 +278,8 @@ def _train(cfg, run_dir, rank, world, device, b_rank, b_gpu, created, steps, pro
         if state["scaler"]:
             scaler.load_state_dict(state["scaler"])
         gen.set_state(state["rng"]["data"])
-        rng_torch, rng_cuda = state["rng"]["torch"], state["rng"]["cuda"]
-        torch.set_rng_state(rng_torch[rank % len(rng_torch)])
-        if device.type == "cuda" and rng_cuda:
-            torch.cuda.set_rng_state(rng_cuda[rank % len(rng_cuda)], device)
         step = int(state["step"])
+        _restore_dropout_rng(state["rng"], rank, world, device, tc.seed, step)
         del state
     if rank == 0:  # checks passed: now the run directory may change
         checkpoint.atomic_write_text(run_dir / "config.json", to_json(cfg))

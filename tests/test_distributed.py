@@ -53,3 +53,20 @@ def test_two_processes_under_torchrun_match_one(tmp_path, ci_runs, stage):
             assert y["teacher_rows"] == x["teacher_rows"]
             assert y["loss_boundary"] == pytest.approx(x["loss_boundary"], rel=1e-4)
             assert y["loss_consistency"] == pytest.approx(x["loss_consistency"], rel=1e-4)
+
+
+def test_resuming_on_more_ranks_gives_each_rank_its_own_dropout_stream(tmp_path, ci_runs):
+    # written by 1 process, resumed by 2: rank 1 must not take rank 0's saved RNG state (the same dropout masks for
+    # the same rows of both slices)
+    cfg = with_overrides(preset("ci", 1, init_from=str(ci_runs / "s0")), ["train.steps=4", "train.log_every=2"])
+    train(cfg, tmp_path / "r", steps=2, progress=False)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                        "-m", "tcmlab", "train", "--preset", "ci", "--stage", "1", "--outdir", str(tmp_path / "r"),
+                        "--init-from", str(ci_runs / "s0"), "--device", "cpu", "--set", "train.steps=4", "--set",
+                        "train.log_every=2"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "resuming on 2 rank(s) from a checkpoint written by 1" in r.stderr
+    state = load_state(tmp_path / "r")[0]
+    rng = state["rng"]["torch"]
+    assert state["step"] == 4 and len(rng) == 2 and not torch.equal(rng[0], rng[1])

@@ -49,11 +49,42 @@ def unflatten(skel, tensors: dict[str, torch.Tensor]):
     return skel
 
 
+def _umask() -> int:
+    """The process's umask, read without changing it where Linux shows it (os.umask would set it for a moment)."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+TEMP_SUFFIX = ".tmp"
+
+
+def temp_prefix(name: str) -> str:
+    """The prefix of the temporary files an atomic write of `name` makes (`stale_temporaries` finds them)."""
+    return f".{name}."
+
+
+def stale_temporaries(folder: Path) -> list[Path]:
+    """Temporary files of atomic writes in `folder` left behind by a process killed mid-write (SIGKILL, power loss):
+    each may be a full-size checkpoint. Only the folder's single writer (the run lock's holder) may remove them."""
+    return sorted(p for p in Path(folder).glob(".*" + TEMP_SUFFIX) if p.is_file())
+
+
 @contextmanager
 def _temp_beside(path: Path):
-    """A unique temporary file name in path's folder; removed unless the block moved it into place."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    """A unique temporary file name in path's folder, with the permissions a plain `open` would give (mkstemp's are
+    0600, which `os.replace` would keep: collaborators sharing the folder could not read the checkpoint); removed
+    unless the block moved it into place."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=temp_prefix(path.name), suffix=TEMP_SUFFIX)
     os.close(fd)
+    os.chmod(tmp, 0o666 & ~_umask())
     try:
         yield tmp
     finally:
@@ -88,6 +119,7 @@ def save(path: str | Path, state: dict) -> None:
     skeleton = flatten(state, "s", tensors)
     with _temp_beside(path) as tmp:
         save_file(tensors, tmp, metadata={"tcmlab": json.dumps(skeleton)})
+        os.chmod(tmp, 0o666 & ~_umask())  # safetensors writes its file 0600 as well
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, path)

@@ -56,11 +56,16 @@ def _tail(path: Path, seen: int, on_log) -> int:
     return len(lines)
 
 
+STOP_TIMEOUT = 120.0  # seconds torchrun gets to stop its trainers (after their checkpoint) before it is killed
+
+
 def train_torchrun(cfg: RunConfig, run_dir: str | Path, gpus: int, *, steps: int | None = None,
                    on_log: Callable[[dict], None] | None = None, dfid_every: int = 0, dfid_n: int | None = None,
                    data_root: str | None = None, poll: float = 1.0) -> dict:
     """Train under torchrun with `gpus` processes (GPUs when present, else CPU processes with gloo); stream metrics
-    rows to `on_log`; return the last row. A failure raises with the tail of torchrun's output."""
+    rows to `on_log`; return the last row. A failure raises with the tail of torchrun's output. If this call ends
+    early (KeyboardInterrupt, an exception from `on_log`), torchrun is stopped with SIGTERM — its trainers write a
+    checkpoint and release the run directory — and killed if it has not ended after STOP_TIMEOUT seconds."""
     run_dir = Path(run_dir)
     with tempfile.NamedTemporaryFile("w", suffix=".json", prefix="tcmlab-config-", delete=False) as fh:
         fh.write(to_json(cfg))
@@ -73,6 +78,7 @@ def train_torchrun(cfg: RunConfig, run_dir: str | Path, gpus: int, *, steps: int
     if data_root:
         cmd += ["--data-root", str(data_root)]
     log = tempfile.TemporaryFile("w+")
+    p = None
     try:
         p = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, text=True)
         seen = 0
@@ -85,6 +91,13 @@ def train_torchrun(cfg: RunConfig, run_dir: str | Path, gpus: int, *, steps: int
             tail = "\n".join(log.read().splitlines()[-30:])
             raise RuntimeError(f"torchrun with {gpus} processes failed (exit {p.returncode}):\n{tail}")
     finally:
+        if p is not None and p.poll() is None:  # interrupted, or on_log raised: stop torchrun and its trainers
+            p.terminate()  # SIGTERM, which torchrun passes on: each trainer checkpoints and exits (train.Interrupted)
+            try:
+                p.wait(timeout=STOP_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
         log.close()
         Path(fh.name).unlink(missing_ok=True)
     rows = rundir.read_metrics(run_dir / "metrics.jsonl")

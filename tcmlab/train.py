@@ -129,9 +129,9 @@ def _restore_dropout_rng(rng: dict, rank: int, world: int, device, seed: int, st
     rank's state would give the same dropout masks to the same rows of every rank's slice."""
     saved_torch, saved_cuda = rng["torch"], rng["cuda"]
     if len(saved_torch) != world:
-        warnings.warn(f"resuming on {world} rank(s) from a checkpoint written by {len(saved_torch)}: ranks without a "
-                      f"saved dropout RNG start new streams, so the run differs from one on {world} rank(s) from "
-                      f"the start", stacklevel=3)
+        warnings.warn(f"resuming on {world} rank(s) from a checkpoint written by {len(saved_torch)}: the dropout "
+                      f"streams differ from a run on {world} rank(s) from the start (ranks without a saved state "
+                      f"start new ones)", stacklevel=3)
     if rank < len(saved_torch):
         torch.set_rng_state(saved_torch[rank])
     else:
@@ -282,6 +282,10 @@ def _train(cfg, run_dir, rank, world, device, b_rank, b_gpu, created, steps, pro
         _restore_dropout_rng(state["rng"], rank, world, device, tc.seed, step)
         del state
     if rank == 0:  # checks passed: now the run directory may change
+        for tmp in checkpoint.stale_temporaries(run_dir):  # a killed save's half-written copy; we hold the lock
+            warnings.warn(f"removing {tmp} ({tmp.stat().st_size / 2**20:.1f} MiB), left by a save that was killed "
+                          f"mid-write; the checkpoint it would have replaced is intact", stacklevel=2)
+            tmp.unlink()
         checkpoint.atomic_write_text(run_dir / "config.json", to_json(cfg))
         rundir.truncate_metrics(metrics_path, step)
 

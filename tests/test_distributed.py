@@ -70,3 +70,22 @@ def test_resuming_on_more_ranks_gives_each_rank_its_own_dropout_stream(tmp_path,
     state = load_state(tmp_path / "r")[0]
     rng = state["rng"]["torch"]
     assert state["step"] == 4 and len(rng) == 2 and not torch.equal(rng[0], rng[1])
+
+
+def test_train_torchrun_stops_its_trainers_when_the_caller_stops(tmp_path, ci_runs, monkeypatch):
+    # an exception from on_log (a live plot) or a KeyboardInterrupt must not leave torchrun training on, orphaned,
+    # holding the run directory's lock
+    from tcmlab import launch
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    cfg = with_overrides(preset("ci", 1, init_from=str(ci_runs / "s0")), ["train.steps=100000", "train.log_every=1"])
+
+    def on_log(row):
+        if row.get("kind") == "train":
+            raise RuntimeError("plot broke")
+    with pytest.raises(RuntimeError, match="plot broke"):
+        launch.train_torchrun(cfg, tmp_path / "r", 2, on_log=on_log, poll=0.2)
+    state = load_state(tmp_path / "r")[0]  # the trainers checkpointed on SIGTERM
+    assert 0 < state["step"] < 100000
+    with pytest.warns(UserWarning, match="resuming on 1 rank"):
+        r = train(cfg, tmp_path / "r", steps=1, progress=False)  # the lock is free: nobody trains there any more
+    assert r.step == state["step"] + 1

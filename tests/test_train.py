@@ -2,6 +2,8 @@ import copy
 import dataclasses
 import json
 import math
+import os
+import stat
 
 import pytest
 import torch
@@ -206,6 +208,31 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
         checkpoint.save(path, {"w": torch.zeros(3), "step": 2})
     state = checkpoint.load(path)
     assert state["step"] == 1 and torch.equal(state["w"], torch.ones(3))
+
+
+def test_checkpoints_get_plain_file_permissions(tmp_path):
+    # mkstemp makes 0600 files and os.replace keeps the mode: a shared run folder's checkpoint must be group-readable
+    old = os.umask(0o022)
+    try:
+        checkpoint.save(tmp_path / "latest.safetensors", {"w": torch.ones(1)})
+        checkpoint.atomic_write_text(tmp_path / "config.json", "{}")
+    finally:
+        os.umask(old)
+    assert {stat.S_IMODE((tmp_path / n).stat().st_mode) for n in ("latest.safetensors", "config.json")} == {0o644}
+
+
+def test_a_killed_saves_temporary_file_is_removed_at_the_next_start(tmp_path, ci_runs):
+    cfg = preset("ci", 1, init_from=str(ci_runs / "s0"))
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, steps=4))
+    train(cfg, tmp_path / "r", steps=2, progress=False)
+    left = tmp_path / "r" / ".latest.safetensors.k1ll3d.tmp"  # what SIGKILL during checkpoint.save leaves
+    left.write_bytes(b"\0" * 1000)
+    keep = tmp_path / "r" / "notes.tmp"  # not an atomic write's temporary: the user's
+    keep.write_text("mine")
+    with pytest.warns(UserWarning, match="left by a save that was killed mid-write"):
+        train(cfg, tmp_path / "r", progress=False)
+    assert not left.exists() and keep.read_text() == "mine"
+    assert load_state(tmp_path / "r")[0]["step"] == 4
 
 
 def test_damaged_checkpoint_gives_clear_error(tmp_path):

@@ -46,7 +46,8 @@ only evaluated. Runs that need it train on worker processes (one torch thread ea
 local executor, or on SLURM (`--executor slurm`); a task starts once the tasks it depends on have finished.
 Ctrl-C or SIGTERM stops the running trainings after a checkpoint (the same command resumes them). A changed spec
 value that changes a finished run's config makes that point fail with "holds a different run" (train's check):
-use a new `out`. Only train.steps may grow: extending stage 1 does not mark its stage-2 runs stale.
+use a new `out`. Only train.steps may grow: extending stage 1 does not retrain its stage-2 runs, but every call
+names those trained against θ0 from another stage-1 step (`stale_teachers`): they are no longer paired.
 """
 
 from __future__ import annotations
@@ -211,9 +212,9 @@ def load_spec(path: str | Path, out: str | Path | None = None) -> SweepSpec:
 # Status and plan
 
 
-def checkpoint_step(run_dir: str | Path) -> int | None:
-    """The step of a run directory's checkpoint from its header alone (no tensors read); None if there is none,
-    0 if it cannot be read (training it then reports the damage with what to do)."""
+def _checkpoint_header(run_dir: str | Path) -> dict | None:
+    """The top level of a run directory's checkpoint state from its header alone (no tensors read): None if there is
+    no checkpoint; raises if it cannot be read."""
     from safetensors import safe_open
 
     from .model import CKPT_NAME
@@ -221,10 +222,42 @@ def checkpoint_step(run_dir: str | Path) -> int | None:
     path = Path(run_dir) / CKPT_NAME
     if not path.is_file():
         return None
+    with safe_open(str(path), framework="pt") as fh:
+        return dict(json.loads((fh.metadata() or {})["tcmlab"])["__dict__"])
+
+
+def teacher_step(run_dir: str | Path) -> int | None:
+    """The step of the stage-1 run whose EMA a stage-2 run took as θ0 (its checkpoint's init_source), or None."""
     try:
-        with safe_open(str(path), framework="pt") as fh:
-            skeleton = json.loads((fh.metadata() or {})["tcmlab"])
-        return int(dict(skeleton["__dict__"])["step"])
+        src = (_checkpoint_header(run_dir) or {}).get("init_source")
+        return int(dict(src["__dict__"])["step"]) if src else None
+    except Exception:
+        return None
+
+
+def stale_teachers(points: list[Point]) -> list[str]:
+    """Stage-2 points trained against a θ0 from another step of their stage-1 run than the spec's stage-1 steps
+    (stage 1 was extended after they ran): they are kept, but they are not paired with the control and the other
+    stage-2 points any more, so each gets a line saying so."""
+    by_id = {p.id: p for p in points}
+    out = []
+    for p in points:
+        if p.kind != "stage2" or p.parent not in by_id:
+            continue
+        got, want = teacher_step(p.run_dir), by_id[p.parent].cfg.train.steps
+        if got is not None and got != want:
+            out.append(f"{p.id} trained against θ0 = {p.parent} at step {got}, but {p.parent} now trains to "
+                       f"{want}: its scores are not paired with the control's and the other points' (delete "
+                       f"{p.run_dir} and {p.results_path.name} to retrain it, or use a new out)")
+    return out
+
+
+def checkpoint_step(run_dir: str | Path) -> int | None:
+    """The step of a run directory's checkpoint from its header alone (no tensors read); None if there is none,
+    0 if it cannot be read (training it then reports the damage with what to do)."""
+    try:
+        header = _checkpoint_header(run_dir)
+        return None if header is None else int(header["step"])
     except Exception:
         return 0
 
@@ -760,6 +793,8 @@ def run_sweep(spec: SweepSpec, dispatch: Dispatch = Dispatch(), *, dry_run: bool
     n_train = sum(t.action == "train" for t in tasks)
     log(f"{spec.path}: {len(points)} points ({len(spec.seeds)} seeds) in {spec.out}: {counts['done']} done, "
         f"{n_train} to train ({counts['partial']} resumed), {len(tasks) - n_train} to evaluate")
+    for line in stale_teachers(points):
+        log(f"WARNING: {line}")
     failed, details = {}, {}
     if tasks and not (dry_run or report_only):
         Path(spec.out).mkdir(parents=True, exist_ok=True)

@@ -466,3 +466,21 @@ def test_noise_draws_make_each_score_a_mean_and_mark_one_draw_scores_stale(tmp_p
     summary = next(s for s in r.summary if s["metric"] == "fid_heun")
     assert summary["draw_sd"] == pytest.approx(heun["value_sd"]) and summary["mean"] == pytest.approx(heun["value"])
     assert "| sd of one noise draw |" in (tmp_path / "out" / "summary.md").read_text()
+
+
+def test_stage2_runs_trained_against_an_earlier_theta0_are_named(tmp_path):
+    # stage 1 extended after its stage-2 runs finished: they keep θ0 from the old end of stage 1 and are no longer
+    # paired with the control (stage 1 continued from its new end); every sweep call must say which
+    from tcmlab import checkpoint
+    spec = sweep.parse_spec(tomllib.loads(GRID_SPEC), "grid.toml", out=tmp_path)
+    points = sweep.expand(spec)
+    s2 = [p for p in points if p.kind == "stage2"]
+    for p, step in ((s2[0], 10), (s2[1], 4)):  # stage 1 trains to 10: s2[0] is current, s2[1] stale
+        checkpoint.save(Path(p.run_dir) / "latest.safetensors",
+                        {"step": 7, "init_source": {"path": "s1", "step": step, "sha256": "x"}})
+    assert sweep.teacher_step(s2[1].run_dir) == 4 and sweep.teacher_step(s2[2].run_dir) is None
+    lines = sweep.stale_teachers(points)
+    assert len(lines) == 1 and lines[0].startswith(f"{s2[1].id} trained against θ0 = {s2[1].parent} at step 4")
+    logged = []
+    sweep.run_sweep(spec, dry_run=True, log=logged.append)
+    assert any(line == f"WARNING: {lines[0]}" for line in logged)

@@ -152,4 +152,4 @@ def load(path: str | Path, device="cpu") -> dict:
         raise
     except (SafetensorError, KeyError, TypeError, ValueError, OSError) as e:
         raise ValueError(f"checkpoint {path} is damaged or not a tcmlab checkpoint ({e}). Restore it from a copy, "
-                         f"or delete it to restart that stage from step 0 (nothing else in the run is touched).") from None
+                         f"or delete it to restart that stage from step 0 (metrics.jsonl then restarts with it).") from None

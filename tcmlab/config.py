@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 from dataclasses import dataclass, field
 from typing import Union
 
@@ -68,9 +69,13 @@ class NetConfig:
         _require(0 <= self.dropout < 1, "net.dropout", "in [0, 1)", self.dropout)
 
 
-# TrainConfig fields that change how a run computes, not what (tcmlab.precision, tcmlab.speedups): a run may be
-# resumed, and a finished sweep point kept, with other values.
+# TrainConfig fields that change how a run computes, not what (tcmlab.precision, tcmlab.speedups).
 SPEED_FIELDS = ("cudnn_benchmark", "channels_last", "compile")
+# TrainConfig fields that change how a run is recorded or fits in memory: metrics rows, checkpoint interval, rows per
+# forward pass (gradient accumulation: the same gradient up to float rounding; dropout masks are drawn per pass).
+BOOKKEEPING_FIELDS = ("log_every", "ckpt_every", "batch_gpu")
+# A run may be resumed, and a finished sweep point kept, with other values of these (rundir.check_same_run).
+FREE_FIELDS = SPEED_FIELDS + BOOKKEEPING_FIELDS
 
 
 @dataclass(frozen=True)
@@ -207,6 +212,8 @@ class RunConfig:
     from_scratch: bool = False
 
     def __post_init__(self):
+        if isinstance(self.init_from, str):  # "runs/s1/" and "runs/s1" are one run (compared on resume)
+            object.__setattr__(self, "init_from", os.path.normpath(self.init_from))
         _require(type(self.loss) in STAGE_OF, "loss", "an EDMConfig, ECTConfig or TCMConfig", self.loss)
         _require(self.stage > 0 or self.init_from is None, "init_from",
                  "empty for stage 0 (diffusion pretraining starts from random weights; init_from is for stages 1, 2)",
@@ -236,11 +243,11 @@ def to_dict(cfg: RunConfig) -> dict:
     return d
 
 
-def with_speed_options_of(cfg: RunConfig, other: RunConfig) -> RunConfig:
-    """cfg with other's values of SPEED_FIELDS: compare the result with `other` to ask whether two configs are the
+def with_free_fields_of(cfg: RunConfig, other: RunConfig) -> RunConfig:
+    """cfg with other's values of FREE_FIELDS: compare the result with `other` to ask whether two configs are the
     same run."""
     return dataclasses.replace(cfg, train=dataclasses.replace(
-        cfg.train, **{k: getattr(other.train, k) for k in SPEED_FIELDS}))
+        cfg.train, **{k: getattr(other.train, k) for k in FREE_FIELDS}))
 
 
 def from_dict(d: dict) -> RunConfig:

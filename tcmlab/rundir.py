@@ -24,7 +24,7 @@ from pathlib import Path
 from filelock import FileLock, Timeout
 
 from . import checkpoint
-from .config import SPEED_FIELDS, RunConfig, from_dict, to_dict, with_speed_options_of
+from .config import FREE_FIELDS, RunConfig, from_dict, to_dict, with_free_fields_of
 
 LOCK_NAME = ".tcmlab.lock"
 HOLDER_NAME = ".tcmlab.lock.holder"
@@ -75,19 +75,30 @@ def stored_config(run_dir: Path, ckpt_state: dict | None) -> tuple[RunConfig | N
 
 
 def check_same_run(run_dir: Path, cfg: RunConfig, ckpt_state: dict | None) -> None:
-    """Refuse a run directory that holds a different run (only train.steps may change, to extend a run, and the
-    speed options of `config.SPEED_FIELDS`)."""
+    """Refuse a run directory that holds a different run. Between calls only train.steps may change (to extend a
+    run; never below the checkpoint's step) and the fields of `config.FREE_FIELDS` (speed and bookkeeping options:
+    each change is named in a warning)."""
     old, where = stored_config(run_dir, ckpt_state)
     if old is None:
         return
-    new_cmp = with_speed_options_of(cfg, old)
+    new_cmp = with_free_fields_of(cfg, old)
     new_cmp = replace(new_cmp, train=replace(new_cmp.train, steps=old.train.steps))
     if old != new_cmp:
         a, b = _flat(to_dict(old)), _flat(to_dict(new_cmp))
-        diff = [k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+        diff = [f"{k} {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
         raise ValueError(f"{run_dir} holds a different run (per {where}; differs in: {', '.join(diff)}). Use a new "
-                         f"run directory, or delete this one to start over. Only train.steps and the speed options "
-                         f"({', '.join('train.' + k for k in SPEED_FIELDS)}) may change between calls.")
+                         f"run directory, or delete this one to start over. Only train.steps and the speed and "
+                         f"bookkeeping options ({', '.join('train.' + k for k in FREE_FIELDS)}) may change between "
+                         f"calls.")
+    reached = int(ckpt_state["step"]) if ckpt_state is not None else 0
+    if cfg.train.steps < reached:
+        raise ValueError(f"{run_dir} is at step {reached}, past train.steps={cfg.train.steps}: a run cannot be "
+                         f"shortened. Give train.steps >= {reached} (or {old.train.steps}, its own), or use "
+                         f"another run directory.")
+    changed = [f"train.{k} {getattr(old.train, k)!r} -> {getattr(cfg.train, k)!r}" for k in FREE_FIELDS
+               if getattr(old.train, k) != getattr(cfg.train, k)]
+    if changed:
+        warnings.warn(f"{run_dir}: continuing with {', '.join(changed)}", stacklevel=3)
 
 
 def read_metrics(path: str | Path) -> list[dict]:

@@ -67,7 +67,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from .config import RunConfig, from_dict, preset, to_dict, with_speed_options_of
+from .config import RunConfig, from_dict, preset, to_dict, with_free_fields_of
 from .sweep_spec import KINDS, TOP_FIELDS, EvalSpec, SpecError, StageSpec, SweepSpec, parse_spec  # noqa: F401
 from .sweep_table import figures, read_csv, summarize, summary_figures, summary_markdown, write_csv  # noqa: F401
 
@@ -292,13 +292,13 @@ def status(point: Point, ev: EvalSpec) -> str:
 
 def _same_config(stored, cfg: RunConfig) -> bool:
     """A results file's config is `cfg`, compared as configs (as `rundir.check_same_run` does): a field added to
-    tcmlab since the file was written reads as its default, and the speed options (`config.SPEED_FIELDS`) may
-    differ, so finished points stay finished."""
+    tcmlab since the file was written reads as its default, and the speed and bookkeeping options
+    (`config.FREE_FIELDS`) may differ, so finished points stay finished."""
     try:
         old = from_dict(stored)
     except (KeyError, TypeError, ValueError, AttributeError):
         return False
-    return with_speed_options_of(cfg, old) == old
+    return with_free_fields_of(cfg, old) == old
 
 
 @dataclass(frozen=True)

@@ -119,6 +119,9 @@ def _init_state(cfg: RunConfig, model, shape) -> tuple[dict, dict]:
             raise ValueError(f"init_from={cfg.init_from} has an incompatible network or data shape (its net="
                              f"{src.net}, shape={tuple(state['shape'])}; this run: net={cfg.net}, shape={shape})")
         weights, step = model_state(state, "ema"), int(state["step"])
+        if step < src.train.steps:
+            warnings.warn(f"init_from={cfg.init_from} is at step {step} of its {src.train.steps}: this stage starts "
+                          f"from its EMA at step {step} (recorded in the checkpoint's init_source)", stacklevel=3)
     checkpoint.check_finite(weights, f"init_from={path} (EMA weights)")
     return weights, {"path": str(path), "step": step, "sha256": checkpoint.sha256(path)}
 

@@ -246,3 +246,11 @@ def test_stage2_checkpoint_without_teacher_copy_resumes_from_init_from(tmp_path,
         train(cfg, run, steps=2, progress=False)
     after = load_state(run)[0]
     assert after["step"] == 5 and states_equal(after["teacher"], load_state(ci_runs / "s1")[0]["ema"])
+
+
+def test_stage2_from_an_unfinished_stage1_says_so(tmp_path, ci_runs):
+    cfg1 = preset("ci", 1, init_from=str(ci_runs / "s0"))
+    train(cfg1, tmp_path / "s1", steps=3, progress=False)  # stopped at 3 of its train.steps
+    with pytest.warns(UserWarning, match=r"is at step 3 of its \d+: this stage starts from its EMA at step 3"):
+        train(preset("ci", 2, init_from=str(tmp_path / "s1")), tmp_path / "s2", steps=1, progress=False)
+    assert load_state(tmp_path / "s2")[0]["init_source"]["step"] == 3

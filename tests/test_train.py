@@ -169,7 +169,21 @@ def test_run_dir_with_other_config_is_refused(tmp_path, ci_runs):
     # and so is changing how, not what, it computes (the speed options)
     faster = dataclasses.replace(longer, train=dataclasses.replace(longer.train, steps=26, cudnn_benchmark=False,
                                                                      channels_last=True))
-    assert train(faster, tmp_path / "r", progress=False).step == 26
+    with pytest.warns(UserWarning, match="continuing with train.cudnn_benchmark True -> False"):
+        assert train(faster, tmp_path / "r", progress=False).step == 26
+    # and the bookkeeping options (metrics rows, checkpoint interval, rows per pass: the usual out-of-memory fix),
+    # and a trailing slash in init_from
+    kept = dataclasses.replace(faster, init_from=faster.init_from + "/", train=dataclasses.replace(
+        faster.train, steps=28, log_every=1, ckpt_every=7, batch_gpu=faster.train.batch // 2))
+    with pytest.warns(UserWarning, match="train.log_every .* -> 1, train.ckpt_every .* -> 7, train.batch_gpu 0 -> "):
+        assert train(kept, tmp_path / "r", progress=False).step == 28
+    with pytest.raises(ValueError, match=r"differs in: train.lr 0.001 -> 0.005"):  # the values, not just the name
+        train(dataclasses.replace(kept, train=dataclasses.replace(kept.train, lr=5e-3)), tmp_path / "r",
+              progress=False)
+    shorter = dataclasses.replace(kept, train=dataclasses.replace(kept.train, steps=20))
+    with pytest.raises(ValueError, match="is at step 28, past train.steps=20: a run cannot be shortened"):
+        train(shorter, tmp_path / "r", progress=False)
+    assert load_state(tmp_path / "r")[0]["step"] == 28
 
 
 def test_nonfinite_loss_stops_and_keeps_checkpoint(tmp_path, ci_runs, monkeypatch):

@@ -6,7 +6,8 @@
 - 'tf32': float32 weights and activations, TF32 tensor cores for matmuls and convolutions (opt-in, not the
   official recipe).
 - 'bf16' / 'fp16': the network F runs under autocast (`Precond`), preconditioning, losses, optimiser and EMA stay
-  in float32 (TF32 off); 'fp16' also uses a gradient scaler (`train()`).
+  in float32 (TF32 off); 'fp16' also uses a gradient scaler (`train()`). Inside F, the DDPM++ attention computes
+  its q·k logits and softmax in float32, as EDM's `AttentionOp` does (`nets.ddpmpp`).
 
 `cudnn_benchmark` is cuDNN's algorithm search per input shape (EDM's and ECT's training loops turn it on).
 On the CPU none of these flags changes anything.

@@ -37,3 +37,32 @@ def test_build_net_rejects_unet_on_vectors():
     import pytest
     with pytest.raises(ValueError, match="image data"):
         build_net(NetConfig(arch="ddpmpp"), (2,))
+
+
+def test_attention_logits_and_softmax_stay_float32_under_bf16_autocast():
+    # EDM's AttentionOp computes q·k and the softmax in float32 under mixed precision: record the aten ops that run
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Record(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if isinstance(out, torch.Tensor):
+                self.ops.append((func.overloadpacket.__name__, out.dtype))
+            return out
+    net = SongUNet(img_resolution=8, in_channels=1, out_channels=1, model_channels=16, channel_mult=(1, 2),
+                   num_blocks=1, attn_resolutions=(4,), dropout=0.0).eval()
+    x = torch.randn(2, 1, 8, 8)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16), Record() as rec:
+        y = net(x, torch.zeros(2))
+    names = [n for n, _ in rec.ops]
+    softmaxes = [i for i, n in enumerate(names) if n == "_softmax"]
+    assert softmaxes and y.dtype == torch.bfloat16  # attention ran, the rest in bf16
+    for i in softmaxes:
+        logits = max(j for j in range(i) if names[j] in ("bmm", "mm", "matmul"))
+        assert rec.ops[i][1] == torch.float32 and rec.ops[logits][1] == torch.float32, rec.ops[logits:i + 1]
+    with torch.no_grad():  # fp32 unchanged: the casts are no-ops there
+        assert net(x, torch.zeros(2)).dtype == torch.float32

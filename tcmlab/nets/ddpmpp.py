@@ -55,8 +55,11 @@ class UNetBlock(nn.Module):
             # EDM's layout: qkv channels are (head, channel, 3); attention over the h·w positions.
             q, k, v = rearrange(self.qkv(self.norm2(x)), "b (n c three) h w -> three (b n) c (h w)",
                                 n=self.num_heads, three=3)
-            attn = torch.einsum("ncq,nck->nqk", q, k / np.sqrt(q.shape[1])).softmax(dim=2)
-            a = torch.einsum("nqk,nck->ncq", attn, v)
+            # EDM's AttentionOp: logits and softmax in float32 also under mixed precision (bf16 logits would be
+            # ~3 significant digits); the weights go back to q's dtype for the product with v.
+            with torch.autocast(x.device.type, enabled=False):
+                attn = torch.einsum("ncq,nck->nqk", q.float(), (k / np.sqrt(q.shape[1])).float()).softmax(dim=2)
+            a = torch.einsum("nqk,nck->ncq", attn.to(q.dtype), v)
             a = rearrange(a, "(b n) c (h w) -> b (n c) h w", n=self.num_heads, h=h, w=w)
             x = (self.proj(a) + x) * self.skip_scale
         return x

@@ -81,7 +81,8 @@ def cmd_train(args) -> None:
     if args.dfid_every:
         from . import metrics
         es = metrics.eval_set(cfg.data, data_root=args.data_root, inception_weights=args.inception_weights)
-        eval_fn = metrics.dfid_callback(es, metrics.dfid_ts(cfg.t_max), n=args.dfid_n)
+        t_prime = cfg.loss.t_prime if cfg.stage == 2 else None  # as the sweep's and the notebooks' callbacks
+        eval_fn = metrics.dfid_callback(es, metrics.dfid_ts_for(cfg.t_max, t_prime), n=args.dfid_n)
     r = train(cfg, args.outdir, steps=args.steps, device=args.device, eval_fn=eval_fn, eval_every=args.dfid_every)
     if os.environ.get("RANK", "0") == "0":
         print(f"[tcmlab] stage {cfg.stage} at step {r.step}: {r.run_dir}")

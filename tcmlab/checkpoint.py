@@ -71,10 +71,11 @@ def temp_prefix(name: str) -> str:
     return f".{name}."
 
 
-def stale_temporaries(folder: Path) -> list[Path]:
-    """Temporary files of atomic writes in `folder` left behind by a process killed mid-write (SIGKILL, power loss):
-    each may be a full-size checkpoint. Only the folder's single writer (the run lock's holder) may remove them."""
-    return sorted(p for p in Path(folder).glob(".*" + TEMP_SUFFIX) if p.is_file())
+def stale_temporaries(folder: Path, names: tuple[str, ...]) -> list[Path]:
+    """Temporary files of atomic writes of `names` in `folder` left behind by a process killed mid-write (SIGKILL,
+    power loss): one of a checkpoint is a full-size copy. Only the writer of those names may remove them (train()
+    while it holds the run lock; an evaluation writing eval.jsonl beside it keeps its own)."""
+    return sorted(p for name in names for p in Path(folder).glob(temp_prefix(name) + "*" + TEMP_SUFFIX) if p.is_file())
 
 
 @contextmanager
@@ -152,4 +153,5 @@ def load(path: str | Path, device="cpu") -> dict:
         raise
     except (SafetensorError, KeyError, TypeError, ValueError, OSError) as e:
         raise ValueError(f"checkpoint {path} is damaged or not a tcmlab checkpoint ({e}). Restore it from a copy, "
-                         f"or delete it to restart that stage from step 0 (metrics.jsonl then restarts with it).") from None
+                         f"or delete it to restart that stage from step 0 (metrics.jsonl then restarts with it)."
+                         ) from None

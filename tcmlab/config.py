@@ -212,7 +212,7 @@ class RunConfig:
     from_scratch: bool = False
 
     def __post_init__(self):
-        if isinstance(self.init_from, str):  # "runs/s1/" and "runs/s1" are one run (compared on resume)
+        if isinstance(self.init_from, str) and self.init_from:  # "runs/s1/" and "runs/s1" are one run (on resume)
             object.__setattr__(self, "init_from", os.path.normpath(self.init_from))
         _require(type(self.loss) in STAGE_OF, "loss", "an EDMConfig, ECTConfig or TCMConfig", self.loss)
         _require(self.stage > 0 or self.init_from is None, "init_from",

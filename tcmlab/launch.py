@@ -56,7 +56,9 @@ def _tail(path: Path, seen: int, on_log) -> int:
     return len(lines)
 
 
-STOP_TIMEOUT = 120.0  # seconds torchrun gets to stop its trainers (after their checkpoint) before it is killed
+# Seconds torchrun gets to end after SIGTERM before it is killed. torchrun itself gives its trainers 30 s to
+# checkpoint and exit before it kills them (the previous checkpoint stays intact: writes are atomic).
+STOP_TIMEOUT = 120.0
 
 
 def train_torchrun(cfg: RunConfig, run_dir: str | Path, gpus: int, *, steps: int | None = None,

@@ -15,6 +15,7 @@ Protocol choices: docs/decisions.md §16.
 from __future__ import annotations
 
 import os
+import pickle
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -204,10 +205,11 @@ def inception_weights_path(setting: str | Path | None) -> str:
                          f"(loading unpickles it, which can run code). Copy the genuine file there.")
     try:  # the hash is checked by a 32-bit prefix only: a file that holds anything but tensors is refused as well
         torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise ValueError(f"Inception weights file {path} holds objects other than tensors ({type(e).__name__}); it "
-                         f"was not loaded further (torch-fidelity unpickles it without restrictions, which can run "
-                         f"code). Copy the genuine {INCEPTION_FILE} there.") from None
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, AttributeError, KeyError) as e:
+        raise ValueError(f"Inception weights file {path} does not load as tensors only ({type(e).__name__}): it holds "
+                         f"objects other than tensors or is damaged, and was not loaded further (torch-fidelity "
+                         f"unpickles it without restrictions, which can run code). Copy the genuine {INCEPTION_FILE} "
+                         f"there.") from None
     return str(path)
 
 
@@ -337,6 +339,8 @@ class NonFiniteSamples(UserWarning):
 
 def count_nonfinite(x: torch.Tensor) -> int:
     """How many samples (rows) of x hold at least one non-finite value."""
+    if x.shape[0] == 0:
+        return 0
     return int((~torch.isfinite(x.detach())).reshape(x.shape[0], -1).any(1).sum())
 
 

@@ -18,11 +18,12 @@ def _number(v) -> float | None:
 
 
 def summarize(table: list[dict]) -> list[dict]:
-    """Group the table's rows by grid point (every column except point, seed, value, value_sd, kid_std, floor,
-    floor_n, card) and give mean, std (sample standard deviation over seeds; None for one seed), count, the mean
-    floor and draw_sd, the mean over seeds of the spread over noise draws (None where each score is one draw).
-    Works on `results_table` rows and on rows read back from results.csv (strings)."""
-    skip = {"point", "seed", "value", "value_sd", "kid_std", "floor", "floor_n", "card"}
+    """Group the table's rows by grid point (every column except point, seed, value, value_sd, kid_std, nonfinite,
+    floor, floor_n, card) and give mean, std (sample standard deviation over seeds; None for one seed), count, the
+    mean floor and draw_sd, the mean over seeds of the spread over noise draws (None where each score is one draw).
+    Works on `results_table` rows and on rows read back from results.csv (strings). Non-finite sample counts are
+    not summarised here: they are per run, in results.csv."""
+    skip = {"point", "seed", "value", "value_sd", "kid_std", "nonfinite", "floor", "floor_n", "card"}
     groups: dict[tuple, list[dict]] = {}
     for row in table:
         groups.setdefault(tuple((c, row[c]) for c in row if c not in skip), []).append(row)

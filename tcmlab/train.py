@@ -4,8 +4,9 @@ Per step (global batch B, drawn from one seeded generator so that any number of 
 global batch; each rank takes its rows): the stage object (`tcmlab.stages`) draws t and computes the loss at
 iteration i = step + train.step_offset (docs/decisions.md §11). Then gradient norm, a stop on any non-finite loss or
 gradient (reported in metrics.jsonl, never zeroed; docs/decisions.md §20), the optimiser step with lr =
-inverse_sqrt_lr(i) (under fp16, a step the gradient scaler skips is logged as `fp16_skip`), and the EMA update. A checkpoint (model, EMA, optimiser, step, all RNG states, and in stage 2 θ0 with its source) is written
-atomically every `ckpt_every` steps, at the end of every call, and when SIGTERM/SIGINT asks the run to stop.
+inverse_sqrt_lr(i) (under fp16, a step the gradient scaler skips is logged as `fp16_skip`), and the EMA update.
+A checkpoint (model, EMA, optimiser, step, all RNG states, and in stage 2 θ0 with its source) is written atomically
+every `ckpt_every` steps, at the end of every call, and when SIGTERM/SIGINT asks the run to stop.
 
 The run directory is locked for the whole call (`tcmlab.rundir`); nothing in it is written until the config, the
 data, `init_from` and the device have been checked, so a failed start leaves it as it was.
@@ -126,12 +127,15 @@ def _init_state(cfg: RunConfig, model, shape) -> tuple[dict, dict]:
     return weights, {"path": str(path), "step": step, "sha256": checkpoint.sha256(path)}
 
 
+TRAIN_WRITES = (CKPT_NAME, "config.json", "metrics.jsonl", rundir.HOLDER_NAME)  # the files train() writes atomically
+
+
 def _restore_dropout_rng(rng: dict, rank: int, world: int, device, seed: int, step: int) -> None:
     """This rank's dropout RNG from a checkpoint's per-rank states. A rank the checkpoint has no state for (resumed
     on more ranks than it was written by) starts its own stream, seeded from (seed, rank, step): reusing another
     rank's state would give the same dropout masks to the same rows of every rank's slice."""
     saved_torch, saved_cuda = rng["torch"], rng["cuda"]
-    if len(saved_torch) != world:
+    if len(saved_torch) != world and rank == 0:
         warnings.warn(f"resuming on {world} rank(s) from a checkpoint written by {len(saved_torch)}: the dropout "
                       f"streams differ from a run on {world} rank(s) from the start (ranks without a saved state "
                       f"start new ones)", stacklevel=3)
@@ -285,7 +289,7 @@ def _train(cfg, run_dir, rank, world, device, b_rank, b_gpu, created, steps, pro
         _restore_dropout_rng(state["rng"], rank, world, device, tc.seed, step)
         del state
     if rank == 0:  # checks passed: now the run directory may change
-        for tmp in checkpoint.stale_temporaries(run_dir):  # a killed save's half-written copy; we hold the lock
+        for tmp in checkpoint.stale_temporaries(run_dir, TRAIN_WRITES):  # a killed save's copy; we hold the lock
             warnings.warn(f"removing {tmp} ({tmp.stat().st_size / 2**20:.1f} MiB), left by a save that was killed "
                           f"mid-write; the checkpoint it would have replaced is intact", stacklevel=2)
             tmp.unlink()

@@ -223,7 +223,8 @@ def test_dfid_noise_at_grid_levels_does_not_depend_on_t_prime(es):
     # dfid draws each level's noise in turn from one generator: t′ goes after the grid, so a stage-2 model at an
     # off-grid t′ is noised like stage 1 at every grid t (sorting t′ in shifted the draws of every larger t)
     assert metrics.dfid_ts_for(80.0, 0.8) == metrics.dfid_ts(80.0) + (0.8,)
-    assert metrics.dfid_ts_for(80.0, 1.0) == metrics.dfid_ts(80.0) and metrics.dfid_ts_for(10.0) == metrics.dfid_ts(10.0)
+    assert metrics.dfid_ts_for(80.0, 1.0) == metrics.dfid_ts(80.0)
+    assert metrics.dfid_ts_for(10.0) == metrics.dfid_ts(10.0)
     seen = {}
 
     def record(tag):

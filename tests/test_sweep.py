@@ -484,3 +484,12 @@ def test_stage2_runs_trained_against_an_earlier_theta0_are_named(tmp_path):
     logged = []
     sweep.run_sweep(spec, dry_run=True, log=logged.append)
     assert any(line == f"WARNING: {lines[0]}" for line in logged)
+
+
+def test_summary_groups_seeds_whatever_their_nonfinite_counts():
+    # a per-run count (or its absence in an older evaluation) must not split a grid point's seeds
+    rows = [{"point": f"seed{s}/s1", "kind": "stage1", "stage": 1, "seed": s, "steps": 10, "metric": "fid_1step",
+             "t": None, "value": v, "value_sd": None, "kid_std": None, "n": 50, "nonfinite": nf, "floor": 3.0,
+             "floor_n": 50, "card": "{}"} for s, v, nf in ((0, 10.0, ""), (1, 12.0, "0"), (2, 14.0, "3"))]
+    (only,) = sweep.summarize(rows)
+    assert only["count"] == 3 and only["mean"] == 12.0 and "nonfinite" not in only

@@ -135,12 +135,13 @@ def test_model_t_max_is_honoured_by_sampling_and_evaluation(tmp_path, ci_runs):
 
 def test_no_second_definition_of_T():
     # T = 80 is defined once (tcmlab.precond.T_MAX); every other use refers to it or to a config's t_max.
+    import ast
     import io
     import tokenize
     from pathlib import Path
     for path in Path("tcmlab").rglob("*.py"):
         toks = tokenize.generate_tokens(io.StringIO(path.read_text()).readline)
-        lits = [t for t in toks if t.type == tokenize.NUMBER and float(t.string.rstrip("jJ")) == 80.0]
+        lits = [t for t in toks if t.type == tokenize.NUMBER and ast.literal_eval(t.string) == 80]  # 0o22, 1_000, 2j
         if path.name == "precond.py":
             assert len(lits) == 1
         else:
@@ -243,9 +244,11 @@ def test_a_killed_saves_temporary_file_is_removed_at_the_next_start(tmp_path, ci
     left.write_bytes(b"\0" * 1000)
     keep = tmp_path / "r" / "notes.tmp"  # not an atomic write's temporary: the user's
     keep.write_text("mine")
+    other = tmp_path / "r" / ".eval.jsonl.x7.tmp"  # an evaluation's, which may be writing right now: not train's
+    other.write_text("theirs")
     with pytest.warns(UserWarning, match="left by a save that was killed mid-write"):
         train(cfg, tmp_path / "r", progress=False)
-    assert not left.exists() and keep.read_text() == "mine"
+    assert not left.exists() and keep.read_text() == "mine" and other.read_text() == "theirs"
     assert load_state(tmp_path / "r")[0]["step"] == 4
 
 

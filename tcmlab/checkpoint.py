@@ -126,6 +126,14 @@ def save(path: str | Path, state: dict) -> None:
         os.replace(tmp, path)
 
 
+def header(path: str | Path) -> dict:
+    """The plain (non-tensor) top-level entries of a checkpoint written by `save`, read from its header alone (no
+    tensors read): step, config, init_source, ... Raises if the file cannot be read."""
+    with safe_open(str(path), framework="pt") as fh:
+        skeleton = json.loads((fh.metadata() or {})["tcmlab"])
+    return {k: unflatten(v, {}) for k, v in skeleton["__dict__"] if TENSOR_TAG not in json.dumps(v)}
+
+
 def check_finite(tensors: dict[str, torch.Tensor], where: str) -> None:
     """Refuse weights that hold NaN or inf: a damaged file or a diverged run must not be used silently."""
     for name, v in tensors.items():

@@ -13,13 +13,14 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 from typing import Callable
 
-from . import rundir
+from . import checkpoint, rundir
 from .display import Progress
 from .config import RunConfig, to_json
-from .model import CKPT_NAME, load_state
+from .model import CKPT_NAME, checkpoint_path, load_state
 from .train import train
 
 
@@ -31,6 +32,24 @@ def existing_step(cfg: RunConfig, run_dir: Path) -> int:
     state = load_state(ckpt, "cpu")[0]
     rundir.check_same_run(Path(run_dir), cfg, state)  # never reuse a different run by mistake
     return int(state["step"])
+
+
+def teacher_note(cfg: RunConfig, run_dir: Path) -> str | None:
+    """For an existing stage-2 run: a note when the stage-1 checkpoint its init_from names is no longer the θ0 it
+    trained against (stage 1 was trained on or retrained since), i.e. stage 1 and stage 2 are no longer paired."""
+    ckpt = Path(run_dir) / CKPT_NAME
+    if cfg.stage != 2 or cfg.init_from is None or not ckpt.is_file():
+        return None
+    src = checkpoint.header(ckpt).get("init_source")
+    try:
+        now = checkpoint_path(cfg.init_from)
+    except FileNotFoundError:
+        return None
+    if not src or not now.is_file() or checkpoint.sha256(now) == src["sha256"]:
+        return None
+    return (f"{run_dir} was trained against θ0 = {src['path']} at step {src['step']}, but {now} now holds another "
+            f"checkpoint (step {checkpoint.header(now).get('step')}): this stage 2 is not paired with the current "
+            f"stage 1. Use another `out` (or delete {run_dir}) to train stage 2 from it.")
 
 
 def describe_existing(cfg: RunConfig, run_dir: Path, step: int | None = None) -> str:
@@ -115,9 +134,19 @@ def run_stage(cfg: RunConfig, run_dir: str | Path, *, gpus: int = 1, steps: int 
     from the run's data (every `eval_every` steps on `dfid_n` images). Progress is drawn from the metrics rows
     (`display.Progress`), so a notebook saved after the run shows where it ended, not a frozen bar."""
     run_dir = Path(run_dir)
-    start = existing_step(cfg, run_dir)
+    try:
+        start = existing_step(cfg, run_dir)
+    except ValueError as e:
+        if "holds a different run" not in str(e):
+            raise
+        raise ValueError(f"{e} From a notebook: give its `out` parameter another folder (papermill: -p out DIR)"
+                         ) from None
     what = describe_existing(cfg, run_dir, start)
     print(f"[tcmlab] {what}" + (f" on {gpus} processes (torchrun)" if gpus > 1 else ""), flush=True)
+    note = teacher_note(cfg, run_dir)
+    if note:
+        print(f"[tcmlab] WARNING: {note}", flush=True)
+        warnings.warn(note, stacklevel=2)
     if start >= cfg.train.steps:
         for row in rundir.read_metrics(run_dir / "metrics.jsonl") if on_log is not None else ():
             on_log(row)  # the live plots show the reused run's history

@@ -76,15 +76,21 @@ def stored_config(run_dir: Path, ckpt_state: dict | None) -> tuple[RunConfig | N
 
 def check_same_run(run_dir: Path, cfg: RunConfig, ckpt_state: dict | None) -> None:
     """Refuse a run directory that holds a different run. Between calls only train.steps may change (to extend a
-    run; never below the checkpoint's step) and the fields of `config.FREE_FIELDS` (speed and bookkeeping options:
-    each change is named in a warning)."""
+    run; never below the checkpoint's step), the fields of `config.FREE_FIELDS` (speed and bookkeeping options) and,
+    once a checkpoint holds the run, init_from (it is not read again); each change is named in a warning."""
     old, where = stored_config(run_dir, ckpt_state)
     if old is None:
         return
     new_cmp = with_free_fields_of(cfg, old)
     new_cmp = replace(new_cmp, train=replace(new_cmp.train, steps=old.train.steps))
-    if old != new_cmp:
-        a, b = _flat(to_dict(old)), _flat(to_dict(new_cmp))
+    # Once a checkpoint holds the run, init_from is not read again (stage 2 keeps θ0 inside; older stage-2
+    # checkpoints without it still read θ0 from init_from): the same folder given relative to another working
+    # directory, or a moved stage-1 run, is the same run. Its origin stays recorded in the checkpoint's init_source.
+    init_free = ckpt_state is not None and (cfg.stage != 2 or "teacher" in ckpt_state)
+    a, b = _flat(to_dict(old)), _flat(to_dict(new_cmp))
+    if init_free:
+        a.pop("init_from"), b.pop("init_from")
+    if a != b:
         diff = [f"{k} {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
         raise ValueError(f"{run_dir} holds a different run (per {where}; differs in: {', '.join(diff)}). Use a new "
                          f"run directory, or delete this one to start over. Only train.steps and the speed and "
@@ -97,6 +103,9 @@ def check_same_run(run_dir: Path, cfg: RunConfig, ckpt_state: dict | None) -> No
                          f"another run directory.")
     changed = [f"train.{k} {getattr(old.train, k)!r} -> {getattr(cfg.train, k)!r}" for k in FREE_FIELDS
                if getattr(old.train, k) != getattr(cfg.train, k)]
+    if init_free and cfg.init_from != old.init_from:
+        changed.append(f"init_from {old.init_from!r} -> {cfg.init_from!r} (not read: the run continues from its "
+                       f"checkpoint)")
     if changed:
         warnings.warn(f"{run_dir}: continuing with {', '.join(changed)}", stacklevel=3)
 

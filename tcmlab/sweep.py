@@ -212,25 +212,15 @@ def load_spec(path: str | Path, out: str | Path | None = None) -> SweepSpec:
 # Status and plan
 
 
-def _checkpoint_header(run_dir: str | Path) -> dict | None:
-    """The top level of a run directory's checkpoint state from its header alone (no tensors read): None if there is
-    no checkpoint; raises if it cannot be read."""
-    from safetensors import safe_open
-
+def teacher_step(run_dir: str | Path) -> int | None:
+    """The step of the stage-1 run whose EMA a stage-2 run took as θ0 (its checkpoint's init_source), or None."""
+    from . import checkpoint
     from .model import CKPT_NAME
 
     path = Path(run_dir) / CKPT_NAME
-    if not path.is_file():
-        return None
-    with safe_open(str(path), framework="pt") as fh:
-        return dict(json.loads((fh.metadata() or {})["tcmlab"])["__dict__"])
-
-
-def teacher_step(run_dir: str | Path) -> int | None:
-    """The step of the stage-1 run whose EMA a stage-2 run took as θ0 (its checkpoint's init_source), or None."""
     try:
-        src = (_checkpoint_header(run_dir) or {}).get("init_source")
-        return int(dict(src["__dict__"])["step"]) if src else None
+        src = checkpoint.header(path).get("init_source") if path.is_file() else None
+        return int(src["step"]) if src else None
     except Exception:
         return None
 
@@ -255,9 +245,14 @@ def stale_teachers(points: list[Point]) -> list[str]:
 def checkpoint_step(run_dir: str | Path) -> int | None:
     """The step of a run directory's checkpoint from its header alone (no tensors read); None if there is none,
     0 if it cannot be read (training it then reports the damage with what to do)."""
+    from . import checkpoint
+    from .model import CKPT_NAME
+
+    path = Path(run_dir) / CKPT_NAME
+    if not path.is_file():
+        return None
     try:
-        header = _checkpoint_header(run_dir)
-        return None if header is None else int(header["step"])
+        return int(checkpoint.header(path)["step"])
     except Exception:
         return 0
 

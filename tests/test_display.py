@@ -30,3 +30,23 @@ def test_picture_panels_take_images_and_points_with_one_title_per_column_and_row
     assert [a.text for a in fig.layout.annotations] == ["a", "b"]  # column titles, once
     assert fig.layout.yaxis.title.text == "images" and fig.layout.yaxis3.title.text == "points"
     assert fig.layout.width >= 820
+
+
+def test_run_stage_warns_when_stage1_moved_on_under_a_finished_stage2(tmp_path, ci_runs, capsys):
+    # a stage-2 run keeps θ0; if stage 1 is trained on afterwards, reusing stage 2 compares it with another stage 1
+    import dataclasses
+    import shutil
+
+    import pytest
+    shutil.copytree(ci_runs / "s1", tmp_path / "s1")
+    cfg2 = preset("ci", 2, init_from=str(tmp_path / "s1"))
+    cfg2 = dataclasses.replace(cfg2, train=dataclasses.replace(cfg2.train, steps=2))
+    run_stage(cfg2, tmp_path / "s2", progress=False)
+    run_stage(cfg2, tmp_path / "s2", progress=False)
+    assert "WARNING" not in capsys.readouterr().out  # same stage 1: paired
+    cfg1 = preset("ci", 1, init_from=str(ci_runs / "s0"))
+    cfg1 = dataclasses.replace(cfg1, train=dataclasses.replace(cfg1.train, steps=cfg1.train.steps + 2))
+    run_stage(cfg1, tmp_path / "s1", progress=False)  # stage 1 trained on
+    with pytest.warns(UserWarning, match="not paired with the current stage 1"):
+        assert run_stage(cfg2, tmp_path / "s2", progress=False).endswith("reused, not retrained")
+    assert "[tcmlab] WARNING:" in capsys.readouterr().out

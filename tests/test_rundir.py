@@ -254,3 +254,22 @@ def test_stage2_from_an_unfinished_stage1_says_so(tmp_path, ci_runs):
     with pytest.warns(UserWarning, match=r"is at step 3 of its \d+: this stage starts from its EMA at step 3"):
         train(preset("ci", 2, init_from=str(tmp_path / "s1")), tmp_path / "s2", steps=1, progress=False)
     assert load_state(tmp_path / "s2")[0]["init_source"]["step"] == 3
+
+
+def test_init_from_is_not_part_of_a_checkpointed_run(tmp_path, ci_runs, monkeypatch):
+    # the same stage-1 folder named relative to another working directory, or moved, is the same run once the
+    # checkpoint holds it (init_from is not read again; init_source records the origin)
+    import os
+    s1 = tmp_path / "s1"
+    shutil.copytree(ci_runs / "s1", s1)
+    cfg = preset("ci", 2, init_from=str(s1))
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, steps=4))
+    train(cfg, tmp_path / "s2", steps=2, progress=False)
+    monkeypatch.chdir(tmp_path / "s2")
+    rel = dataclasses.replace(cfg, init_from=os.path.relpath(s1))  # "../s1"
+    with pytest.warns(UserWarning, match=r"init_from .* -> '\.\./s1' \(not read"):
+        assert train(rel, tmp_path / "s2", progress=False).step == 4
+    assert load_state(tmp_path / "s2")[0]["init_source"]["path"] == str(s1 / "latest.safetensors")
+    with pytest.raises(ValueError, match="train.lr"):  # everything else still has to match
+        train(dataclasses.replace(rel, train=dataclasses.replace(rel.train, steps=5, lr=1.0)), tmp_path / "s2",
+              progress=False)

@@ -33,9 +33,13 @@ def as_bool(name: str, value) -> bool:
 def as_steps(name: str, value) -> int | None:
     if value in (None, "", 0):
         return None
-    if isinstance(value, float) and not value.is_integer() or int(value) < 1:
+    try:
+        ok = not isinstance(value, bool) and float(value).is_integer() and int(float(value)) >= 1
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
         raise ValueError(f"parameter {name} must be a positive integer (or 0 for the preset's value), got {value!r}")
-    return int(value)
+    return int(float(value))
 
 
 def check_preset(name) -> str:
@@ -91,16 +95,30 @@ def parse_overrides(text) -> list[str]:
     return text.split()
 
 
-def stage01_configs(preset_name, out, steps0=0, steps1=0, pretrain=True, init_from="", overrides=""):
+def applicable(cfg, items: list[str]) -> list[str]:
+    """The override items that name a field of `cfg` (notebook 02's overrides are for stage 2; the stage 0/1 it trains
+    when none is found take those of them that exist there, e.g. net.* and train.*, not loss.teacher_dropout)."""
+    sections = [s.name for s in dataclasses.fields(cfg) if dataclasses.is_dataclass(getattr(cfg, s.name))]
+    fields = {f"{s}.{f.name}" for s in sections for f in dataclasses.fields(getattr(cfg, s))}
+    fields |= {f.name for f in dataclasses.fields(cfg)}
+    return [it for it in items if it.split("=", 1)[0] in fields]
+
+
+def stage01_configs(preset_name, out, steps0=0, steps1=0, pretrain=True, init_from="", overrides="",
+                    only_applicable=False):
     """Notebook 01's stage-0 and stage-1 RunConfigs. Stage 0 is None where the preset has none (cifar10: stage 1
     starts from EDM's checkpoint, `init_from`) or `pretrain` is false; stage 1 starts from `init_from` if given, else
-    from this notebook's stage 0."""
+    from this notebook's stage 0. only_applicable: apply only the overrides that name a field of each stage's config
+    (notebook 02 passes its stage-2 overrides)."""
     name, items = check_preset(preset_name), parse_overrides(overrides)
+    pick = (lambda cfg: applicable(cfg, items)) if only_applicable else (lambda cfg: items)
     cfg0 = None
     if PRESETS[name][0] is not None and as_bool("pretrain", pretrain) and not init_from:
-        cfg0 = with_steps(with_overrides(preset(name, 0), items), as_steps("steps0", steps0))
+        base0 = preset(name, 0)
+        cfg0 = with_steps(with_overrides(base0, pick(base0)), as_steps("steps0", steps0))
     start = str(init_from) if init_from else (str(Path(out) / "stage0") if cfg0 is not None else None)
-    cfg1 = with_steps(with_overrides(preset(name, 1, init_from=start), items), as_steps("steps1", steps1))
+    base1 = preset(name, 1, init_from=start)
+    cfg1 = with_steps(with_overrides(base1, pick(base1)), as_steps("steps1", steps1))
     return cfg0, cfg1
 
 
@@ -113,6 +131,15 @@ def stage2_config(preset_name, stage1_run, tprime, w_b, rho, psi_scale, psi_nu, 
                                psi_nu=as_float("psi_nu", psi_nu),
                                teacher_dropout=as_bool("teacher_dropout", teacher_dropout))
     return with_steps(dataclasses.replace(cfg, loss=loss), as_steps("steps", steps))
+
+
+def check_t_mid(t_mid, cfg2) -> float:
+    """Notebook 02's 2-step time t_mid: in [t′, T) (a stage-2 model is trained on [t′, T]; the sampler starts at T)."""
+    t_mid = as_float("t_mid", t_mid)
+    if not cfg2.loss.t_prime <= t_mid < cfg2.t_max:
+        raise ValueError(f"parameter t_mid={t_mid:g} must be in [tprime, T) = [{cfg2.loss.t_prime:g}, "
+                         f"{cfg2.t_max:g}): the 2-step sampler goes T -> t_mid, and stage 2 is trained on [t', T]")
+    return t_mid
 
 
 def find_stage1(stage1_run: str | None, out: str | Path) -> Path | None:

@@ -228,8 +228,11 @@ def sample_panels(models: dict, t_mid: float, n: int = 64, seed: int = 0) -> go.
 def denoise_strip(models: dict, x: torch.Tensor, ts=(0.1, 0.5, 1.0, 2.0, 5.0, 20.0), seed: int = 0) -> go.Figure:
     """What dFID_t scores (TCM §2.2): real x noised to x + tε (top row, rescaled by 1/√(1+t²) to the data's range) and
     each `TrainedModel`'s one-step denoising f(x + tε, t) of the same noisy inputs (one row per model), at a few t.
-    x: real data in the model's range, [N, C, H, W] images or [N, 2] points."""
+    x: real data in the model's range, [N, C, H, W] images or [N, 2] points. Levels above the models' T are left out
+    (the models were never trained there; the digits' T is 10)."""
     from .metrics import denoise
+    t_max = min((m.t_max for m in models.values()), default=math.inf)
+    ts = [t for t in ts if t <= t_max]
     rows = {"(x + tε)/√(1+t²)": {}}
     for t in ts:
         eps = torch.randn(x.shape, generator=torch.Generator().manual_seed(seed))

@@ -269,3 +269,33 @@ def test_tprime_sweep_reader_takes_the_tprime_row_of_an_ablation(tmp_path):
     (tmp_path / "results.csv").write_text(head + "\n".join(rows[:2] + rows[3:4]) + "\n")  # w_b only, one t′ each
     with pytest.raises(ValueError, match="one t′ per setting"):
         TPrimeSweep(tmp_path)
+
+
+def test_step_and_t_mid_parameters_name_themselves_and_stage2_overrides_skip_stages_0_and_1():
+    from tcmlab import nbparams
+    for bad in ("abc", 2.5, -3, True):
+        with pytest.raises(ValueError, match="parameter steps must be a positive integer"):
+            nbparams.as_steps("steps", bad)
+    assert nbparams.as_steps("steps", "12") == 12 and nbparams.as_steps("steps", 7.0) == 7
+    cfg2 = nbparams.stage2_config("ci", "runs/s1", 3, 0.1, 0.25, 0.2, 0.01)
+    assert nbparams.check_t_mid(3, cfg2) == 3.0
+    for bad in (80, 100, 2.9):  # T = 80 for ci: the sampler would go T -> T; below t' is outside stage 2's range
+        with pytest.raises(ValueError, match=r"parameter t_mid=.* must be in \[tprime, T\) = \[3, 80\)"):
+            nbparams.check_t_mid(bad, cfg2)
+    # notebook 02's overrides are for stage 2; the stage 0/1 it trains when none is found take what applies there
+    cfg0, cfg1 = nbparams.stage01_configs("ci", "out", overrides="loss.teacher_dropout=false net.dropout=0.05",
+                                          only_applicable=True)
+    assert cfg0.net.dropout == cfg1.net.dropout == 0.05
+    with pytest.raises(ValueError, match="teacher_dropout"):  # notebook 01 still refuses what does not exist
+        nbparams.stage01_configs("ci", "out", overrides="loss.teacher_dropout=false")
+
+
+def test_denoise_strip_leaves_out_levels_above_the_models_T(ci_runs):
+    import torch
+
+    from tcmlab import plots
+    from tcmlab.model import load_model
+    m = load_model(ci_runs / "s1")  # T = 80
+    fig = plots.denoise_strip({"s1": m}, torch.zeros(2, 1, 8, 8), ts=(0.5, 5.0, 20.0, 100.0))
+    titles = [a.text for a in fig.layout.annotations]
+    assert titles[:3] == ["t=0.5", "t=5", "t=20"] and "t=100" not in titles

@@ -134,6 +134,15 @@ def header(path: str | Path) -> dict:
     return {k: unflatten(v, {}) for k, v in skeleton["__dict__"] if TENSOR_TAG not in json.dumps(v)}
 
 
+def init_source(path: str | Path) -> dict | None:
+    """What the run of a checkpoint started from: {'path', 'step', 'sha256'} of its init_from (train.py records it),
+    or None if it has none, or if the file is missing or cannot be read (loading it for training says what to do)."""
+    try:
+        return header(path).get("init_source") if Path(path).is_file() else None
+    except Exception:
+        return None
+
+
 def check_finite(tensors: dict[str, torch.Tensor], where: str) -> None:
     """Refuse weights that hold NaN or inf: a damaged file or a diverged run must not be used silently."""
     for name, v in tensors.items():

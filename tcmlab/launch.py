@@ -37,15 +37,14 @@ def existing_step(cfg: RunConfig, run_dir: Path) -> int:
 def teacher_note(cfg: RunConfig, run_dir: Path) -> str | None:
     """For an existing stage-2 run: a note when the stage-1 checkpoint its init_from names is no longer the θ0 it
     trained against (stage 1 was trained on or retrained since), i.e. stage 1 and stage 2 are no longer paired."""
-    ckpt = Path(run_dir) / CKPT_NAME
-    if cfg.stage != 2 or cfg.init_from is None or not ckpt.is_file():
+    src = checkpoint.init_source(Path(run_dir) / CKPT_NAME)
+    if cfg.stage != 2 or cfg.init_from is None or not src:
         return None
-    src = checkpoint.header(ckpt).get("init_source")
     try:
         now = checkpoint_path(cfg.init_from)
     except FileNotFoundError:
         return None
-    if not src or not now.is_file() or checkpoint.sha256(now) == src["sha256"]:
+    if not now.is_file() or checkpoint.sha256(now) == src["sha256"]:
         return None
     return (f"{run_dir} was trained against θ0 = {src['path']} at step {src['step']}, but {now} now holds another "
             f"checkpoint (step {checkpoint.header(now).get('step')}): this stage 2 is not paired with the current "

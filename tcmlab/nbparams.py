@@ -6,6 +6,8 @@ A bad value raises ValueError naming the parameter and its valid range, in the c
 from __future__ import annotations
 
 import dataclasses
+import math
+import os
 from pathlib import Path
 
 from .config import PRESETS, preset, with_overrides
@@ -140,6 +142,27 @@ def check_t_mid(t_mid, cfg2) -> float:
         raise ValueError(f"parameter t_mid={t_mid:g} must be in [tprime, T) = [{cfg2.loss.t_prime:g}, "
                          f"{cfg2.t_max:g}): the 2-step sampler goes T -> t_mid, and stage 2 is trained on [t', T]")
     return t_mid
+
+
+def run_root(out, preset_name: str) -> Path:
+    """Where a notebook's run directories go: $TCMLAB_NB_OUT (set by the tests), else the `out` parameter, else
+    `../runs/nb/<preset>`: one folder per preset, so a digits run never meets the checkpoints a ci run left."""
+    env = os.environ.get("TCMLAB_NB_OUT")
+    return Path(env or out or Path("..") / "runs" / "nb" / check_preset(preset_name))
+
+
+def log_span(value: float, lo: float, hi: float) -> tuple[float, float]:
+    """A log10 slider's (min, max) exponents: [lo, hi] widened to hold `value` (> 0), so that ipywidgets does not
+    clamp a parameter (ν = 10⁴, say) to the slider's end and show another ψ̄ than the one asked for."""
+    e = math.log10(value)
+    return min(lo, e), max(hi, e)
+
+
+def w_b_choices(w_b: float) -> list[tuple[str, float]]:
+    """Notebook 03's w_b slider: 0 (no boundary loss, no Dirac mass), then 0.001, 0.003, 0.01, … 3, 10, with `w_b`
+    itself among them; (label, value) pairs for a SelectionSlider, since a log slider cannot reach 0."""
+    values = sorted({0.0, *(round(m * 10.0 ** k, 3) for k in range(-3, 1) for m in (1, 3)), 10.0, float(w_b)})
+    return [(f"{v:g}", v) for v in values]
 
 
 def find_stage1(stage1_run: str | None, out: str | Path) -> Path | None:

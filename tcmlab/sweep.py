@@ -217,12 +217,8 @@ def teacher_step(run_dir: str | Path) -> int | None:
     from . import checkpoint
     from .model import CKPT_NAME
 
-    path = Path(run_dir) / CKPT_NAME
-    try:
-        src = checkpoint.header(path).get("init_source") if path.is_file() else None
-        return int(src["step"]) if src else None
-    except Exception:
-        return None
+    src = checkpoint.init_source(Path(run_dir) / CKPT_NAME)
+    return int(src["step"]) if src else None
 
 
 def stale_teachers(points: list[Point]) -> list[str]:

@@ -299,3 +299,27 @@ def test_denoise_strip_leaves_out_levels_above_the_models_T(ci_runs):
     fig = plots.denoise_strip({"s1": m}, torch.zeros(2, 1, 8, 8), ts=(0.5, 5.0, 20.0, 100.0))
     titles = [a.text for a in fig.layout.annotations]
     assert titles[:3] == ["t=0.5", "t=5", "t=20"] and "t=100" not in titles
+
+
+def test_default_run_folder_is_one_per_preset(monkeypatch):
+    from tcmlab import nbparams
+    monkeypatch.delenv("TCMLAB_NB_OUT", raising=False)
+    assert nbparams.run_root("", "ci") != nbparams.run_root("", "digits")  # a ci run never blocks a digits one
+    assert nbparams.run_root("", "digits") == Path("../runs/nb/digits")
+    assert nbparams.run_root("elsewhere", "digits") == Path("elsewhere")
+    monkeypatch.setenv("TCMLAB_NB_OUT", "/tmp/x")
+    assert nbparams.run_root("elsewhere", "ci") == Path("/tmp/x")
+    monkeypatch.delenv("TCMLAB_NB_OUT")
+    with pytest.raises(ValueError, match="preset"):
+        nbparams.run_root("", "cifar")
+
+
+def test_explorer_sliders_hold_the_parameters_values():
+    from tcmlab import nbparams
+    assert nbparams.log_span(0.1, -3, 1.5) == (-3, 1.5)
+    lo, hi = nbparams.log_span(1e4, -3, 1.5)  # ν = 10⁴ (nearly log-normal) must not be clamped to 10^1.5
+    assert lo == -3 and math.isclose(hi, 4.0)
+    assert math.isclose(nbparams.log_span(0.005, -1.5, 1.85)[0], math.log10(0.005))
+    choices = dict((v, label) for label, v in nbparams.w_b_choices(0.0))
+    assert 0.0 in choices and 0.1 in choices and 10.0 in choices and 0.001 in choices
+    assert nbparams.w_b_choices(0.25)[0] == ("0", 0.0) and ("0.25", 0.25) in nbparams.w_b_choices(0.25)

@@ -83,7 +83,8 @@ def cmd_train(args) -> None:
         es = metrics.eval_set(cfg.data, data_root=args.data_root, inception_weights=args.inception_weights)
         t_prime = cfg.loss.t_prime if cfg.stage == 2 else None  # as the sweep's and the notebooks' callbacks
         eval_fn = metrics.dfid_callback(es, metrics.dfid_ts_for(cfg.t_max, t_prime), n=args.dfid_n)
-    r = train(cfg, args.outdir, steps=args.steps, device=args.device, eval_fn=eval_fn, eval_every=args.dfid_every)
+    r = train(cfg, args.outdir, steps=args.steps, device=args.device, eval_fn=eval_fn, eval_every=args.dfid_every,
+              allow_change=tuple(args.allow_change))
     if os.environ.get("RANK", "0") == "0":
         print(f"[tcmlab] stage {cfg.stage} at step {r.step}: {r.run_dir}")
 
@@ -240,6 +241,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--steps", type=_positive(1), help="at most this many more steps in this call")
     t.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
                    help="override a config field, e.g. --set train.batch=128 --set net.channels=64 (repeatable)")
+    t.add_argument("--allow-change", action="append", default=[], metavar="train.FIELD",
+                   help="go on from the run's checkpoint with a new train.lr or train.precision (given with --set), "
+                        "e.g. after a non-finite step (repeatable)")
     t.add_argument("--device", help="cpu, cuda, cuda:1 (default: CUDA when present; under torchrun, LOCAL_RANK's GPU)")
     t.add_argument("--dfid-every", type=_positive(1), default=0, help="log dFID_t every N steps (rank 0)")
     t.add_argument("--dfid-n", type=_positive(2), help="real images noised and denoised per dFID_t")

@@ -76,6 +76,10 @@ SPEED_FIELDS = ("cudnn_benchmark", "channels_last", "compile")
 BOOKKEEPING_FIELDS = ("log_every", "ckpt_every", "batch_gpu")
 # A run may be resumed, and a finished sweep point kept, with other values of these (rundir.check_same_run).
 FREE_FIELDS = SPEED_FIELDS + BOOKKEEPING_FIELDS
+# TrainConfig fields a run may go on with other values of only when the caller names them (train(allow_change=...),
+# CLI --allow-change): a lower lr or another precision from the last checkpoint after a non-finite step
+# (docs/decisions.md §20). From then on the run is the run with the new values.
+RECOVERY_FIELDS = ("lr", "precision")
 
 
 @dataclass(frozen=True)

@@ -8,9 +8,10 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import re
 from pathlib import Path
 
-from .config import PRESETS, preset, with_overrides
+from .config import FREE_FIELDS, PRESETS, preset, with_overrides
 
 
 def as_float(name: str, value) -> float:
@@ -124,15 +125,39 @@ def stage01_configs(preset_name, out, steps0=0, steps1=0, pretrain=True, init_fr
     return cfg0, cfg1
 
 
-def stage2_config(preset_name, stage1_run, tprime, w_b, rho, psi_scale, psi_nu, steps=None, teacher_dropout=True,
+# Notebook 02's parameters for fields of TCMConfig: `overrides` may not set these (the parameter would win silently).
+STAGE2_PARAMETERS = {"loss.t_prime": "tprime", "loss.w_b": "w_b", "loss.rho": "rho", "loss.psi_scale": "psi_scale",
+                     "loss.psi_nu": "psi_nu", "train.steps": "steps"}
+
+
+def stage2_config(preset_name, stage1_run, tprime, w_b, rho, psi_scale, psi_nu, steps=None, teacher_dropout=None,
                   overrides=""):
-    """The stage-2 RunConfig of notebook 02's parameters; TCMConfig names the offending parameter on bad input."""
-    cfg = with_overrides(preset(check_preset(preset_name), 2, init_from=str(stage1_run)), parse_overrides(overrides))
+    """The stage-2 RunConfig of notebook 02's parameters; TCMConfig names the offending parameter on bad input.
+    teacher_dropout None keeps the preset's (or an override's, e.g. `loss.teacher_dropout=false`, §8)."""
+    items = parse_overrides(overrides)
+    clash = [(it.split("=", 1)[0], STAGE2_PARAMETERS[it.split("=", 1)[0]]) for it in items
+             if it.split("=", 1)[0] in STAGE2_PARAMETERS]
+    if clash:
+        raise ValueError("overrides " + ", ".join(f"{k} (use the parameter {p}: -p {p} VALUE)" for k, p in clash)
+                         + ": these are notebook parameters, which would override the override")
+    cfg = with_overrides(preset(check_preset(preset_name), 2, init_from=str(stage1_run)), items)
     loss = dataclasses.replace(cfg.loss, t_prime=as_float("tprime", tprime), w_b=as_float("w_b", w_b),
                                rho=as_float("rho", rho), psi_scale=as_float("psi_scale", psi_scale),
-                               psi_nu=as_float("psi_nu", psi_nu),
-                               teacher_dropout=as_bool("teacher_dropout", teacher_dropout))
+                               psi_nu=as_float("psi_nu", psi_nu))
+    if teacher_dropout is not None:
+        loss = dataclasses.replace(loss, teacher_dropout=as_bool("teacher_dropout", teacher_dropout))
     return with_steps(dataclasses.replace(cfg, loss=loss), as_steps("steps", steps))
+
+
+def stage2_dir(out, cfg2, overrides="") -> Path:
+    """Notebook 02's stage-2 run directory: named by t′, w_b, ρ and ψ̄'s scale and ν, then by the overrides that
+    change the run (not train.steps, data.root or the options a run may change, `config.FREE_FIELDS`), so that an
+    ablation (say `loss.teacher_dropout=false`) gets its own folder beside the default run."""
+    L = cfg2.loss
+    name = f"stage2-tp{L.t_prime:g}-wb{L.w_b:g}-rho{L.rho:g}-s{L.psi_scale:g}-nu{L.psi_nu:g}"
+    free = {"data.root", "init_from", "train.steps", *(f"train.{k}" for k in FREE_FIELDS)}
+    kept = [re.sub(r"[^A-Za-z0-9._=]+", "_", it) for it in parse_overrides(overrides) if it.split("=")[0] not in free]
+    return Path(out) / "-".join([name, *kept])
 
 
 def check_t_mid(t_mid, cfg2) -> float:

@@ -8,7 +8,7 @@
 - `read_metrics(path)` / `append_metrics(path, row)` / `truncate_metrics(path, step)`: metrics.jsonl, one JSON row
   per line. A torn last line (power loss, full disk) is dropped with a warning; any other bad line is an error that
   names the file and the line. On every start the stream is cut back to the checkpoint's step, so it always
-  matches the state training continues from.
+  matches the state training continues from; the rows cut go to metrics.discarded.jsonl.
 """
 
 from __future__ import annotations
@@ -24,8 +24,9 @@ from pathlib import Path
 from filelock import FileLock, Timeout
 
 from . import checkpoint
-from .config import FREE_FIELDS, RunConfig, from_dict, to_dict, with_free_fields_of
+from .config import FREE_FIELDS, RECOVERY_FIELDS, RunConfig, from_dict, to_dict, with_free_fields_of
 
+RECOVERY_NAMES = tuple(f"train.{k}" for k in RECOVERY_FIELDS)  # what allow_change may name
 LOCK_NAME = ".tcmlab.lock"
 HOLDER_NAME = ".tcmlab.lock.holder"
 
@@ -74,15 +75,24 @@ def stored_config(run_dir: Path, ckpt_state: dict | None) -> tuple[RunConfig | N
                          f"{path} (or the whole folder) to start this run afresh.") from None
 
 
-def check_same_run(run_dir: Path, cfg: RunConfig, ckpt_state: dict | None) -> None:
+def check_same_run(run_dir: Path, cfg: RunConfig, ckpt_state: dict | None,
+                   allow_change: tuple[str, ...] = ()) -> list[str]:
     """Refuse a run directory that holds a different run. Between calls only train.steps may change (to extend a
-    run; never below the checkpoint's step), the fields of `config.FREE_FIELDS` (speed and bookkeeping options) and,
-    once a checkpoint holds the run, init_from (it is not read again); each change is named in a warning."""
+    run; never below the checkpoint's step), the fields of `config.FREE_FIELDS` (speed and bookkeeping options),
+    those of `config.RECOVERY_FIELDS` named in `allow_change` (e.g. "train.lr") and, once a checkpoint holds the run,
+    init_from (it is not read again). Returns the changes, each also named in a warning."""
+    bad = [name for name in allow_change if name not in RECOVERY_NAMES]
+    if bad:
+        raise ValueError(f"allow_change takes {', '.join(RECOVERY_NAMES)}, got {', '.join(map(repr, bad))}: other "
+                         f"fields define the run (train.steps and {', '.join('train.' + k for k in FREE_FIELDS)} "
+                         f"may change without asking)")
     old, where = stored_config(run_dir, ckpt_state)
     if old is None:
-        return
+        return []
+    allowed = tuple(name.removeprefix("train.") for name in allow_change)
     new_cmp = with_free_fields_of(cfg, old)
-    new_cmp = replace(new_cmp, train=replace(new_cmp.train, steps=old.train.steps))
+    new_cmp = replace(new_cmp, train=replace(new_cmp.train, steps=old.train.steps,
+                                             **{k: getattr(old.train, k) for k in allowed}))
     # Once a checkpoint holds the run, init_from is not read again (stage 2 keeps θ0 inside; older stage-2
     # checkpoints without it still read θ0 from init_from): the same folder given relative to another working
     # directory, or a moved stage-1 run, is the same run. Its origin stays recorded in the checkpoint's init_source.
@@ -91,23 +101,30 @@ def check_same_run(run_dir: Path, cfg: RunConfig, ckpt_state: dict | None) -> No
     if init_free:
         a.pop("init_from"), b.pop("init_from")
     if a != b:
-        diff = [f"{k} {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+        keys = [k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+        diff = [f"{k} {a.get(k)!r} -> {b.get(k)!r}" for k in keys]
+        recoverable = [k for k in keys if k in RECOVERY_NAMES]
+        hint = (f" To go on from its checkpoint with the new {' and '.join(recoverable)} (say after a non-finite "
+                f"step), name {'them' if len(recoverable) > 1 else 'it'}: "
+                f"{' '.join('--allow-change ' + k for k in recoverable)} (python: train(..., allow_change="
+                f"{tuple(recoverable)!r})).") if recoverable else ""
         raise ValueError(f"{run_dir} holds a different run (per {where}; differs in: {', '.join(diff)}). Use a new "
                          f"run directory, or delete this one to start over. Only train.steps and the speed and "
                          f"bookkeeping options ({', '.join('train.' + k for k in FREE_FIELDS)}) may change between "
-                         f"calls.")
+                         f"calls.{hint}")
     reached = int(ckpt_state["step"]) if ckpt_state is not None else 0
     if cfg.train.steps < reached:
         raise ValueError(f"{run_dir} is at step {reached}, past train.steps={cfg.train.steps}: a run cannot be "
                          f"shortened. Give train.steps >= {reached} (or {old.train.steps}, its own), or use "
                          f"another run directory.")
-    changed = [f"train.{k} {getattr(old.train, k)!r} -> {getattr(cfg.train, k)!r}" for k in FREE_FIELDS
+    changed = [f"train.{k} {getattr(old.train, k)!r} -> {getattr(cfg.train, k)!r}" for k in FREE_FIELDS + allowed
                if getattr(old.train, k) != getattr(cfg.train, k)]
     if init_free and cfg.init_from != old.init_from:
         changed.append(f"init_from {old.init_from!r} -> {cfg.init_from!r} (not read: the run continues from its "
                        f"checkpoint)")
     if changed:
         warnings.warn(f"{run_dir}: continuing with {', '.join(changed)}", stacklevel=3)
+    return changed
 
 
 def read_metrics(path: str | Path) -> list[dict]:
@@ -139,8 +156,16 @@ def append_metrics(path: Path, row: dict) -> None:
         fh.flush()
 
 
+DISCARDED_NAME = "metrics.discarded.jsonl"
+
+
 def truncate_metrics(path: Path, step: int) -> None:
-    """Keep only the rows up to `step` (the checkpoint's; 0 when there is none), so metrics match the state."""
+    """Keep only the rows up to `step` (the checkpoint's; 0 when there is none), so metrics match the state. The rows
+    past it (the steps after the last checkpoint, a `nonfinite` report among them) are appended to
+    metrics.discarded.jsonl beside it, each with `resumed_from: step`: what a failed stretch logged is never lost."""
     rows = read_metrics(path)
+    cut = [r for r in rows if r.get("step", 0) > step]
+    for r in cut:
+        append_metrics(path.with_name(DISCARDED_NAME), {**r, "resumed_from": step})
     if rows or path.exists():
         checkpoint.atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows if r.get("step", 0) <= step))

@@ -120,11 +120,28 @@ def _init_state(cfg: RunConfig, model, shape) -> tuple[dict, dict]:
             raise ValueError(f"init_from={cfg.init_from} has an incompatible network or data shape (its net="
                              f"{src.net}, shape={tuple(state['shape'])}; this run: net={cfg.net}, shape={shape})")
         weights, step = model_state(state, "ema"), int(state["step"])
+        if cfg.stage == 2:
+            _warn_unpaired(cfg, src)
         if step < src.train.steps:
             warnings.warn(f"init_from={cfg.init_from} is at step {step} of its {src.train.steps}: this stage starts "
                           f"from its EMA at step {step} (recorded in the checkpoint's init_source)", stacklevel=3)
     checkpoint.check_finite(weights, f"init_from={path} (EMA weights)")
     return weights, {"path": str(path), "step": step, "sha256": checkpoint.sha256(path)}
+
+
+def _warn_unpaired(cfg: RunConfig, src: RunConfig) -> None:
+    """Stage 2 goes on from stage 1's end (TCM App. E): the same T, r held at stage 1's ratio_max, the same distance
+    c and weighting, the same data. Each that differs is named in a warning (an ablation may want it; a forgotten
+    override in one stage only should not pass unseen)."""
+    pairs = (("loss.t_max", src.loss.t_max, cfg.loss.t_max), ("loss.ratio (stage 1: loss.ratio_max)",
+             src.loss.ratio_max, cfg.loss.ratio), ("loss.c", src.loss.c, cfg.loss.c),
+             ("loss.weighting", src.loss.weighting, cfg.loss.weighting), ("data.name", src.data.name, cfg.data.name),
+             ("data.toy", src.data.toy if src.data.name == "toy2d" else None,
+              cfg.data.toy if cfg.data.name == "toy2d" else None))
+    differ = [f"{name} {theirs!r} in stage 1, {ours!r} here" for name, theirs, ours in pairs if theirs != ours]
+    if differ:
+        warnings.warn(f"init_from={cfg.init_from}: stage 2 does not continue stage 1's setting: {'; '.join(differ)}. "
+                      f"TCM App. E keeps them; set them equal (--set) unless this is the experiment", stacklevel=4)
 
 
 TRAIN_WRITES = (CKPT_NAME, "config.json", "metrics.jsonl", rundir.HOLDER_NAME)  # the files train() writes atomically
@@ -183,13 +200,16 @@ def _only_lock_files(run_dir: Path) -> bool:
 
 def train(cfg: RunConfig, run_dir: str | Path, *, steps: int | None = None, device: str | torch.device | None = None,
           progress: bool = True, on_log: Callable[[dict], None] | None = None,
-          eval_fn: Callable[[int, torch.nn.Module], dict] | None = None, eval_every: int = 0) -> TrainResult:
+          eval_fn: Callable[[int, torch.nn.Module], dict] | None = None, eval_every: int = 0,
+          allow_change: tuple[str, ...] = ()) -> TrainResult:
     """Train one stage in `run_dir`, resuming from its checkpoint if there is one.
 
     steps: run at most this many more steps in this call (default: until cfg.train.steps). on_log(row) receives
     every metrics row (live plots). eval_fn(step, ema_model) -> {name: value} runs every `eval_every` steps and at
     the end; its results are logged as rows with kind='eval'. device: default CUDA when present (under torchrun,
-    the GPU of LOCAL_RANK). Raises `Interrupted` (a KeyboardInterrupt) after checkpointing on SIGTERM/SIGINT.
+    the GPU of LOCAL_RANK). allow_change: fields of `config.RECOVERY_FIELDS` ("train.lr", "train.precision") this
+    call may change in a run that has a checkpoint (`rundir.check_same_run`; logged as a row with
+    kind='config_change'). Raises `Interrupted` (a KeyboardInterrupt) after checkpointing on SIGTERM/SIGINT.
     """
     run_dir = Path(run_dir)
     if cfg.stage == 2 and cfg.init_from is None:
@@ -225,10 +245,11 @@ def train(cfg: RunConfig, run_dir: str | Path, *, steps: int | None = None, devi
             if tc.compile:
                 held.enter_context(compile_settings())  # recompile limit, replayable dropout draws; restored after
             return _train(cfg, run_dir, rank, world, device, b_rank, b_gpu, created, steps, progress, on_log,
-                          eval_fn, eval_every)
+                          eval_fn, eval_every, tuple(allow_change))
 
 
-def _train(cfg, run_dir, rank, world, device, b_rank, b_gpu, created, steps, progress, on_log, eval_fn, eval_every):
+def _train(cfg, run_dir, rank, world, device, b_rank, b_gpu, created, steps, progress, on_log, eval_fn, eval_every,
+           allow_change):
     tc = cfg.train
     stage = make_stage(cfg)
     ckpt_file = run_dir / CKPT_NAME
@@ -237,7 +258,7 @@ def _train(cfg, run_dir, rank, world, device, b_rank, b_gpu, created, steps, pro
     try:  # every check before anything is written into the run directory
         # The checkpoint is read on the CPU (RNG states must be CPU byte tensors); load_state_dict copies to device.
         state = load_state(ckpt_file, "cpu")[0] if ckpt_file.exists() else None
-        rundir.check_same_run(run_dir, cfg, state)
+        changes = rundir.check_same_run(run_dir, cfg, state, allow_change)
         data = load_data(cfg.data).to(device)
         shape = data.shape
         torch.manual_seed(tc.seed)  # the initial weights depend on train.seed alone, not on earlier RNG use
@@ -336,6 +357,9 @@ def _train(cfg, run_dir, rank, world, device, b_rank, b_gpu, created, steps, pro
             if on_log is not None:
                 on_log(row)
 
+    if changes:
+        log({"kind": "config_change", "step": step, "changes": changes})  # visible in the run's own record
+
     bar = tqdm(total=end, initial=step, disable=not progress or rank != 0, desc=f"stage {cfg.stage} [{cfg.name}]",
                dynamic_ncols=True)
     t_last, step_last = time.perf_counter(), step
@@ -372,8 +396,10 @@ def _train(cfg, run_dir, rank, world, device, b_rank, b_gpu, created, steps, pro
                      "nonfinite_grads": _nonfinite_grads(f)})
                 bar.close()
                 raise NonFiniteError(f"non-finite loss or gradient at step {step} (loss={float(loss_value)}, grad "
-                                     f"norm={float(grad_norm)}); the last checkpoint in {run_dir} is intact. Lower "
-                                     f"train.lr, check the data, or use precision='fp32'.")
+                                     f"norm={float(grad_norm)}); the last checkpoint in {run_dir} is intact. Check "
+                                     f"the data; to go on from that checkpoint with a lower lr or in fp32, run again "
+                                     f"with --set train.lr=... --allow-change train.lr (or train.precision=fp32 "
+                                     f"--allow-change train.precision; python: train(..., allow_change=(...)).")
             scale = scaler.get_scale() if scaler.is_enabled() else None
             scaler.step(opt)
             scaler.update()

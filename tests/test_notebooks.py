@@ -323,3 +323,17 @@ def test_explorer_sliders_hold_the_parameters_values():
     choices = dict((v, label) for label, v in nbparams.w_b_choices(0.0))
     assert 0.0 in choices and 0.1 in choices and 10.0 in choices and 0.001 in choices
     assert nbparams.w_b_choices(0.25)[0] == ("0", 0.0) and ("0.25", 0.25) in nbparams.w_b_choices(0.25)
+
+
+def test_notebook_02_overrides_are_applied_or_refused_never_dropped():
+    from tcmlab import nbparams
+    cfg = nbparams.stage2_config("ci", "runs/s1", 1, 0.1, 0.25, 0.2, 0.01,
+                                 overrides="loss.teacher_dropout=false loss.teacher_passes=full")
+    assert cfg.loss.teacher_dropout is False and cfg.loss.teacher_passes == "full"  # was reset to True
+    for item, param in (("loss.t_prime=0.5", "tprime"), ("loss.w_b=1", "w_b"), ("train.steps=9", "steps")):
+        with pytest.raises(ValueError, match=rf"{item.split('=')[0]} \(use the parameter {param}"):
+            nbparams.stage2_config("ci", "runs/s1", 1, 0.1, 0.25, 0.2, 0.01, overrides=item)
+    base = nbparams.stage2_dir("out", cfg)
+    assert base == Path("out/stage2-tp1-wb0.1-rho0.25-s0.2-nu0.01")
+    ablation = nbparams.stage2_dir("out", cfg, "loss.teacher_dropout=false data.root=/d/c10 train.batch_gpu=4")
+    assert ablation == Path("out/stage2-tp1-wb0.1-rho0.25-s0.2-nu0.01-loss.teacher_dropout=false")

@@ -113,6 +113,8 @@ def test_metrics_are_cut_back_to_the_checkpoint_on_every_start(tmp_path, ci_runs
         train(cfg, run, progress=False)
     assert any("torn last line" in str(x.message) for x in w)
     assert steps_of(run) == [5, 10, 15, 20]
+    cut = rundir.read_metrics(run / "metrics.discarded.jsonl")  # what was cut is kept aside, never lost
+    assert [(r["step"], r["resumed_from"]) for r in cut] == [(5, 0), (10, 0), (15, 10)]
 
 
 def test_a_bad_metrics_line_names_the_file(tmp_path):

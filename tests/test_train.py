@@ -4,6 +4,7 @@ import json
 import math
 import os
 import stat
+import warnings
 
 import pytest
 import torch
@@ -206,6 +207,20 @@ def test_nonfinite_loss_stops_and_keeps_checkpoint(tmp_path, ci_runs, monkeypatc
     assert after["step"] == 5 and states_equal(before["model"], after["model"])
     rows = [json.loads(l) for l in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["kind"] == "nonfinite" and rows[-1]["step"] == 5
+    # what the error says to do: go on from the checkpoint with a lower lr, named; unnamed it is another run
+    monkeypatch.setattr(tr, "ect_loss", real)
+    lower = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, lr=cfg.train.lr / 10))
+    with pytest.raises(ValueError, match=r"train.lr .* --allow-change train.lr"):
+        train(lower, tmp_path / "r", progress=False)
+    with pytest.raises(ValueError, match="allow_change takes train.lr, train.precision"):
+        train(lower, tmp_path / "r", progress=False, allow_change=("train.seed",))
+    with pytest.warns(UserWarning, match="continuing with train.lr"):
+        assert train(lower, tmp_path / "r", steps=2, progress=False, allow_change=("train.lr",)).step == 7
+    rows = [json.loads(l) for l in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    change = next(r for r in rows if r["kind"] == "config_change")
+    assert change["step"] == 5 and change["changes"] == [f"train.lr {cfg.train.lr!r} -> {lower.train.lr!r}"]
+    assert max(r["lr"] for r in rows if r.get("kind") == "train" and r["step"] > 5) <= lower.train.lr
+    assert train(lower, tmp_path / "r", steps=1, progress=False).step == 8  # the run is now the lower-lr run
 
 
 def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
@@ -330,3 +345,17 @@ def test_channels_last_and_compile_change_how_not_what(tmp_path, monkeypatch):
     assert layouts and all(layouts)  # the optimiser's state took the weights' channels_last layout again
     c = load_state(tmp_path / "split")[0]
     assert c["step"] == 3 and all(torch.allclose(b["model"][k], c["model"][k], atol=1e-6) for k in b["model"])
+
+
+def test_stage2_names_what_does_not_continue_stage1(tmp_path, ci_runs):
+    # TCM App. E: stage 2 keeps stage 1's T and final r; an override in one stage only must not pass unseen
+    cfg = preset("ci", 2, init_from=str(ci_runs / "s1"))
+    cfg = dataclasses.replace(cfg, loss=dataclasses.replace(cfg.loss, t_max=10.0, ratio=0.999),
+                              train=dataclasses.replace(cfg.train, steps=1))
+    with pytest.warns(UserWarning, match=r"loss.t_max 80.0 in stage 1, 10.0 here; loss.ratio .* 0.99 in stage 1, "
+                                         r"0.999 here"):
+        train(cfg, tmp_path / "odd", progress=False)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")  # the preset's own pair continues stage 1
+        train(dataclasses.replace(cfg, loss=preset("ci", 2).loss), tmp_path / "paired", progress=False)
+    assert not [w for w in seen if "does not continue" in str(w.message)]

@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 import torch
+from filelock import FileLock
 from safetensors import SafetensorError
 
 from .config import from_dict, preset, with_overrides
@@ -69,7 +70,7 @@ def cmd_demo(args) -> None:
 def cmd_train(args) -> None:
     if args.config:
         try:
-            cfg = from_dict(json.loads(Path(args.config).read_text()))
+            cfg = from_dict(json.loads(Path(args.config).read_text()), strict=True)
         except (json.JSONDecodeError, KeyError, TypeError) as e:
             raise ValueError(f"--config {args.config} is not a tcmlab RunConfig JSON ({e})") from None
     elif args.stage is None:
@@ -81,7 +82,9 @@ def cmd_train(args) -> None:
     if args.dfid_every:
         from . import metrics
         es = metrics.eval_set(cfg.data, data_root=args.data_root, inception_weights=args.inception_weights)
-        t_prime = cfg.loss.t_prime if cfg.stage == 2 else None  # as the sweep's and the notebooks' callbacks
+        t_prime = cfg.loss.t_prime if cfg.stage == 2 else args.dfid_t_prime  # as the sweep's and notebooks' callbacks
+        if t_prime is not None and not 0 < t_prime < cfg.t_max:
+            raise ValueError(f"--dfid-t-prime must be in (0, T={cfg.t_max:g}), got {t_prime:g}")
         eval_fn = metrics.dfid_callback(es, metrics.dfid_ts_for(cfg.t_max, t_prime), n=args.dfid_n)
     r = train(cfg, args.outdir, steps=args.steps, device=args.device, eval_fn=eval_fn, eval_every=args.dfid_every,
               allow_change=tuple(args.allow_change))
@@ -120,8 +123,9 @@ def cmd_evaluate(args) -> None:
     n_q = metrics.floor_n(es, args.n)
     d = {r["card"]["steps"][0]: r["fid"] for r in rows if r["card"]["metric"] == "dfid"}
     path = run_dir / "eval.jsonl"
-    old = path.read_text() if path.exists() else ""
-    atomic_write_text(path, old + "".join(json.dumps(r) + "\n" for r in rows))
+    with FileLock(str(run_dir / ".tcmlab.eval.lock")):  # two evaluations of one run at once: neither's rows lost
+        old = path.read_text() if path.exists() else ""
+        atomic_write_text(path, old + "".join(json.dumps(r) + "\n" for r in rows))
     fl = rows[0]["floor"]
     print(f"[tcmlab] {args.run} step {m.step} ({m.which}), n = {n_q}, reference {es.reference_name}, extractor "
           f"{es.extractor}" + (f", real-vs-real floor at n = {n_q}: {fl:.2f}" if fl is not None else "")
@@ -247,6 +251,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--device", help="cpu, cuda, cuda:1 (default: CUDA when present; under torchrun, LOCAL_RANK's GPU)")
     t.add_argument("--dfid-every", type=_positive(1), default=0, help="log dFID_t every N steps (rank 0)")
     t.add_argument("--dfid-n", type=_positive(2), help="real images noised and denoised per dFID_t")
+    t.add_argument("--dfid-t-prime", type=float, help="stages 0/1: also score dFID_t at this t′ (the one a stage 2 "
+                                                       "will use), after the grid; stage 2 always scores its own")
     t.add_argument("--data-root", help="CIFAR-10 folder for dFID (the training data come from the config)")
     t.add_argument("--inception-weights", help="local Inception weights (CIFAR-10 dFID; or $TCMLAB_INCEPTION_WEIGHTS)")
     for name, help_ in (("sample", "1- and 2-step sample grids of a run"),

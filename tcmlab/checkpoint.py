@@ -139,7 +139,7 @@ def init_source(path: str | Path) -> dict | None:
     or None if it has none, or if the file is missing or cannot be read (loading it for training says what to do)."""
     try:
         return header(path).get("init_source") if Path(path).is_file() else None
-    except Exception:
+    except (OSError, SafetensorError, ValueError, KeyError):  # damaged: training it reports that, with what to do
         return None
 
 

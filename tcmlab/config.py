@@ -102,7 +102,7 @@ class TrainConfig:
     compile: bool = False
     seed: int = 0
     log_every: int = 100  # steps between metrics.jsonl rows (official code: 1 tick = 100 iterations)
-    ckpt_every: int = 5000  # steps between checkpoints (also written at the end)
+    ckpt_every: int = 5000  # steps between checkpoints (also at the end); ours (official: every --ckpt ticks)
     # Iteration counter i = step + step_offset, read by the lr schedule, the EMA and ratio(i). 0: each stage counts
     # from 0 (tcmlab default). The official stage 2 continues stage 1's count (`--resume_tick`): set it to the
     # stage-1 step count to reproduce that (docs/decisions.md §11).
@@ -254,21 +254,32 @@ def with_free_fields_of(cfg: RunConfig, other: RunConfig) -> RunConfig:
         cfg.train, **{k: getattr(other.train, k) for k in FREE_FIELDS}))
 
 
-def from_dict(d: dict) -> RunConfig:
+def from_dict(d: dict, strict: bool = False) -> RunConfig:
+    """The RunConfig of `to_dict`'s output. A missing field takes its default (a checkpoint written before the field
+    existed). strict: refuse keys that name no field (a config file a person wrote: a typo must not be dropped);
+    otherwise they are ignored (a checkpoint of a newer tcmlab, read by an older one)."""
     d = dict(d)
     stage = d.pop("stage")
+    top = {"name", "data", "net", "train", "loss", "init_from", "from_scratch"}
+    unknown = [k for k in d if k not in top]
 
-    def build(cls, values):
+    def build(cls, values, section):
         kw = {}
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown.extend(f"{section}.{k}" for k in values if k not in names)
         for f in dataclasses.fields(cls):
             if f.name in values:
                 v = values[f.name]
                 kw[f.name] = tuple(v) if isinstance(v, list) else v
         return cls(**kw)
 
-    return RunConfig(name=d["name"], data=build(DataConfig, d["data"]), net=build(NetConfig, d["net"]),
-                     train=build(TrainConfig, d["train"]), loss=build(LOSS_OF_STAGE[stage], d["loss"]),
-                     init_from=d.get("init_from"), from_scratch=bool(d.get("from_scratch", False)))
+    parts = {s: build(cls, d[s], s) for s, cls in (("data", DataConfig), ("net", NetConfig), ("train", TrainConfig),
+                                                   ("loss", LOSS_OF_STAGE[stage]))}
+    if strict and unknown:
+        raise ValueError(f"unknown config field(s) {', '.join(unknown)} (stage {stage}): check the spelling; the "
+                         f"fields are those of a run's config.json")
+    return RunConfig(name=d["name"], **parts, init_from=d.get("init_from"),
+                     from_scratch=bool(d.get("from_scratch", False)))
 
 
 def to_json(cfg: RunConfig) -> str:

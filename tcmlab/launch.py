@@ -81,7 +81,7 @@ STOP_TIMEOUT = 120.0
 
 def train_torchrun(cfg: RunConfig, run_dir: str | Path, gpus: int, *, steps: int | None = None,
                    on_log: Callable[[dict], None] | None = None, dfid_every: int = 0, dfid_n: int | None = None,
-                   data_root: str | None = None, poll: float = 1.0) -> dict:
+                   dfid_t_prime: float | None = None, data_root: str | None = None, poll: float = 1.0) -> dict:
     """Train under torchrun with `gpus` processes (GPUs when present, else CPU processes with gloo); stream metrics
     rows to `on_log`; return the last row. A failure raises with the tail of torchrun's output. If this call ends
     early (KeyboardInterrupt, an exception from `on_log`), torchrun is stopped with SIGTERM — its trainers write a
@@ -95,6 +95,7 @@ def train_torchrun(cfg: RunConfig, run_dir: str | Path, gpus: int, *, steps: int
         cmd += ["--steps", str(steps)]
     if dfid_every:
         cmd += ["--dfid-every", str(dfid_every)] + (["--dfid-n", str(dfid_n)] if dfid_n else [])
+        cmd += ["--dfid-t-prime", repr(float(dfid_t_prime))] if dfid_t_prime is not None and cfg.stage < 2 else []
     if data_root:
         cmd += ["--data-root", str(data_root)]
     log = tempfile.TemporaryFile("w+")
@@ -126,11 +127,12 @@ def train_torchrun(cfg: RunConfig, run_dir: str | Path, gpus: int, *, steps: int
 
 def run_stage(cfg: RunConfig, run_dir: str | Path, *, gpus: int = 1, steps: int | None = None,
               on_log: Callable[[dict], None] | None = None, eval_fn=None, eval_every: int = 0, dfid_n: int | None = None,
-              data_root: str | None = None, progress: bool = True) -> str:
+              dfid_t_prime: float | None = None, data_root: str | None = None, progress: bool = True) -> str:
     """Train (or resume, or reuse) one stage in `run_dir`, in-process or under torchrun; returns what it did.
 
     In-process, `eval_fn` runs every `eval_every` steps; under torchrun the trainer builds the dFID callback itself
-    from the run's data (every `eval_every` steps on `dfid_n` images). Progress is drawn from the metrics rows
+    from the run's data (every `eval_every` steps on `dfid_n` images, at `metrics.dfid_ts_for(T, t′)` with t′ the
+    run's own in stage 2 and `dfid_t_prime` before it). Progress is drawn from the metrics rows
     (`display.Progress`), so a notebook saved after the run shows where it ended, not a frozen bar."""
     run_dir = Path(run_dir)
     try:
@@ -164,7 +166,7 @@ def run_stage(cfg: RunConfig, run_dir: str | Path, *, gpus: int = 1, steps: int 
     try:
         if gpus > 1:
             train_torchrun(cfg, run_dir, gpus, steps=steps, on_log=log, dfid_every=eval_every, dfid_n=dfid_n,
-                           data_root=data_root)
+                           dfid_t_prime=dfid_t_prime, data_root=data_root)
         else:
             train(cfg, run_dir, steps=steps, progress=False, on_log=log, eval_fn=eval_fn, eval_every=eval_every)
     except BaseException as e:

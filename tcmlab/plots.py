@@ -50,9 +50,11 @@ def t_histogram(dist, n: int = 20_000, seed: int = 0, name: str = "sampled t") -
     return _log_x(fig, f"{type(dist).__name__}: share of t per log-bin", y_title="share of samples in the bin")
 
 
-def curriculum(q: float, d: int, ratio_max: float, steps: int, ts=(0.01, 0.1, 1.0, 10.0)) -> go.Figure:
-    """ECT ratio(i) (TCM App. E) and Δt(t) at a few t over training."""
-    i = np.unique(np.linspace(0, steps, 200).astype(int))
+def curriculum(q: float, d: int, ratio_max: float, steps: int, ts=(0.01, 0.1, 1.0, 10.0),
+               step_offset: int = 0) -> go.Figure:
+    """ECT ratio(i) (TCM App. E) and Δt(t) at a few t over training: i from `step_offset` (`train.step_offset`, the
+    curriculum's iteration at step 0) to step_offset + steps."""
+    i = np.unique(np.linspace(step_offset, step_offset + steps, 200).astype(int))
     ratio = [ect_ratio(int(k), q, d, ratio_max) for k in i]
     fig = go.Figure(go.Scatter(x=i, y=ratio, name="ratio(i)", yaxis="y"))
     for t in ts:

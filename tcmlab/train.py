@@ -370,7 +370,7 @@ def _train(cfg, run_dir, rank, world, device, b_rank, b_gpu, created, steps, pro
             for g in opt.param_groups:
                 g["lr"] = lr
             # Global batch (identical on every rank), then this rank's rows.
-            idx = torch.randint(len(data), (tc.batch,), generator=gen)
+            idx = torch.randint(len(data), (tc.batch,), generator=gen)  # with replacement, docs/decisions.md §15
             eps = torch.randn((tc.batch, *shape), generator=gen)
             t, is_b = stage.sample_times(tc.batch, gen)
             lo, hi = rank * b_rank, (rank + 1) * b_rank

@@ -12,6 +12,13 @@ def test_tiny_end_to_end_demo(tmp_path, capsys):
 def test_cli_reports_bad_input(tmp_path, capsys):
     assert main(["train", "--preset", "ci", "--stage", "2", "--outdir", str(tmp_path / "r")]) == 2
     assert "init_from" in capsys.readouterr().err
+    import json
+    from tcmlab.config import preset, to_dict
+    d = to_dict(preset("ci", 0))
+    d["train"]["learning_rate"] = 1e-5  # a typo in a hand-written config is refused, not dropped
+    (tmp_path / "c.json").write_text(json.dumps(d))
+    assert main(["train", "--config", str(tmp_path / "c.json"), "--outdir", str(tmp_path / "r")]) == 2
+    assert "unknown config field(s) train.learning_rate" in capsys.readouterr().err and not (tmp_path / "r").exists()
 
 
 def test_evaluate_writes_cards(ci_runs, capsys):
@@ -53,3 +60,17 @@ def test_evaluate_of_a_stage0_run_uses_the_heun_sampler(ci_runs, tmp_path, capsy
     assert heun[0]["floor_n"] == 200 and heun[0]["fid"] > 0
     out = capsys.readouterr().out
     assert "FID Heun, EDM grid of 5 times (9 calls of D)" in out and "1-step" not in out
+
+
+def test_train_scores_dfid_at_the_t_prime_a_stage_2_will_use(tmp_path, ci_runs, capsys):
+    # what notebook 02's stage 1 passes under torchrun: the grid, then t′ (metrics.dfid_ts_for)
+    import json
+    args = ["train", "--preset", "ci", "--stage", "1", "--init-from", str(ci_runs / "s0"), "--outdir",
+            str(tmp_path / "s1"), "--steps", "2", "--dfid-every", "2", "--dfid-n", "50"]
+    assert main(args + ["--dfid-t-prime", "80"]) == 2
+    assert "--dfid-t-prime must be in (0, T=80)" in capsys.readouterr().err
+    assert main(args + ["--dfid-t-prime", "3.5"]) == 0
+    rows = [json.loads(l) for l in (tmp_path / "s1" / "metrics.jsonl").read_text().splitlines()]
+    from tcmlab.metrics import dfid_ts_for
+    levels = next(r for r in rows if r["kind"] == "eval")["dfid"]
+    assert sorted(map(float, levels)) == sorted(dfid_ts_for(80.0, 3.5)) and 3.5 not in dfid_ts_for(80.0)

@@ -50,3 +50,10 @@ def test_run_stage_warns_when_stage1_moved_on_under_a_finished_stage2(tmp_path, 
     with pytest.warns(UserWarning, match="not paired with the current stage 1"):
         assert run_stage(cfg2, tmp_path / "s2", progress=False).endswith("reused, not retrained")
     assert "[tcmlab] WARNING:" in capsys.readouterr().out
+
+
+def test_curriculum_plot_starts_at_the_runs_step_offset():
+    from tcmlab.schedules import ect_ratio
+    fig = plots.curriculum(2.0, 10, 0.99, 20, step_offset=35)  # a stage 1 that continues a curriculum at i = 35
+    assert fig.data[0].x[0] == 35 and fig.data[0].x[-1] == 55
+    assert fig.data[0].y[0] == ect_ratio(35, 2.0, 10, 0.99) != ect_ratio(0, 2.0, 10, 0.99)

@@ -27,10 +27,9 @@ from safetensors import SafetensorError
 
 from .config import from_dict, preset, with_overrides
 from .model import load_model
-from .samplers import one_and_two_step
 from .sweep import EXECUTORS, Dispatch, evaluate_run, load_spec, run_sweep
 from .train import Interrupted, train
-from .viz import save_samples
+from .viz import sample_grids
 
 
 def _default_device() -> str:
@@ -41,14 +40,6 @@ def run_dir_of(run: str | Path) -> Path:
     """The run directory of a run directory or of a checkpoint file inside one."""
     run = Path(run)
     return run if run.is_dir() else run.parent
-
-
-def sample_grids(run: Path, out: Path, t_mid: float, n: int = 64, seed: int = 0, device: str | None = None,
-                 batch: int = 1024) -> list[Path]:
-    """1-step and 2-step (T → t_mid) sample grids of a run's EMA model as PNG files."""
-    m = load_model(run, device=device or _default_device())
-    samples = one_and_two_step(m, n, t_mid, seed, batch=batch)
-    return [save_samples(x, out / f"samples_{name}.png") for name, x in zip(("1step", "2step"), samples.values())]
 
 
 def cmd_demo(args) -> None:

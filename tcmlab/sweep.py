@@ -337,7 +337,18 @@ def evaluate_run(m, es, *, n: int | None = None, seed: int = 0, t_mid: float = 1
     model is sampled with EDM's Heun sampler on `heun_steps` times instead (`metrics.heun_quality`, card metric
     'fid_heun'): the teacher's own quality. Sweeps use EDM's 18.
     draws > 1: every score is the mean over that many noise draws (seeds seed, seed + 1, …; `metrics.mean_over_draws`);
-    dFID_t's draw k noises the query with a generator seeded seed + k, as the one-draw score does with seed."""
+    dFID_t's draw k noises the query with a generator seeded seed + k, as the one-draw score does with seed.
+    Everything runs under the float32 flags of the run's own `train.precision` (TF32 off unless 'tf32'), as the
+    dFID_t that train() logs does (docs/decisions.md §19); torch's flags are restored after."""
+    import torch
+
+    from .precision import float32_math
+
+    with float32_math(m.cfg.train.precision, torch.backends.cudnn.benchmark):
+        return _evaluate(m, es, n, seed, t_mid, batch, dfid, device, progress, heun_steps, draws)
+
+
+def _evaluate(m, es, n, seed, t_mid, batch, dfid, device, progress, heun_steps, draws) -> list[dict]:
     import torch
 
     from . import metrics

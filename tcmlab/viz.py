@@ -1,4 +1,5 @@
-"""Pictures of samples: image grids (torchvision) and 2-D scatter plots as PNG (PIL), no browser needed."""
+"""Pictures of samples: image grids (torchvision) and 2-D scatter plots as PNG (PIL), no browser needed, and a
+run's 1-/2-step sample grids (`sample_grids`)."""
 
 from __future__ import annotations
 
@@ -42,3 +43,15 @@ def save_samples(x: torch.Tensor, path: str | Path) -> Path:
     img = scatter(x) if x.ndim == 2 else image_grid(x, scale=max(1, 64 // x.shape[-1]))
     img.save(path)
     return path
+
+
+def sample_grids(run: str | Path, out: str | Path, t_mid: float, n: int = 64, seed: int = 0,
+                 device: str | None = None, batch: int = 1024) -> list[Path]:
+    """1-step and 2-step (T → t_mid) samples of a run's EMA model (`samplers.one_and_two_step`) saved as
+    out/samples_1step.png and out/samples_2step.png; device: CUDA when present."""
+    from .model import load_model
+    from .samplers import one_and_two_step
+
+    m = load_model(run, device=device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    samples = one_and_two_step(m, n, t_mid, seed, batch=batch)
+    return [save_samples(x, Path(out) / f"samples_{name}.png") for name, x in zip(("1step", "2step"), samples.values())]

@@ -493,3 +493,20 @@ def test_summary_groups_seeds_whatever_their_nonfinite_counts():
              "floor_n": 50, "card": "{}"} for s, v, nf in ((0, 10.0, ""), (1, 12.0, "0"), (2, 14.0, "3"))]
     (only,) = sweep.summarize(rows)
     assert only["count"] == 3 and only["mean"] == 12.0 and "nonfinite" not in only
+
+
+def test_evaluation_runs_under_the_runs_own_float32_flags(ci_runs, monkeypatch):
+    # an fp32 run is scored with TF32 off, as train()'s own dFID_t rows (docs/decisions.md §19), then flags restored
+    import torch
+
+    from tcmlab import metrics
+    from tcmlab.model import load_model
+    seen = []
+    monkeypatch.setattr(metrics, "sample_quality", lambda *a, **k: seen.append(torch.backends.cudnn.allow_tf32) or [])
+    before = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        sweep.evaluate_run(load_model(ci_runs / "s1"), metrics.digits_eval_set(), n=20, dfid=False)
+        assert seen == [False] and torch.backends.cudnn.allow_tf32 and torch.backends.cuda.matmul.allow_tf32
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = before

@@ -149,7 +149,7 @@ def check_finite(tensors: dict[str, torch.Tensor], where: str) -> None:
         if v.is_floating_point() and not bool(torch.isfinite(v).all()):
             bad = int((~torch.isfinite(v)).sum())
             raise ValueError(f"{where}: tensor {name!r} holds {bad} non-finite value(s). The file is damaged or the "
-                             f"run diverged; restore a copy, or train again from an earlier checkpoint.")
+                             f"run diverged: restore a copy, or train that stage again in a new run directory.")
 
 
 def load(path: str | Path, device="cpu") -> dict:
@@ -159,6 +159,9 @@ def load(path: str | Path, device="cpu") -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {path}: give a run directory that holds latest.safetensors, "
                                 f"or train the previous stage first")
+    if path.suffix != ".safetensors":
+        raise ValueError(f"{path} is not a tcmlab checkpoint (those are .safetensors files): give a run directory, "
+                         f"or the latest.safetensors inside one")
     try:
         tensors = load_file(str(path), device="cpu")
         if torch.device(device).type != "cpu":  # RNG states stay CPU byte tensors, as torch's set_state requires

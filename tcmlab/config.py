@@ -67,6 +67,11 @@ class NetConfig:
         _require(self.emb_channels >= 2 and self.emb_channels % 2 == 0, "net.emb_channels", "an even number >= 2",
                  self.emb_channels)
         _require(0 <= self.dropout < 1, "net.dropout", "in [0, 1)", self.dropout)
+        _require(len(self.channel_mult) >= 1 and all(isinstance(m, int) and m >= 1 for m in self.channel_mult),
+                 "net.channel_mult", "one or more integers >= 1, comma-separated (one per resolution)",
+                 self.channel_mult)
+        _require(all(isinstance(r, int) and r >= 1 for r in self.attn_resolutions), "net.attn_resolutions",
+                 "integers >= 1 (resolutions with attention; may be empty)", self.attn_resolutions)
 
 
 # TrainConfig fields that change how a run computes, not what (tcmlab.precision, tcmlab.speedups).

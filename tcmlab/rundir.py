@@ -4,7 +4,8 @@
   with the directory and the holder (pid, host, start time). The OS drops the lock when its process dies, so a
   killed trainer never leaves a stale lock behind.
 - `check_same_run(run_dir, cfg, stored)`: refuse a directory that holds a different run. The checkpoint's own
-  config is the truth; `config.json` (a copy for people and tools) is compared only when there is no checkpoint.
+  config is the truth; `config.json` (a copy for people and tools) alone, from a run that stopped before its first
+  checkpoint, gives way to a new config with a warning (nothing was trained under it).
 - `read_metrics(path)` / `append_metrics(path, row)` / `truncate_metrics(path, step)`: metrics.jsonl, one JSON row
   per line. A torn last line (power loss, full disk) is dropped with a warning; any other bad line is an error that
   names the file and the line. On every start the stream is cut back to the checkpoint's step, so it always
@@ -25,6 +26,7 @@ from filelock import FileLock, Timeout
 
 from . import checkpoint
 from .config import FREE_FIELDS, RECOVERY_FIELDS, RunConfig, from_dict, to_dict, with_free_fields_of
+from .model import CKPT_NAME
 
 RECOVERY_NAMES = tuple(f"train.{k}" for k in RECOVERY_FIELDS)  # what allow_change may name
 LOCK_NAME = ".tcmlab.lock"
@@ -64,7 +66,7 @@ def _flat(d: dict, prefix: str = "") -> dict:
 def stored_config(run_dir: Path, ckpt_state: dict | None) -> tuple[RunConfig | None, str]:
     """The config a run directory holds and where it was read: the checkpoint's, else config.json's, else None."""
     if ckpt_state is not None:
-        return from_dict(json.loads(ckpt_state["config"])), f"{run_dir}/latest.safetensors"
+        return from_dict(json.loads(ckpt_state["config"])), f"{run_dir}/{CKPT_NAME}"
     path = Path(run_dir) / "config.json"
     if not path.exists():
         return None, ""
@@ -80,7 +82,8 @@ def check_same_run(run_dir: Path, cfg: RunConfig, ckpt_state: dict | None,
     """Refuse a run directory that holds a different run. Between calls only train.steps may change (to extend a
     run; never below the checkpoint's step), the fields of `config.FREE_FIELDS` (speed and bookkeeping options),
     those of `config.RECOVERY_FIELDS` named in `allow_change` (e.g. "train.lr") and, once a checkpoint holds the run,
-    init_from (it is not read again). Returns the changes, each also named in a warning."""
+    init_from (it is not read again). A folder with a config.json but no checkpoint (a run that failed before its
+    first one) holds nothing to protect: any config may start there. Returns the changes, each also warned."""
     bad = [name for name in allow_change if name not in RECOVERY_NAMES]
     if bad:
         raise ValueError(f"allow_change takes {', '.join(RECOVERY_NAMES)}, got {', '.join(map(repr, bad))}: other "
@@ -100,6 +103,16 @@ def check_same_run(run_dir: Path, cfg: RunConfig, ckpt_state: dict | None,
     a, b = _flat(to_dict(old)), _flat(to_dict(new_cmp))
     if init_free:
         a.pop("init_from"), b.pop("init_from")
+    if a != b and ckpt_state is None:  # config.json only: the run stopped before its first checkpoint
+        diff = [f"{k} {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+        warnings.warn(f"{run_dir}: {where} names another config ({', '.join(diff)}), but no checkpoint was written "
+                      f"under it: starting from step 0 with this one", stacklevel=3)
+        return [f"config.json replaced before any checkpoint: {', '.join(diff)}"]
+    if old.stage != cfg.stage:  # e.g. stage 2's --outdir pointed at its own teacher: never advise deleting that
+        here = (Path(run_dir).resolve(), (Path(run_dir) / CKPT_NAME).resolve())
+        teacher = " (the run this stage starts from)" if cfg.init_from and Path(cfg.init_from).resolve() in here else ""
+        raise ValueError(f"{run_dir} holds a stage-{old.stage} run{teacher}: give this stage-{cfg.stage} run its "
+                         f"own run directory (e.g. --outdir {Path(run_dir).parent / f'stage{cfg.stage}'})")
     if a != b:
         keys = [k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
         diff = [f"{k} {a.get(k)!r} -> {b.get(k)!r}" for k in keys]

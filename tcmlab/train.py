@@ -129,6 +129,17 @@ def _init_state(cfg: RunConfig, model, shape) -> tuple[dict, dict]:
     return weights, {"path": str(path), "step": step, "sha256": checkpoint.sha256(path)}
 
 
+def _recovery_hint(run_dir: Path, ckpt_file: Path, tc) -> str:
+    """What to do after a non-finite step: from the last checkpoint with a lower lr (or in fp32), named."""
+    fp32 = "" if tc.precision == "fp32" else " (or --set train.precision=fp32 --allow-change train.precision)"
+    if not ckpt_file.exists():
+        return (f"No checkpoint was written yet, so nothing is lost: check the data, or run again with a lower "
+                f"train.lr{'' if tc.precision == 'fp32' else ' or precision fp32'} (the same --outdir {run_dir} "
+                f"takes the new config).")
+    return (f"The last checkpoint in {run_dir} is intact. Check the data, or go on from it with a lower lr: --set "
+            f"train.lr=... --allow-change train.lr{fp32} (python: train(..., allow_change=('train.lr',))).")
+
+
 def _warn_unpaired(cfg: RunConfig, src: RunConfig) -> None:
     """Stage 2 goes on from stage 1's end (TCM App. E): the same T, r held at stage 1's ratio_max, the same distance
     c and weighting, the same data. Each that differs is named in a warning (an ablation may want it; a forgotten
@@ -396,10 +407,7 @@ def _train(cfg, run_dir, rank, world, device, b_rank, b_gpu, created, steps, pro
                      "nonfinite_grads": _nonfinite_grads(f)})
                 bar.close()
                 raise NonFiniteError(f"non-finite loss or gradient at step {step} (loss={float(loss_value)}, grad "
-                                     f"norm={float(grad_norm)}); the last checkpoint in {run_dir} is intact. Check "
-                                     f"the data; to go on from that checkpoint with a lower lr or in fp32, run again "
-                                     f"with --set train.lr=... --allow-change train.lr (or train.precision=fp32 "
-                                     f"--allow-change train.precision; python: train(..., allow_change=(...)).")
+                                     f"norm={float(grad_norm)}). " + _recovery_hint(run_dir, ckpt_file, tc))
             scale = scaler.get_scale() if scaler.is_enabled() else None
             scaler.step(opt)
             scaler.update()

@@ -275,3 +275,15 @@ def test_init_from_is_not_part_of_a_checkpointed_run(tmp_path, ci_runs, monkeypa
     with pytest.raises(ValueError, match="train.lr"):  # everything else still has to match
         train(dataclasses.replace(rel, train=dataclasses.replace(rel.train, steps=5, lr=1.0)), tmp_path / "s2",
               progress=False)
+
+
+def test_a_stage_2_pointed_at_its_teachers_folder_is_told_so_not_to_delete_it(tmp_path, ci_runs):
+    s1 = tmp_path / "s1"
+    shutil.copytree(ci_runs / "s1", s1)
+    before = (s1 / "latest.safetensors").read_bytes()
+    with pytest.raises(ValueError, match=r"s1 holds a stage-1 run \(the run this stage starts from\): give this "
+                                         r"stage-2 run its own run directory") as e:
+        train(preset("ci", 2, init_from=str(s1)), s1, progress=False)
+    assert "delete" not in str(e.value) and (s1 / "latest.safetensors").read_bytes() == before
+    with pytest.raises(ValueError, match="config.json is not a tcmlab checkpoint .* give a run directory"):
+        train(preset("ci", 2, init_from=str(s1 / "config.json")), tmp_path / "s2", progress=False)

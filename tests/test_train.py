@@ -223,6 +223,28 @@ def test_nonfinite_loss_stops_and_keeps_checkpoint(tmp_path, ci_runs, monkeypatc
     assert train(lower, tmp_path / "r", steps=1, progress=False).step == 8  # the run is now the lower-lr run
 
 
+def test_a_run_that_fails_before_its_first_checkpoint_takes_the_fix(tmp_path, ci_runs, monkeypatch):
+    # nothing was trained under the config.json it left: the corrected command may start in the same folder
+    import tcmlab.stages as tr
+    real = tr.ect_loss
+
+    def poisoned(*a, **k):
+        out = real(*a, **k)
+        out.loss = out.loss * float("nan")
+        return out
+
+    cfg = preset("ci", 1, init_from=str(ci_runs / "s0"))
+    monkeypatch.setattr(tr, "ect_loss", poisoned)
+    with pytest.raises(NonFiniteError, match="No checkpoint was written yet, so nothing is lost"):
+        train(cfg, tmp_path / "r", progress=False)
+    assert (tmp_path / "r" / "config.json").exists() and not (tmp_path / "r" / "latest.safetensors").exists()
+    monkeypatch.setattr(tr, "ect_loss", real)
+    lower = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, lr=cfg.train.lr / 10))
+    with pytest.warns(UserWarning, match="no checkpoint was written under it"):
+        assert train(lower, tmp_path / "r", steps=2, progress=False).step == 2
+    assert load_state(tmp_path / "r")[1].train.lr == lower.train.lr
+
+
 def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     path = tmp_path / "latest.safetensors"
     checkpoint.save(path, {"w": torch.ones(3), "step": 1})

@@ -19,6 +19,7 @@ import statistics
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -59,6 +60,9 @@ def cmd_demo(args) -> None:
 
 
 def cmd_train(args) -> None:
+    if args.config and (args.stage is not None or args.preset is not None):
+        raise ValueError("--config FILE holds the whole config (its stage and preset included): give it without "
+                         "--stage/--preset, or those without --config")
     if args.config:
         try:
             cfg = from_dict(json.loads(Path(args.config).read_text()), strict=True)
@@ -67,7 +71,7 @@ def cmd_train(args) -> None:
     elif args.stage is None:
         raise ValueError("give --stage (with --preset), or --config FILE")
     else:
-        cfg = preset(args.preset, args.stage)
+        cfg = preset(args.preset or "digits", args.stage)
     cfg = with_overrides(cfg, args.set + ([f"init_from={args.init_from}"] if args.init_from else []))
     eval_fn = None
     if args.dfid_every:
@@ -90,11 +94,13 @@ def _writable(folder: Path) -> None:
 
 
 def cmd_sample(args) -> None:
+    m = load_model(args.run, device=args.device)  # a wrong or damaged path fails before any folder is made
     out = Path(args.out) if args.out else run_dir_of(args.run)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file: give a folder for the PNGs (it is created if missing)")
     out.mkdir(parents=True, exist_ok=True)
     _writable(out)
-    for p in sample_grids(Path(args.run), out, args.t_mid, n=args.n, seed=args.seed, device=args.device,
-                          batch=args.batch):
+    for p in sample_grids(m, out, args.t_mid, n=args.n, seed=args.seed, batch=args.batch):
         print(p)
 
 
@@ -103,9 +109,9 @@ def cmd_evaluate(args) -> None:
     from .checkpoint import atomic_write_text
 
     t0 = time.perf_counter()
+    m = load_model(args.run, which="raw" if args.raw else "ema", device=args.device)
     run_dir = run_dir_of(args.run)
     _writable(run_dir)
-    m = load_model(args.run, which="raw" if args.raw else "ema", device=args.device)
     # A checkpoint's stored paths are data: shown, never followed; the CIFAR-10 folder comes from --data-root.
     es = metrics.eval_set(m.cfg.data, data_root=args.data_root, inception_weights=args.inception_weights)
     es.cuda = torch.device(args.device).type == "cuda"
@@ -118,22 +124,27 @@ def cmd_evaluate(args) -> None:
         old = path.read_text() if path.exists() else ""
         atomic_write_text(path, old + "".join(json.dumps(r) + "\n" for r in rows))
     fl = rows[0]["floor"]
+    points = es.extractor == metrics.POINTS  # toy2d: the 'fid' slot holds the energy distance of the points
+    name, digits = ("energy distance", 4) if points else ("FID", 2)
     print(f"[tcmlab] {args.run} step {m.step} ({m.which}), n = {n_q}, reference {es.reference_name}, extractor "
-          f"{es.extractor}" + (f", real-vs-real floor at n = {n_q}: {fl:.2f}" if fl is not None else "")
-          + (f"; each score the mean over {args.draws} noise draws (± their sd)" if args.draws > 1 else ""))
+          f"{es.extractor}" + (f", real-vs-real floor at n = {n_q}: {fl:.{digits}f}" if fl is not None else "")
+          + (f"; each score the mean over {args.draws} noise draws (± their sd)" if args.draws > 1 else "")
+          + (f" (--n {args.n} is more than the {n_q} images the evaluation set holds)" if (args.n or 0) > n_q else ""))
 
     def fid(r):
-        return f"{r['fid']:.2f}" + (f" ± {statistics.stdev(r['fid_draws']):.1f}" if args.draws > 1 else "")
+        return f"{r['fid']:.{digits}f}" + (f" ± {statistics.stdev(r['fid_draws']):.{digits - 1}f}" if args.draws > 1
+                                           else "")
 
     for r in rows:
         k = len(r["card"]["steps"])
         if r["card"]["metric"] == "fid":
             via = " → ".join(f"{t:g}" for t in r["card"]["steps"])  # a stage-2 model with t′ > t_mid goes through t′
-            print(f"  FID {k}-step ({via}) {fid(r)}   KID {r['kid_mean']:.4g} ± {r['kid_std']:.2g}")
+            print(f"  {name} {k}-step ({via}) {fid(r)}   KID {r['kid_mean']:.4g} ± {r['kid_std']:.2g}")
         elif r["card"]["metric"] == "fid_heun":  # stage 0 is a diffusion model: its own sampler, not 1 or 2 steps
-            print(f"  FID Heun, EDM grid of {k} times ({2 * k - 1} calls of D) {fid(r)}   KID "
+            print(f"  {name} Heun, EDM grid of {k} times ({2 * k - 1} calls of D) {fid(r)}   KID "
                   f"{r['kid_mean']:.4g} ± {r['kid_std']:.2g}")
-    print("  dFID_t: " + ", ".join(f"{t:g}: {v:.1f}" for t, v in d.items()))
+    print(f"  dFID_t{' (energy distance)' if points else ''}: "
+          + ", ".join(f"{t:g}: {v:.{digits - 1 if not points else digits}f}" for t, v in d.items()))
     print(f"  appended to {path} in {time.perf_counter() - t0:.1f} s")
 
 
@@ -228,7 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out", default="runs/demo")
     d.add_argument("--t-mid", type=float, default=1.0, help="intermediate time of 2-step sampling (TCM App. E)")
     t = sub.add_parser("train", help="train (or continue) one stage; works under torchrun")
-    t.add_argument("--preset", default="digits")
+    t.add_argument("--preset", help="a preset's name (default digits), with --stage")
     t.add_argument("--stage", type=int, choices=(0, 1, 2), help="stage of the preset (or give --config)")
     t.add_argument("--config", help="a RunConfig JSON file (a run's config.json) instead of --preset/--stage")
     t.add_argument("--outdir", required=True, help="run directory (created, or resumed if it holds a checkpoint)")
@@ -305,8 +316,21 @@ def build_parser() -> argparse.ArgumentParser:
 EXPECTED = (ValueError, OSError, RuntimeError, LookupError, ArithmeticError, SafetensorError)
 
 
+def _warning_line(message, category, filename, lineno, line=None) -> str:
+    """Warnings on the command line as one line each, without the library's source line under them."""
+    return f"[tcmlab] {category.__name__}: {message}\n"
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    shown, warnings.formatwarning = warnings.formatwarning, _warning_line
+    try:
+        return _run(args)
+    finally:
+        warnings.formatwarning = shown
+
+
+def _run(args) -> int:
     try:
         {"demo": cmd_demo, "train": cmd_train, "sample": cmd_sample, "evaluate": cmd_evaluate,
          "sweep": cmd_sweep, "claims": cmd_claims}[args.cmd](args)
@@ -314,10 +338,11 @@ def main(argv=None) -> int:
         print(f"[tcmlab] {e}", file=sys.stderr)
         return 128 + e.signum
     except KeyboardInterrupt:
-        if args.cmd != "sweep":
+        if args.debug:
             raise
-        print("[tcmlab] sweep interrupted; running points wrote checkpoints. Run the same command again to resume.",
-              file=sys.stderr)
+        print("[tcmlab] sweep interrupted; running points wrote checkpoints. Run the same command again to resume."
+              if args.cmd == "sweep" else f"[tcmlab] {args.cmd} interrupted (Ctrl-C); eval.jsonl and sample grids are "
+              f"written only when their scores and samples are complete. Run the same command again.", file=sys.stderr)
         return 130
     except EXPECTED as e:
         if args.debug:

@@ -84,11 +84,16 @@ def train_classifier(epochs: int = 30, seed: int = 0) -> DigitsCNN:
 
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m tcmlab.digits_classifier", description=__doc__)
-    ap.add_argument("--out", default=str(WEIGHTS))
+    ap.add_argument("--out", default=str(WEIGHTS), help="where to write the weights (and their card, .md)")
+    ap.add_argument("--force", action="store_true", help="overwrite an existing file (the shipped one included)")
     args = ap.parse_args(argv)
+    out = Path(args.out)
+    if out.exists() and not args.force:
+        # every digits FID/KID, the floor and every eval card's extractor hash are of this file: keep it unless asked
+        ap.error(f"{out} exists (a retrained network is another extractor: other torch versions and CPUs give other "
+                 f"weights, so scores would not compare). Give --out NEW_PATH, or --force to replace it")
     torch.set_num_threads(1)  # deterministic reductions
     net = train_classifier()
-    out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(out))
     acc = accuracy(load(out))

@@ -37,7 +37,7 @@ def checkpoint_path(run: str | Path) -> Path:
     if run.suffix == ".safetensors" or run.exists():
         return run
     raise FileNotFoundError(f"{run} is neither a run directory nor a checkpoint file: check the path, or train that "
-                            f"stage first (e.g. `python -m tcmlab train --preset digits --stage 1 --outdir {run}`)")
+                            f"stage first (`python -m tcmlab train --preset PRESET --stage N --outdir {run}`)")
 
 
 def load_state(run: str | Path, device="cpu") -> tuple[dict, RunConfig]:

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import torch
 from PIL import Image, ImageDraw
-from torchvision.utils import make_grid
 
 
 def to_uint8(x: torch.Tensor) -> torch.Tensor:
@@ -19,6 +18,8 @@ def to_uint8(x: torch.Tensor) -> torch.Tensor:
 def image_grid(x: torch.Tensor, nrow: int | None = None, scale: int = 1, pad: int = 1) -> Image.Image:
     """Tile images [N, C, H, W] in [−1, 1] into one PIL image (torchvision's make_grid on the uint8 images, white
     padding, nearest-neighbour upscaling by `scale`)."""
+    from torchvision.utils import make_grid  # here: importing torchvision takes seconds, most callers never tile
+
     n, c = x.shape[:2]
     nrow = nrow or int(math.ceil(math.sqrt(n)))
     grid = make_grid(to_uint8(x), nrow=nrow, padding=pad, pad_value=255)  # [3, H', W'] (grey images repeated)
@@ -45,13 +46,15 @@ def save_samples(x: torch.Tensor, path: str | Path) -> Path:
     return path
 
 
-def sample_grids(run: str | Path, out: str | Path, t_mid: float, n: int = 64, seed: int = 0,
-                 device: str | None = None, batch: int = 1024) -> list[Path]:
+def sample_grids(run, out: str | Path, t_mid: float, n: int = 64, seed: int = 0, device: str | None = None,
+                 batch: int = 1024) -> list[Path]:
     """1-step and 2-step (T → t_mid) samples of a run's EMA model (`samplers.one_and_two_step`) saved as
-    out/samples_1step.png and out/samples_2step.png; device: CUDA when present."""
-    from .model import load_model
+    out/samples_1step.png and out/samples_2step.png. run: a run directory (loaded on `device`, default CUDA when
+    present) or a loaded `model.TrainedModel`."""
+    from .model import TrainedModel, load_model
     from .samplers import one_and_two_step
 
-    m = load_model(run, device=device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    m = run if isinstance(run, TrainedModel) else load_model(
+        run, device=device or ("cuda" if torch.cuda.is_available() else "cpu"))
     samples = one_and_two_step(m, n, t_mid, seed, batch=batch)
     return [save_samples(x, Path(out) / f"samples_{name}.png") for name, x in zip(("1step", "2step"), samples.values())]

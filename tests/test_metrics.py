@@ -236,3 +236,12 @@ def test_dfid_noise_at_grid_levels_does_not_depend_on_t_prime(es):
         metrics.dfid(record(tag), es, metrics.dfid_ts_for(80.0, tp), n=20, generator=torch.Generator().manual_seed(0),
                      progress=False)
     assert all(torch.equal(seen["stage1"][t], seen["stage2"][t]) for t in metrics.dfid_ts(80.0))
+
+
+def test_retraining_the_digits_extractor_never_replaces_a_file_unasked(tmp_path, capsys):
+    # every digits score and eval card depends on the shipped weights; a retrain is another extractor
+    before = digits_classifier.WEIGHTS.read_bytes()
+    with pytest.raises(SystemExit) as e:
+        digits_classifier.main([])
+    assert e.value.code == 2 and "--force" in capsys.readouterr().err
+    assert digits_classifier.WEIGHTS.read_bytes() == before

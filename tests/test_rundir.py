@@ -63,7 +63,11 @@ def test_checkpoint_config_is_the_truth_without_config_json(tmp_path, ci_runs):
     shutil.copytree(ci_runs / "s1", run)
     (run / "config.json").unlink()
     before = (run / "latest.safetensors").read_bytes()
-    with pytest.raises(ValueError, match="holds a different run .*latest.safetensors"):
+    other = preset("ci", 1, init_from=str(ci_runs / "s0"))
+    other = dataclasses.replace(other, train=dataclasses.replace(other.train, seed=7))
+    with pytest.raises(ValueError, match="holds a different run .*latest.safetensors.*train.seed 0 -> 7"):
+        train(other, run, progress=False)
+    with pytest.raises(ValueError, match="holds a stage-1 run: give this stage-0 run its own run directory"):
         train(preset("ci", 0), run, progress=False)
     assert (run / "latest.safetensors").read_bytes() == before and not (run / "config.json").exists()
 

@@ -9,6 +9,7 @@ naming the field and its valid range.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import math
 import os
@@ -371,9 +372,15 @@ def with_overrides(cfg: RunConfig, items: list[str]) -> RunConfig:
             continue
         section, _, name = key.strip().partition(".")
         if not sep or section not in sections or name not in {f.name for f in dataclasses.fields(sections[section])}:
-            fields = ", ".join(f"{k}.{f.name}" for k, v in sections.items() for f in dataclasses.fields(v))
-            raise ValueError(f"--set {item!r}: expected field=value with one of: name, init_from, from_scratch, "
-                             f"{fields}")
+            known = ["name", "init_from", "from_scratch"] + [f"{k}.{f.name}" for k, v in sections.items()
+                                                              for f in dataclasses.fields(v)]
+            close = difflib.get_close_matches(key.strip(), known, n=3)
+            other = [f"stage {s}" for s, cls in LOSS_OF_STAGE.items() if s != cfg.stage and section == "loss"
+                     and name in {f.name for f in dataclasses.fields(cls)}]
+            hint = (f" loss.{name} is a field of {' and '.join(other)}, not of stage {cfg.stage}." if other else
+                    f" Did you mean {' or '.join(close)}?" if close else "")
+            raise ValueError(f"--set {item!r}: expected field=value with a field of this stage-{cfg.stage} config."
+                             f"{hint} The fields: {', '.join(known)}")
         sub = sections[section]
         sections[section] = dataclasses.replace(sub, **{name: _parse_value(text.strip(), getattr(sub, name), key)})
     return dataclasses.replace(cfg, **sections, **top)

@@ -143,3 +143,18 @@ def test_stage2_needs_a_boundary_row_unless_w_b_is_zero():
     no_lb = dataclasses.replace(s2, loss=dataclasses.replace(s2.loss, w_b=0.0))
     assert dataclasses.replace(no_lb, train=dataclasses.replace(s2.train, batch=3)).train.batch == 3
     assert dataclasses.replace(s2, train=dataclasses.replace(s2.train, batch=4)).train.batch == 4  # N_B = 1
+
+
+def test_a_mistyped_or_misplaced_override_says_what_was_meant():
+    from tcmlab.config import with_overrides
+    with pytest.raises(ValueError, match=r"Did you mean train.steps"):
+        with_overrides(preset("ci", 1), ["train.step=20"])
+    with pytest.raises(ValueError, match=r"loss.t_prime is a field of stage 2, not of stage 1"):
+        with_overrides(preset("ci", 1), ["loss.t_prime=0.5"])
+    with pytest.raises(ValueError, match=r"net.channel_mult must be one or more integers"):
+        with_overrides(preset("ci", 0), ["net.channel_mult="])
+    with pytest.raises(ValueError, match=r"unknown config field\(s\) loss.tprime"):
+        d = to_dict(preset("ci", 2))
+        d["loss"]["tprime"] = 0.5
+        from_dict(d, strict=True)
+    assert from_dict(d) == preset("ci", 2)  # a checkpoint of a newer tcmlab (an extra field) still loads

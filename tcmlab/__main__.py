@@ -175,7 +175,8 @@ def cmd_claims(args) -> None:
             raise ValueError(f"--where {item}: expected COLUMN=VALUE, e.g. --where s1.loss.d=250")
         where[column] = value
     tb, found = claims.report(spec, args.out, where)
-    command = args.command or f"python -m tcmlab claims {args.spec}"
+    command = args.command or (f"python -m tcmlab claims {args.spec}" + (f" --out {args.out}" if args.out else "")
+                               + "".join(f" --where {w}" for w in args.where))
     images = []
     if args.figures:
         from .claims_plots import all_figures

@@ -77,6 +77,18 @@ def stored_config(run_dir: Path, ckpt_state: dict | None) -> tuple[RunConfig | N
                          f"{path} (or the whole folder) to start this run afresh.") from None
 
 
+def config_diff(old: RunConfig, new: RunConfig, init_free: bool = False, also_free: tuple[str, ...] = ()) -> list[str]:
+    """"field old -> new" for every field in which `new` is another run than `old`. The fields of
+    `config.FREE_FIELDS` and the TrainConfig fields in `also_free` never count, nor init_from if `init_free` (a run
+    with a checkpoint does not read it again)."""
+    new = with_free_fields_of(new, old)
+    new = replace(new, train=replace(new.train, **{k: getattr(old.train, k) for k in also_free}))
+    a, b = _flat(to_dict(old)), _flat(to_dict(new))
+    if init_free:
+        a.pop("init_from"), b.pop("init_from")
+    return [f"{k} {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+
+
 def check_same_run(run_dir: Path, cfg: RunConfig, ckpt_state: dict | None,
                    allow_change: tuple[str, ...] = ()) -> list[str]:
     """Refuse a run directory that holds a different run. Between calls only train.steps may change (to extend a
@@ -93,18 +105,12 @@ def check_same_run(run_dir: Path, cfg: RunConfig, ckpt_state: dict | None,
     if old is None:
         return []
     allowed = tuple(name.removeprefix("train.") for name in allow_change)
-    new_cmp = with_free_fields_of(cfg, old)
-    new_cmp = replace(new_cmp, train=replace(new_cmp.train, steps=old.train.steps,
-                                             **{k: getattr(old.train, k) for k in allowed}))
     # Once a checkpoint holds the run, init_from is not read again (stage 2 keeps θ0 inside; older stage-2
     # checkpoints without it still read θ0 from init_from): the same folder given relative to another working
     # directory, or a moved stage-1 run, is the same run. Its origin stays recorded in the checkpoint's init_source.
     init_free = ckpt_state is not None and (cfg.stage != 2 or "teacher" in ckpt_state)
-    a, b = _flat(to_dict(old)), _flat(to_dict(new_cmp))
-    if init_free:
-        a.pop("init_from"), b.pop("init_from")
-    if a != b and ckpt_state is None:  # config.json only: the run stopped before its first checkpoint
-        diff = [f"{k} {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+    diff = config_diff(old, replace(cfg, train=replace(cfg.train, steps=old.train.steps)), init_free, allowed)
+    if diff and ckpt_state is None:  # config.json only: the run stopped before its first checkpoint
         warnings.warn(f"{run_dir}: {where} names another config ({', '.join(diff)}), but no checkpoint was written "
                       f"under it: starting from step 0 with this one", stacklevel=3)
         return [f"config.json replaced before any checkpoint: {', '.join(diff)}"]
@@ -113,10 +119,8 @@ def check_same_run(run_dir: Path, cfg: RunConfig, ckpt_state: dict | None,
         teacher = " (the run this stage starts from)" if cfg.init_from and Path(cfg.init_from).resolve() in here else ""
         raise ValueError(f"{run_dir} holds a stage-{old.stage} run{teacher}: give this stage-{cfg.stage} run its "
                          f"own run directory (e.g. --outdir {Path(run_dir).parent / f'stage{cfg.stage}'})")
-    if a != b:
-        keys = [k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
-        diff = [f"{k} {a.get(k)!r} -> {b.get(k)!r}" for k in keys]
-        recoverable = [k for k in keys if k in RECOVERY_NAMES]
+    if diff:
+        recoverable = [d.split(" ", 1)[0] for d in diff if d.split(" ", 1)[0] in RECOVERY_NAMES]
         hint = (f" To go on from its checkpoint with the new {' and '.join(recoverable)} (say after a non-finite "
                 f"step), name {'them' if len(recoverable) > 1 else 'it'}: "
                 f"{' '.join('--allow-change ' + k for k in recoverable)} (python: train(..., allow_change="

@@ -67,7 +67,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from .config import RunConfig, from_dict, preset, to_dict, with_free_fields_of
+from .config import RunConfig, from_dict, preset, to_dict
 from .sweep_spec import KINDS, TOP_FIELDS, EvalSpec, SpecError, StageSpec, SweepSpec, parse_spec  # noqa: F401
 from .sweep_table import figures, read_csv, summarize, summary_figures, summary_markdown, write_csv  # noqa: F401
 
@@ -267,12 +267,16 @@ def read_results(point: Point) -> dict | None:
 
 def status(point: Point, ev: EvalSpec) -> str:
     """'done' (trained, and evaluated for this config, step and eval settings, or not to be evaluated), 'trained'
-    (evaluation missing or stale), 'partial' (a checkpoint short of its steps: resumed) or 'new'."""
+    (evaluation missing or stale), 'partial' (a checkpoint short of its steps: resumed), 'changed' (a finished run
+    of another config, or past the spec's steps: its train task fails with train's "holds a different run" or
+    "cannot be shortened", never reused under the new config) or 'new'."""
     step = checkpoint_step(point.run_dir)
     if step is None:
         return "new"
     if step < point.cfg.train.steps:
         return "partial"
+    if step > point.cfg.train.steps or not _checkpoint_holds(point):
+        return "changed"
     if not point.evaluate:
         return "done"
     r = read_results(point)
@@ -282,14 +286,35 @@ def status(point: Point, ev: EvalSpec) -> str:
 
 
 def _same_config(stored, cfg: RunConfig) -> bool:
-    """A results file's config is `cfg`, compared as configs (as `rundir.check_same_run` does): a field added to
-    tcmlab since the file was written reads as its default, and the speed and bookkeeping options
-    (`config.FREE_FIELDS`) may differ, so finished points stay finished."""
+    """A results file's config is `cfg`, compared as configs (`rundir.config_diff`, as train's check): a field added
+    to tcmlab since the file was written reads as its default, the speed and bookkeeping options
+    (`config.FREE_FIELDS`) may differ, and so may init_from (the sweep's folder named by another path, or moved),
+    so finished points stay finished."""
+    from .rundir import config_diff
+
     try:
         old = from_dict(stored)
     except (KeyError, TypeError, ValueError, AttributeError):
         return False
-    return with_free_fields_of(cfg, old) == old
+    return not config_diff(old, cfg, init_free=True)
+
+
+def _checkpoint_holds(point: Point) -> bool:
+    """The point's finished checkpoint was trained with its config (the spec may have changed since), read from the
+    header alone; True if that cannot be read (training it then reports the damage)."""
+    from safetensors import SafetensorError
+
+    from . import checkpoint
+    from .model import CKPT_NAME
+    from .rundir import config_diff
+
+    try:
+        old = from_dict(json.loads(checkpoint.header(Path(point.run_dir) / CKPT_NAME)["config"]))
+    except (OSError, ValueError, KeyError, TypeError, SafetensorError):
+        return True
+    cfg = point.cfg
+    return not config_diff(old, dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, steps=old.train.steps)),
+                           init_free=True)
 
 
 @dataclass(frozen=True)
@@ -312,7 +337,7 @@ def plan(points: list[Point], ev: EvalSpec) -> tuple[list[Task], dict[str, str]]
     planned = set()
     for p in points:
         states[p.id] = s = status(p, ev)
-        if s in ("new", "partial"):
+        if s in ("new", "partial", "changed"):
             deps = (f"train {p.parent}",) if f"train {p.parent}" in planned else ()
             tasks.append(Task("train", p, deps))
             planned.add(tasks[-1].key)
@@ -791,12 +816,16 @@ def run_sweep(spec: SweepSpec, dispatch: Dispatch = Dispatch(), *, dry_run: bool
     tasks (and those depending on them) are listed in the result; everything else still runs."""
     points = expand(spec)
     tasks, states = plan(points, spec.eval)
-    counts = {s: sum(v == s for v in states.values()) for s in ("done", "trained", "partial", "new")}
+    counts = {s: sum(v == s for v in states.values()) for s in ("done", "trained", "partial", "new", "changed")}
     n_train = sum(t.action == "train" for t in tasks)
     log(f"{spec.path}: {len(points)} points ({len(spec.seeds)} seeds) in {spec.out}: {counts['done']} done, "
         f"{n_train} to train ({counts['partial']} resumed), {len(tasks) - n_train} to evaluate")
     for line in stale_teachers(points):
         log(f"WARNING: {line}")
+    for p in points:
+        if states[p.id] == "changed":
+            log(f"WARNING: {p.id}: {p.run_dir} was trained with another config than the spec now gives (or past its "
+                f"steps): its train task fails with what differs; use a new out for the new spec")
     failed, details = {}, {}
     if tasks and not (dry_run or report_only):
         Path(spec.out).mkdir(parents=True, exist_ok=True)

@@ -6,6 +6,7 @@ import csv
 import dataclasses
 import json
 import os
+import shutil
 import signal
 import statistics
 import subprocess
@@ -510,3 +511,36 @@ def test_evaluation_runs_under_the_runs_own_float32_flags(ci_runs, monkeypatch):
         assert seen == [False] and torch.backends.cudnn.allow_tf32 and torch.backends.cuda.matmul.allow_tf32
     finally:
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = before
+
+
+def test_a_finished_run_of_another_config_is_refused_never_relabelled(tmp_path):
+    """The spec changed after a point finished: its run is not reused under the new config (nor its JSON rewritten
+    with it); the point fails with train's message. Another path to the same sweep folder is the same sweep."""
+    spec_file = tmp_path / "s0.toml"
+    body = '[eval]\nn = 20\ndfid = false\nkinds = ["stage0"]\n'
+    spec_file.write_text('preset = "ci"\nstages = [0]\n[stage0]\nsteps = 2\n' + body)
+    quiet = dict(png=False, log=lambda s: None)
+    assert sweep.run_sweep(sweep.load_spec(spec_file, out=tmp_path / "out"), sweep.Dispatch("inline"), **quiet
+                           ).failed == {}
+    point = next(p for p in sweep.expand(sweep.load_spec(spec_file, out=tmp_path / "out")) if p.evaluate)
+    stored = point.results_path.read_text()
+    for change, message in (('set = { "train.lr" = 0.5 }', "holds a different run"), ("", "cannot be shortened")):
+        steps = 2 if change else 1
+        spec_file.write_text(f'preset = "ci"\nstages = [0]\n[stage0]\nsteps = {steps}\n{change}\n' + body)
+        spec = sweep.load_spec(spec_file, out=tmp_path / "out")
+        assert sweep.status(next(p for p in sweep.expand(spec) if p.evaluate), spec.eval) == "changed"
+        r = sweep.run_sweep(spec, sweep.Dispatch("inline"), **quiet)
+        assert message in r.failed[f"train {point.id}"], r.failed
+        assert point.results_path.read_text() == stored  # the finished point's evaluation is untouched
+
+
+def test_a_sweep_folder_named_by_another_path_is_the_same_sweep(tmp_path):
+    # init_from of a stage-1 point is a path under out: moving out (or naming it absolute) re-scores nothing
+    spec_file = tmp_path / "s01.toml"
+    spec_file.write_text('preset = "ci"\nstages = [0, 1]\n[stage0]\nsteps = 2\n[stage1]\nsteps = 2\n'
+                         '[eval]\nn = 20\ndfid = false\nkinds = ["stage1"]\n')
+    spec = sweep.load_spec(spec_file, out=tmp_path / "out")
+    assert sweep.run_sweep(spec, sweep.Dispatch("inline"), png=False, log=lambda s: None).failed == {}
+    shutil.copytree(tmp_path / "out", tmp_path / "moved")
+    spec = sweep.load_spec(spec_file, out=tmp_path / "moved")
+    assert {sweep.status(p, spec.eval) for p in sweep.expand(spec)} == {"done"}

@@ -204,7 +204,10 @@ def load_spec(path: str | Path, out: str | Path | None = None) -> SweepSpec:
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise SpecError(f"sweep spec {path} is not valid TOML ({e}); see sweeps/ci.toml for the format") from None
     spec = parse_spec(raw, str(path), out)
-    expand(spec)
+    for p in expand(spec):  # the 2-step sampler goes T -> t_mid: t_mid >= T would fail every evaluation, after training
+        if p.evaluate and p.cfg.stage > 0 and not spec.eval.t_mid < p.cfg.t_max:
+            raise SpecError(f"{path}: [eval] t_mid = {spec.eval.t_mid:g} must be below T = {p.cfg.t_max:g} of "
+                            f"{p.id} (2-step sampling goes T -> t_mid)")
     return spec
 
 
@@ -754,6 +757,14 @@ def timing_table(points: list[Point], columns: list[str]) -> list[dict]:
     return rows
 
 
+def _set_aside(path: Path, log) -> None:
+    """A table of an earlier call that this call has no rows for (the points or eval settings changed): renamed to
+    NAME.stale, so that `claims` and the figures never read it as current; nothing is deleted."""
+    if path.exists():
+        path.replace(path.with_name(path.name + ".stale"))
+        log(f"{path.name}: no current rows; the earlier table is kept as {path.name}.stale")
+
+
 def report(spec: SweepSpec, points: list[Point], log: Callable[[str], None], png: bool = True
            ) -> tuple[list[dict], list[dict]]:
     """Rebuild results.csv, summary.csv and the figures from the points' JSONs; return (table, summary)."""
@@ -766,6 +777,8 @@ def report(spec: SweepSpec, points: list[Point], log: Callable[[str], None], png
             + (" ..." if len(missing) > 5 else ""))
     if not table:
         log("no evaluated points yet: no table written")
+        for name in ("results.csv", "summary.csv", "summary.md", "curves.csv", "timing.csv"):
+            _set_aside(out / name, log)
         return table, summary
     write_csv(out / "results.csv", table)
     write_csv(out / "summary.csv", summary)
@@ -774,9 +787,13 @@ def report(spec: SweepSpec, points: list[Point], log: Callable[[str], None], png
     curves = curves_table(points, grid_columns(spec))
     if curves:
         write_csv(out / "curves.csv", curves)
+    else:
+        _set_aside(out / "curves.csv", log)
     timing = timing_table(points, grid_columns(spec))
     if timing:
         write_csv(out / "timing.csv", timing)
+    else:
+        _set_aside(out / "timing.csv", log)
     paths, note = figures(summary, out / "figures", png, curves=summarize(curves))
     log(f"table: {out / 'results.csv'} ({len(table)} rows), summary: {out / 'summary.csv'} ({len(summary)} rows), "
         + (f"curves over training: {out / 'curves.csv'} ({len(curves)} rows), " if curves else "")

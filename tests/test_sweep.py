@@ -544,3 +544,24 @@ def test_a_sweep_folder_named_by_another_path_is_the_same_sweep(tmp_path):
     shutil.copytree(tmp_path / "out", tmp_path / "moved")
     spec = sweep.load_spec(spec_file, out=tmp_path / "moved")
     assert {sweep.status(p, spec.eval) for p in sweep.expand(spec)} == {"done"}
+
+
+def test_tables_no_point_is_current_for_are_set_aside_not_left_as_current(tmp_path):
+    spec_file = tmp_path / "s0.toml"
+    spec_file.write_text('preset = "ci"\nstages = [0]\n[stage0]\nsteps = 2\n[eval]\nn = 20\nkinds = ["stage0"]\n')
+    spec = sweep.load_spec(spec_file, out=tmp_path / "out")
+    sweep.run_sweep(spec, sweep.Dispatch("inline"), png=False, log=lambda s: None)
+    before = (tmp_path / "out" / "results.csv").read_text()
+    spec_file.write_text(spec_file.read_text().replace("n = 20", "n = 30"))  # every evaluation now stale
+    lines = []
+    sweep.run_sweep(sweep.load_spec(spec_file, out=tmp_path / "out"), report_only=True, png=False, log=lines.append)
+    assert not (tmp_path / "out" / "results.csv").exists()  # claims cannot read the n = 20 rows as current
+    assert (tmp_path / "out" / "results.csv.stale").read_text() == before
+    assert any("results.csv.stale" in line for line in lines)
+
+
+def test_a_2_step_time_at_or_above_T_is_refused_before_any_training(tmp_path):
+    spec_file = tmp_path / "t.toml"
+    spec_file.write_text('preset = "ci"\nstages = [0, 1]\n[stage1]\nsteps = 2\n[eval]\nt_mid = 200\n')
+    with pytest.raises(sweep.SpecError, match=r"\[eval\] t_mid = 200 must be below T = 80 of seed0/s1"):
+        sweep.load_spec(spec_file)

@@ -511,6 +511,12 @@ def load(spec, folder: str | Path | None = None, where: dict[str, object] | None
     if missing:
         raise ValueError(f"{spec.path} varies {', '.join(missing)} before stage 2: pick one value of each, e.g. "
                          f"--where {missing[0]}=VALUE (the claims pair one stage-1 run per seed with its stage 2)")
+    results = read_csv(folder / "results.csv")
+    for c, v in where.items():
+        have = sorted({r[c] for r in results if r.get(c) not in (None, "")}, key=str)
+        if not any(_same(h, v) for h in have):
+            raise ValueError(f"--where {c}={v}: no row of {folder / 'results.csv'} has that value (it has: "
+                             f"{', '.join(map(str, have)) or 'none'})")
     read = lambda name: restrict(read_csv(folder / name), where) if (folder / name).exists() else []
     return Tables(read("results.csv"), read("curves.csv"), read("timing.csv"), defaults(spec))
 

@@ -47,7 +47,8 @@ local executor, or on SLURM (`--executor slurm`); a task starts once the tasks i
 Ctrl-C or SIGTERM stops the running trainings after a checkpoint (the same command resumes them). A changed spec
 value that changes a finished run's config makes that point fail with "holds a different run" (train's check):
 use a new `out`. Only train.steps may grow: extending stage 1 does not retrain its stage-2 runs, but every call
-names those trained against θ0 from another stage-1 step (`stale_teachers`): they are no longer paired.
+names those trained against θ0 from another stage-1 step (`stale_teachers`): they are no longer paired, and the
+tables leave them out.
 """
 
 from __future__ import annotations
@@ -224,20 +225,21 @@ def teacher_step(run_dir: str | Path) -> int | None:
     return int(src["step"]) if src else None
 
 
-def stale_teachers(points: list[Point]) -> list[str]:
+def stale_teachers(points: list[Point]) -> dict[str, str]:
     """Stage-2 points trained against a θ0 from another step of their stage-1 run than the spec's stage-1 steps
-    (stage 1 was extended after they ran): they are kept, but they are not paired with the control and the other
-    stage-2 points any more, so each gets a line saying so."""
+    (stage 1 was extended after they ran), each with a line saying so: they are kept on disk, but they are not
+    paired with the control and the other stage-2 points any more, so the tables leave them out (`report`)."""
     by_id = {p.id: p for p in points}
-    out = []
+    out = {}
     for p in points:
         if p.kind != "stage2" or p.parent not in by_id:
             continue
         got, want = teacher_step(p.run_dir), by_id[p.parent].cfg.train.steps
         if got is not None and got != want:
-            out.append(f"{p.id} trained against θ0 = {p.parent} at step {got}, but {p.parent} now trains to "
-                       f"{want}: its scores are not paired with the control's and the other points' (delete "
-                       f"{p.run_dir} and {p.results_path.name} to retrain it, or use a new out)")
+            out[p.id] = (f"{p.id} trained against θ0 = {p.parent} at step {got}, but {p.parent} now trains to "
+                         f"{want}: its scores are not paired with the control's and the other points', and the "
+                         f"tables leave it out (delete {p.run_dir} and {p.results_path.name} to retrain it, or use "
+                         f"a new out)")
     return out
 
 
@@ -698,12 +700,12 @@ def _metric_rows(r: dict) -> list[dict]:
     return out
 
 
-def results_table(points: list[Point], columns: list[str], ev: EvalSpec) -> list[dict]:
+def results_table(points: list[Point], columns: list[str], ev: EvalSpec, leave_out=()) -> list[dict]:
     """One row per point × metric from the points' JSONs; points without a current one (missing, or written for
-    another config, step or eval settings) are left out."""
+    another config, step or eval settings), and those named in `leave_out`, are left out."""
     rows = []
     for p in points:
-        if not p.evaluate or status(p, ev) != "done":
+        if not p.evaluate or p.id in leave_out or status(p, ev) != "done":
             continue
         r = read_results(p)
         base = {"point": p.id, "kind": p.kind, "stage": p.stage, "seed": p.seed,
@@ -769,7 +771,7 @@ def report(spec: SweepSpec, points: list[Point], log: Callable[[str], None], png
            ) -> tuple[list[dict], list[dict]]:
     """Rebuild results.csv, summary.csv and the figures from the points' JSONs; return (table, summary)."""
     out = Path(spec.out)
-    table = results_table(points, grid_columns(spec), spec.eval)
+    table = results_table(points, grid_columns(spec), spec.eval, leave_out=stale_teachers(points))
     summary = summarize(table)
     missing = [p.id for p in points if p.evaluate and p.id not in {r["point"] for r in table}]
     if missing:
@@ -837,7 +839,7 @@ def run_sweep(spec: SweepSpec, dispatch: Dispatch = Dispatch(), *, dry_run: bool
     n_train = sum(t.action == "train" for t in tasks)
     log(f"{spec.path}: {len(points)} points ({len(spec.seeds)} seeds) in {spec.out}: {counts['done']} done, "
         f"{n_train} to train ({counts['partial']} resumed), {len(tasks) - n_train} to evaluate")
-    for line in stale_teachers(points):
+    for line in stale_teachers(points).values():
         log(f"WARNING: {line}")
     for p in points:
         if states[p.id] == "changed":

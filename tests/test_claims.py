@@ -208,6 +208,8 @@ def test_a_stage1_grid_is_read_one_value_at_a_time(tmp_path, capsys):
     assert verdicts == {5: REPRODUCES, 10: DOES_NOT}
     assert main(["claims", str(spec), "--out", str(tmp_path), "--where", "s1.loss.d=5"]) == 0
     assert "(preset `ci`, s1.loss.d = 5)" in capsys.readouterr().out
+    assert main(["claims", str(spec), "--out", str(tmp_path), "--where", "s1.loss.d=25"]) == 2  # a typo: no rows
+    assert "--where s1.loss.d=25: no row of" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("sweep, where", [("digits_claims", []), ("digits_long", []),

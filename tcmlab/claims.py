@@ -149,10 +149,13 @@ def _same(a, b) -> bool:
 
 class Tables:
     """results.csv / curves.csv / timing.csv rows of one sweep and the stage-2 defaults its grid varies around
-    (`default`: grid column → value, e.g. {'s2.loss.t_prime': 1.0, ...})."""
+    (`default`: grid column → value, e.g. {'s2.loss.t_prime': 1.0, ...}); `t_prime`: the stage-2 t′ of those
+    defaults (set by the grid, the stage's `set` or the preset), for the figures."""
 
-    def __init__(self, results: list[dict], curves: list[dict], timing: list[dict], default: dict):
+    def __init__(self, results: list[dict], curves: list[dict], timing: list[dict], default: dict,
+                 t_prime: float | None = None):
         self.results, self.curves, self.timing, self.default = results, curves, timing, default
+        self.t_prime = float(default.get("s2.loss.t_prime", 1.0) if t_prime is None else t_prime)
 
     def where(self, rows: list[dict], kind: str, **changed) -> list[dict]:
         """Rows of `kind`; for stage 2, of the point whose grid values are the defaults but for `changed`
@@ -194,9 +197,13 @@ class Tables:
         return {int(r["seed"]): float(r["sec_per_step"]) for r in self.where(self.timing, kind, **changed)}
 
     def floor(self) -> tuple[int | None, float | None]:
-        """(n, real-vs-real floor at n) of the final evaluations."""
-        r = next((r for r in self.results if r["metric"] == "fid_1step" and r.get("floor") not in (None, "")), None)
-        return (int(r["n"]), float(r["floor"])) if r else (None, None)
+        """(n, real-vs-real floor at n) of the final evaluations; the floor None where the protocol has none
+        (CIFAR-10's train-vs-train), n None without any 1-step row."""
+        rows = [r for r in self.results if r["metric"] == "fid_1step" and r.get("n") not in (None, "")]
+        r = next((r for r in rows if r.get("floor") not in (None, "")), None)
+        if r is not None:
+            return int(r["n"]), float(r["floor"])
+        return (int(rows[0]["n"]), None) if rows else (None, None)
 
 
 def paired(a: dict[int, float], b: dict[int, float]) -> list[float]:
@@ -518,7 +525,8 @@ def load(spec, folder: str | Path | None = None, where: dict[str, object] | None
             raise ValueError(f"--where {c}={v}: no row of {folder / 'results.csv'} has that value (it has: "
                              f"{', '.join(map(str, have)) or 'none'})")
     read = lambda name: restrict(read_csv(folder / name), where) if (folder / name).exists() else []
-    return Tables(read("results.csv"), read("curves.csv"), read("timing.csv"), defaults(spec))
+    return Tables(read("results.csv"), read("curves.csv"), read("timing.csv"), defaults(spec),
+                  _stage2_config(spec).loss.t_prime)
 
 
 def summary_table(found: list[Claim]) -> str:

@@ -112,7 +112,7 @@ def ablations(tb: Tables, settings: list[tuple[str, dict]]):
 def all_figures(tb: Tables, values: dict[str, list]) -> dict:
     """The report's figures by file name."""
     ref = {c.rpartition(".")[2]: v for c, v in tb.default.items()}
-    t_prime = float(ref.get("t_prime", 1.0))
+    t_prime = tb.t_prime  # the stage-2 default's, also where no grid varies t′
     out = {"dfid_profile": dfid_profile(tb, t_prime)}
     if tb.curves:  # a sweep without `[eval] every` has no curves: no empty figures over training
         out["stage1_training"] = over_training(tb, "stage1", "During stage 1 (TCM Fig. 2; mean over seeds)")

@@ -13,7 +13,8 @@
     grid = { "loss.t_prime" = [0.5, 1.0], "loss.w_b" = [0, 0.1] }   # product: 4 points per stage-1 run
     # or a list of tables, the union of their products (one-at-a-time ablations; fields a table leaves out keep
     # the stage's default): grid = [{ "loss.w_b" = [0, 0.01, 1] }, { "loss.rho" = [0.1, 0.5] }]  -> 3 + 2 points
-    [eval]                             # EvalSpec: n, t_mid, seed, batch, dfid, kinds, data_root, inception_weights
+    [eval]                             # EvalSpec: n, t_mid, seed, batch, dfid, draws, every, kinds, data_root,
+                                       # inception_weights
     n = 50
 
 Expansion (`expand`): per seed, stage k's points are every (stage-(k−1) point) × (stage-k grid combination), and each
@@ -655,7 +656,8 @@ def _schedule(tasks, runner, limit, log, details, running) -> dict[str, str]:
         ready = sorted((t for t in pending.values() if all(d in done for d in t.deps)),
                        key=lambda t: (t.action != "train", -waiting[t.key]))
         for t in ready[: max(0, limit - len(running))]:
-            running[t.key] = (runner.submit(t), time.perf_counter())
+            start = time.perf_counter()  # before submit: the inline executor runs the task inside it
+            running[t.key] = (runner.submit(t), start)
             del pending[t.key]
         if pending and not running and not ready:
             raise RuntimeError(f"sweep tasks wait on tasks that are not planned: {sorted(pending)[:3]}")

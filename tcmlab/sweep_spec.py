@@ -85,10 +85,14 @@ class SweepSpec:
 
 
 def _flatten(table: dict, prefix: str = "") -> dict:
-    """TOML `{loss.t_prime = 1}` is nested ({'loss': {'t_prime': 1}}); config keys are dotted 'loss.t_prime'."""
+    """TOML `{loss.t_prime = 1}` is nested ({'loss': {'t_prime': 1}}); config keys are dotted 'loss.t_prime'. A key
+    given twice (quoted `"loss.t_prime"` beside a nested `loss.t_prime`: valid TOML) is refused, never one dropped."""
     out = {}
     for k, v in table.items():
-        out.update(_flatten(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+        for key, value in (_flatten(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v}).items():
+            if key in out:
+                raise SpecError(f"{key} is given twice (once quoted, once as a dotted key?): keep one")
+            out[key] = value
     return out
 
 

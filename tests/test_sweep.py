@@ -566,3 +566,9 @@ def test_a_2_step_time_at_or_above_T_is_refused_before_any_training(tmp_path):
     spec_file.write_text('preset = "ci"\nstages = [0, 1]\n[stage1]\nsteps = 2\n[eval]\nt_mid = 200\n')
     with pytest.raises(sweep.SpecError, match=r"\[eval\] t_mid = 200 must be below T = 80 of seed0/s1"):
         sweep.load_spec(spec_file)
+
+
+def test_a_key_given_twice_in_a_spec_table_is_refused():
+    raw = tomllib.loads('preset = "ci"\n[stage2]\nset = { "loss.t_prime" = 0.5, loss.t_prime = 2 }\n')
+    with pytest.raises(sweep.SpecError, match="loss.t_prime is given twice"):
+        sweep.parse_spec(raw, "x.toml", None)

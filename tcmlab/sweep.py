@@ -45,7 +45,8 @@ Resuming: a point whose checkpoint is at its target step and whose JSON matches 
 is skipped; a partial run resumes from its checkpoint (`train` does that); a trained run without a current JSON is
 only evaluated. Runs that need it train on worker processes (one torch thread each; `--workers`), on submitit's
 local executor, or on SLURM (`--executor slurm`); a task starts once the tasks it depends on have finished.
-Ctrl-C or SIGTERM stops the running trainings after a checkpoint (the same command resumes them). A changed spec
+Ctrl-C or SIGTERM stops the running trainings after a checkpoint (the same command resumes them); with the
+processes executor, running evaluations finish first (an evaluation's JSON is written whole or not at all). A changed spec
 value that changes a finished run's config makes that point fail with "holds a different run" (train's check):
 use a new `out`. Only train.steps may grow: extending stage 1 does not retrain its stage-2 runs, but every call
 names those trained against θ0 from another stage-1 step (`stale_teachers`): they are no longer paired, and the

@@ -184,7 +184,10 @@ def cmd_claims(args) -> None:
 
         folder = Path(args.figures)
         folder.mkdir(parents=True, exist_ok=True)
-        for name, fig in all_figures(tb, claims.grid_values(spec)).items():
+        figs, skipped = all_figures(tb, claims.grid_values(spec))
+        for name, why in skipped.items():
+            print(f"[claims] no figure {name}: {why}")
+        for name, fig in figs.items():
             fig.write_json(folder / f"{name}.json")
             data = png(fig)
             if data is None:

@@ -93,13 +93,16 @@ def over_training(tb: Tables, kind: str, title: str, start: str | None = None):
 
 
 def ablations(tb: Tables, settings: list[tuple[str, dict]]):
-    """1-step FID (mean ± std) of stage 1, the control and each stage-2 setting (label, changed fields)."""
+    """1-step FID (mean ± std) of stage 1, the control and each stage-2 setting (label, changed fields); None
+    where none of them has a row."""
     import plotly.graph_objects as go
 
     bars = [("stage 1", _ms(tb.final("fid_1step", "stage1").values())),
             ("control", _ms(tb.final("fid_1step", "control").values()))]
     bars += [(label, _ms(tb.final("fid_1step", "stage2", **changed).values())) for label, changed in settings]
     bars = [(label, m, s) for label, (m, s) in bars if m is not None]
+    if not bars:
+        return None
     fig = go.Figure(go.Scatter(x=[b[0] for b in bars], y=[b[1] for b in bars], mode="markers", marker_size=10,
                                error_y=dict(array=[b[2] for b in bars]), name="1-step FID"))
     _floor_line(fig, tb, bars[0][0], bars[-1][0])
@@ -109,19 +112,33 @@ def ablations(tb: Tables, settings: list[tuple[str, dict]]):
     return fig
 
 
-def all_figures(tb: Tables, values: dict[str, list]) -> dict:
-    """The report's figures by file name."""
+def all_figures(tb: Tables, values: dict[str, list]) -> tuple[dict, dict[str, str]]:
+    """The report's figures by file name, and those not drawn (name → why): a figure needs rows to plot (a sweep
+    without `[eval] every` has no curves, one evaluated without dFID no profile), never an empty frame."""
     ref = {c.rpartition(".")[2]: v for c, v in tb.default.items()}
     t_prime = tb.t_prime  # the stage-2 default's, also where no grid varies t′
-    out = {"dfid_profile": dfid_profile(tb, t_prime)}
-    if tb.curves:  # a sweep without `[eval] every` has no curves: no empty figures over training
+    out, skipped = {}, {}
+    if tb.ts("stage1"):
+        out["dfid_profile"] = dfid_profile(tb, t_prime)
+    else:
+        skipped["dfid_profile"] = "no final dFID_t rows of stage 1 in results.csv"
+    if tb.curves:
         out["stage1_training"] = over_training(tb, "stage1", "During stage 1 (TCM Fig. 2; mean over seeds)")
         out["stage2_training"] = over_training(tb, "stage2", f"During stage 2, t′ = {t_prime:g}, from the end of "
                                                "stage 1 (TCM Fig. 3; mean over seeds)", start="stage1")
-    if len(values.get("t_prime", [])) > 1:
-        out["tprime"] = tprime(tb, [float(v) for v in values["t_prime"]])
+    else:
+        skipped["stage1_training"] = skipped["stage2_training"] = "no curves.csv rows (the spec sets no [eval] every)"
+    t_primes = [float(v) for v in values.get("t_prime", [])]
+    if len(t_primes) > 1 and any(tb.final("fid_1step", "stage2", t_prime=v) for v in t_primes):
+        out["tprime"] = tprime(tb, t_primes)
+    elif len(t_primes) > 1:
+        skipped["tprime"] = "no stage-2 1-step FID rows at the grid's t′ values"
     settings = [(f"{name} = {v}", {name: v}) for name in ("t_prime", "w_b", "rho", "teacher_dropout")
                 for v in values.get(name, []) if str(v) != str(ref.get(name))]
     settings += [(psi_label(sh), sh) for sh in psi_shapes(tb) if any(float(v) != float(ref[c]) for c, v in sh.items())]
-    out["ablations"] = ablations(tb, [("defaults", {})] + settings)
-    return out
+    fig = ablations(tb, [("defaults", {})] + settings)
+    if fig is None:
+        skipped["ablations"] = "no 1-step FID rows of stage 1, the control or stage 2"
+    else:
+        out["ablations"] = fig
+    return out, skipped

@@ -45,12 +45,12 @@ Resuming: a point whose checkpoint is at its target step and whose JSON matches 
 is skipped; a partial run resumes from its checkpoint (`train` does that); a trained run without a current JSON is
 only evaluated. Runs that need it train on worker processes (one torch thread each; `--workers`), on submitit's
 local executor, or on SLURM (`--executor slurm`); a task starts once the tasks it depends on have finished.
-Ctrl-C or SIGTERM stops the running trainings after a checkpoint (the same command resumes them); with the
-processes executor, running evaluations finish first (an evaluation's JSON is written whole or not at all). A changed spec
-value that changes a finished run's config makes that point fail with "holds a different run" (train's check):
-use a new `out`. Only train.steps may grow: extending stage 1 does not retrain its stage-2 runs, but every call
-names those trained against θ0 from another stage-1 step (`stale_teachers`): they are no longer paired, and the
-tables leave them out.
+Ctrl-C or SIGTERM stops the running trainings after a checkpoint (the same command resumes them); with the processes
+executor, running evaluations finish first (an evaluation's JSON is written whole or not at all). A changed spec value
+that changes a finished run's config makes that point fail with "holds a different run" (train's check): use a new
+`out`. Only train.steps may grow: extending a stage does not retrain the runs that start from it, but every call names
+those trained from another step of the run they start from (`stale_inits`: θ0 of a stage-2 run, the initial weights of a
+stage-1 run, and the runs that start from those): they are no longer paired, and the tables leave them out.
 """
 
 from __future__ import annotations
@@ -218,8 +218,9 @@ def load_spec(path: str | Path, out: str | Path | None = None) -> SweepSpec:
 # Status and plan
 
 
-def teacher_step(run_dir: str | Path) -> int | None:
-    """The step of the stage-1 run whose EMA a stage-2 run took as θ0 (its checkpoint's init_source), or None."""
+def init_step(run_dir: str | Path) -> int | None:
+    """The step of the run whose EMA this run started from (its checkpoint's init_source: θ0 for stage 2, the
+    initial weights for stage 1), or None."""
     from . import checkpoint
     from .model import CKPT_NAME
 
@@ -227,21 +228,28 @@ def teacher_step(run_dir: str | Path) -> int | None:
     return int(src["step"]) if src else None
 
 
-def stale_teachers(points: list[Point]) -> dict[str, str]:
-    """Stage-2 points trained against a θ0 from another step of their stage-1 run than the spec's stage-1 steps
-    (stage 1 was extended after they ran), each with a line saying so: they are kept on disk, but they are not
-    paired with the control and the other stage-2 points any more, so the tables leave them out (`report`)."""
+def stale_inits(points: list[Point]) -> dict[str, str]:
+    """Points that started from another step of their parent run than the spec's steps for it (the earlier stage was
+    extended after they ran: a stage-2 run's θ0, a stage-1 run's initial weights), and the points that start from
+    those, each with a line saying so. They are kept on disk, but they no longer belong to the chain the spec
+    describes (a stale stage-2 run is not paired with the control and the other stage-2 points), so the tables leave
+    them out (`report`). A control continues its stage-1 checkpoint, so only its parent's staleness counts."""
     by_id = {p.id: p for p in points}
-    out = {}
-    for p in points:
-        if p.kind != "stage2" or p.parent not in by_id:
+    out: dict[str, str] = {}
+    for p in points:  # parents before children (`expand`)
+        parent = by_id.get(p.parent)
+        if parent is None:
             continue
-        got, want = teacher_step(p.run_dir), by_id[p.parent].cfg.train.steps
+        if parent.id in out:
+            out[p.id] = f"{p.id} starts from {parent.id}, which is left out (above): the tables leave it out too"
+            continue
+        got, want = (None if p.kind == "control" else init_step(p.run_dir)), parent.cfg.train.steps
         if got is not None and got != want:
-            out[p.id] = (f"{p.id} trained against θ0 = {p.parent} at step {got}, but {p.parent} now trains to "
-                         f"{want}: its scores are not paired with the control's and the other points', and the "
-                         f"tables leave it out (delete {p.run_dir} and {p.results_path.name} to retrain it, or use "
-                         f"a new out)")
+            what = "trained against θ0 =" if p.kind == "stage2" else "started from the EMA of"
+            out[p.id] = (f"{p.id} {what} {parent.id} at step {got}, but {parent.id} now trains to {want}: its "
+                         f"scores are not those of the spec's chain (nor paired with the other points'), and the "
+                         f"tables leave it out (delete {p.run_dir} and {p.results_path.name}, and the runs that "
+                         f"start from it, to retrain it, or use a new out)")
     return out
 
 
@@ -774,7 +782,7 @@ def report(spec: SweepSpec, points: list[Point], log: Callable[[str], None], png
            ) -> tuple[list[dict], list[dict]]:
     """Rebuild results.csv, summary.csv and the figures from the points' JSONs; return (table, summary)."""
     out = Path(spec.out)
-    table = results_table(points, grid_columns(spec), spec.eval, leave_out=stale_teachers(points))
+    table = results_table(points, grid_columns(spec), spec.eval, leave_out=stale_inits(points))
     summary = summarize(table)
     missing = [p.id for p in points if p.evaluate and p.id not in {r["point"] for r in table}]
     if missing:
@@ -842,7 +850,7 @@ def run_sweep(spec: SweepSpec, dispatch: Dispatch = Dispatch(), *, dry_run: bool
     n_train = sum(t.action == "train" for t in tasks)
     log(f"{spec.path}: {len(points)} points ({len(spec.seeds)} seeds) in {spec.out}: {counts['done']} done, "
         f"{n_train} to train ({counts['partial']} resumed), {len(tasks) - n_train} to evaluate")
-    for line in stale_teachers(points).values():
+    for line in stale_inits(points).values():
         log(f"WARNING: {line}")
     for p in points:
         if states[p.id] == "changed":

@@ -244,8 +244,8 @@ def test_report_figures_have_titled_axes_and_the_sweep_points():
                        row("stage1", s, "dfid", 40, t=0.5, step=step),
                        row("stage2", s, "fid_1step", 90, step=step), row("stage2", s, "dfid", 44, t=0.5, step=step)]
     tb = Tables(rows, curves, [], DEFAULT)
-    figs = claims_plots.all_figures(tb, {"t_prime": [0.5, 1.0, 1.5], "w_b": [0.1]})
-    assert set(figs) == {"dfid_profile", "stage1_training", "stage2_training", "tprime", "ablations"}
+    figs, skipped = claims_plots.all_figures(tb, {"t_prime": [0.5, 1.0, 1.5], "w_b": [0.1]})
+    assert not skipped and set(figs) == {"dfid_profile", "stage1_training", "stage2_training", "tprime", "ablations"}
     for name, fig in figs.items():
         assert fig.layout.title.text and fig.layout.xaxis.title.text and fig.layout.yaxis.title.text, name
     assert list(figs["tprime"].data[0].x) == [0.5, 1.0, 1.5] and list(figs["tprime"].data[0].y) == [81.0, 81.5, 82.0]
@@ -260,8 +260,24 @@ def test_a_sweep_without_curves_gets_no_empty_figures_over_training():
 
     rows = [row(kind, s, m, v) for s in range(2) for kind, v in (("stage1", 100), ("control", 95), ("stage2", 90))
             for m in ("fid_1step", "fid_2step")] + [row("stage1", s, "dfid", 40, t=0.5) for s in range(2)]
-    figs = claims_plots.all_figures(Tables(rows, [], [], DEFAULT), {})
-    assert set(figs) == {"dfid_profile", "ablations"}
+    figs, skipped = claims_plots.all_figures(Tables(rows, [], [], DEFAULT), {})
+    assert set(figs) == {"dfid_profile", "ablations"} and set(skipped) == {"stage1_training", "stage2_training"}
+
+
+def test_figures_without_rows_to_plot_are_named_not_drawn():
+    # a sweep evaluated without dFID (or only stage 0 so far): claims --figures must not crash on an empty frame
+    from tcmlab import claims_plots
+
+    assert claims_plots.all_figures(Tables([], [], [], DEFAULT), {"t_prime": [0.5, 1.0]}) == (
+        {}, {"dfid_profile": "no final dFID_t rows of stage 1 in results.csv",
+             "stage1_training": "no curves.csv rows (the spec sets no [eval] every)",
+             "stage2_training": "no curves.csv rows (the spec sets no [eval] every)",
+             "tprime": "no stage-2 1-step FID rows at the grid's t′ values",
+             "ablations": "no 1-step FID rows of stage 1, the control or stage 2"})
+    rows = [row("stage1", s, "fid_1step", 100) for s in range(2)]  # no dFID, no stage 2
+    figs, skipped = claims_plots.all_figures(Tables(rows, [], [], DEFAULT), {"t_prime": [0.5, 1.0]})
+    assert set(figs) == {"ablations"} and list(figs["ablations"].data[0].x) == ["stage 1"]
+    assert set(skipped) == {"dfid_profile", "stage1_training", "stage2_training", "tprime"}
 
 
 def test_each_spec_replaces_only_its_own_readme_block():

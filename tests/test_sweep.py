@@ -469,23 +469,35 @@ def test_noise_draws_make_each_score_a_mean_and_mark_one_draw_scores_stale(tmp_p
     assert "| sd of one noise draw |" in (tmp_path / "out" / "summary.md").read_text()
 
 
-def test_stage2_runs_trained_against_an_earlier_theta0_are_named(tmp_path):
+def test_runs_started_from_an_earlier_step_of_their_parent_are_named(tmp_path):
     # stage 1 extended after its stage-2 runs finished: they keep θ0 from the old end of stage 1 and are no longer
-    # paired with the control (stage 1 continued from its new end); every sweep call must say which
+    # paired with the control (stage 1 continued from its new end); likewise a stage-1 run started from an earlier
+    # stage 0, and with it everything that starts from it. Every sweep call must say which.
     from tcmlab import checkpoint
     spec = sweep.parse_spec(tomllib.loads(GRID_SPEC), "grid.toml", out=tmp_path)
     points = sweep.expand(spec)
-    s2 = [p for p in points if p.kind == "stage2"]
+    s0 = next(p for p in points if p.kind == "stage0")
+    s1 = [p for p in points if p.kind == "stage1"]
+    s2 = [p for p in points if p.kind == "stage2" and p.parent == s1[0].id]
+    ckpt = lambda p, step: checkpoint.save(Path(p.run_dir) / "latest.safetensors",
+                                           {"step": 7, "init_source": {"path": "x", "step": step, "sha256": "x"}})
     for p, step in ((s2[0], 10), (s2[1], 4)):  # stage 1 trains to 10: s2[0] is current, s2[1] stale
-        checkpoint.save(Path(p.run_dir) / "latest.safetensors",
-                        {"step": 7, "init_source": {"path": "s1", "step": step, "sha256": "x"}})
-    assert sweep.teacher_step(s2[1].run_dir) == 4 and sweep.teacher_step(s2[2].run_dir) is None
-    lines = list(sweep.stale_teachers(points).values())
+        ckpt(p, step)
+    assert sweep.init_step(s2[1].run_dir) == 4 and sweep.init_step(s2[2].run_dir) is None
+    lines = list(sweep.stale_inits(points).values())
     assert len(lines) == 1 and lines[0].startswith(f"{s2[1].id} trained against θ0 = {s2[1].parent} at step 4")
-    assert list(sweep.stale_teachers(points)) == [s2[1].id]  # what report() leaves out of the tables
+    assert list(sweep.stale_inits(points)) == [s2[1].id]  # what report() leaves out of the tables
     logged = []
     sweep.run_sweep(spec, dry_run=True, log=logged.append)
     assert any(line == f"WARNING: {lines[0]}" for line in logged)
+
+    ckpt(s1[1], s0.cfg.train.steps)  # current
+    ckpt(s1[0], s0.cfg.train.steps - 1)  # from an earlier stage 0: it, its stage-2 runs and its control are stale
+    stale = sweep.stale_inits(points)
+    below = {p.id for p in points if p.parent == s1[0].id}
+    assert set(stale) == {s1[0].id} | below and len(below) == 5
+    assert stale[s1[0].id].startswith(f"{s1[0].id} started from the EMA of {s0.id} at step {s0.cfg.train.steps - 1}")
+    assert all(stale[i].endswith("the tables leave it out too") for i in below)
 
 
 def test_summary_groups_seeds_whatever_their_nonfinite_counts():

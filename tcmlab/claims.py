@@ -501,7 +501,8 @@ def restrict(rows: list[dict], where: dict[str, object]) -> list[dict]:
 
 def load(spec, folder: str | Path | None = None, where: dict[str, object] | None = None) -> Tables:
     """The sweep's tables (results.csv, curves.csv, timing.csv in `folder`, default the spec's `out`), restricted
-    to `where` (`restrict`). A stage-1 grid needs one: the claims pair one stage-1 run per seed with its stage 2."""
+    to `where` (`restrict`). A stage-0/1 grid field with several values needs one: the claims pair one stage-1 run
+    per seed with its stage 2."""
     from .sweep_table import read_csv
 
     folder = Path(folder or spec.out)
@@ -509,12 +510,12 @@ def load(spec, folder: str | Path | None = None, where: dict[str, object] | None
         raise FileNotFoundError(f"{folder / 'results.csv'} does not exist: run `python -m tcmlab sweep {spec.path}` "
                                 f"first (or give --out, the folder that holds the sweep's results.csv)")
     where = dict(where or {})
-    earlier = {f"s{k}.{key}" for k, st in spec.stages if k < 2 for key in st.keys}
+    earlier = {f"s{k}.{key}": values for k, st in spec.stages if k < 2 for key, values in st.grid}
     for c in where:
         if c not in earlier:
             raise ValueError(f"--where {c}: not a stage-0/1 grid column of {spec.path} (columns: "
                              f"{', '.join(sorted(earlier)) or 'none'})")
-    missing = sorted(earlier - set(where))
+    missing = sorted(c for c, values in earlier.items() if c not in where and len(values) > 1)  # one value: no choice
     if missing:
         raise ValueError(f"{spec.path} varies {', '.join(missing)} before stage 2: pick one value of each, e.g. "
                          f"--where {missing[0]}=VALUE (the claims pair one stage-1 run per seed with its stage 2)")

@@ -210,6 +210,10 @@ def test_a_stage1_grid_is_read_one_value_at_a_time(tmp_path, capsys):
     assert "(preset `ci`, s1.loss.d = 5)" in capsys.readouterr().out
     assert main(["claims", str(spec), "--out", str(tmp_path), "--where", "s1.loss.d=25"]) == 2  # a typo: no rows
     assert "--where s1.loss.d=25: no row of" in capsys.readouterr().err
+    # a grid field with one value leaves nothing to pick: no --where needed
+    spec.write_text(spec.read_text().replace("[5, 10]", "[5]"))
+    write_csv(tmp_path / "results.csv", [r for r in rows if r["s1.loss.d"] in ("5", "")])
+    assert main(["claims", str(spec), "--out", str(tmp_path)]) == 0
 
 
 @pytest.mark.parametrize("sweep, where", [("digits_claims", []), ("digits_long", []),

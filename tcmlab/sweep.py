@@ -44,24 +44,23 @@ figure over training per point); `<out>/failures.txt` (the tracebacks of this ca
 Resuming: a point whose checkpoint is at its target step and whose JSON matches its config and the eval settings
 is skipped; a partial run resumes from its checkpoint (`train` does that); a trained run without a current JSON is
 only evaluated. Runs that need it train on worker processes (one torch thread each; `--workers`), on submitit's
-local executor, or on SLURM (`--executor slurm`); a task starts once the tasks it depends on have finished.
+local executor, or on SLURM (`--executor slurm`); a task starts once the tasks it depends on have finished
+(`tcmlab.sweep_dispatch`).
 Ctrl-C or SIGTERM stops the running trainings after a checkpoint (the same command resumes them); with the processes
 executor, running evaluations finish first (an evaluation's JSON is written whole or not at all). A changed spec value
 that changes a finished run's config makes that point fail with "holds a different run" (train's check): use a new
 `out`. Only train.steps may grow: extending a stage does not retrain the runs that start from it, but every call names
-those trained from another step of the run they start from (`stale_inits`: θ0 of a stage-2 run, the initial weights of a
-stage-1 run, and the runs that start from those): they are no longer paired, and the tables leave them out.
+those trained from another step of the run they start from (`left_out`: θ0 of a stage-2 run, the initial weights of a
+stage-1 run, and the runs that start from those, or from a run of another config): they are no longer paired, and the tables leave them out.
 """
 
 from __future__ import annotations
 
-import concurrent.futures
 import dataclasses
+import functools
 import json
-import multiprocessing
 import os
 import shutil
-import signal
 import statistics
 import time
 import tomllib
@@ -74,14 +73,7 @@ from .config import RunConfig, from_dict, preset, to_dict
 from .sweep_spec import KINDS, TOP_FIELDS, EvalSpec, SpecError, StageSpec, SweepSpec, parse_spec  # noqa: F401
 from .sweep_table import figures, read_csv, summarize, summary_figures, summary_markdown, write_csv  # noqa: F401
 
-EXECUTORS = ("processes", "submitit-local", "slurm", "inline")
-
-
-
-TASK_ERROR = "[tcmlab task] "  # marks the reason line in a failed task's text (a submitit traceback holds it)
-
-
-
+from .sweep_dispatch import EXECUTORS, TASK_ERROR, Dispatch, schedule, submitter, waiting_on  # noqa: F401
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Points: one run directory each
@@ -228,12 +220,13 @@ def init_step(run_dir: str | Path) -> int | None:
     return int(src["step"]) if src else None
 
 
-def stale_inits(points: list[Point]) -> dict[str, str]:
-    """Points that started from another step of their parent run than the spec's steps for it (the earlier stage was
-    extended after they ran: a stage-2 run's θ0, a stage-1 run's initial weights), and the points that start from
-    those, each with a line saying so. They are kept on disk, but they no longer belong to the chain the spec
-    describes (a stale stage-2 run is not paired with the control and the other stage-2 points), so the tables leave
-    them out (`report`). A control continues its stage-1 checkpoint, so only its parent's staleness counts."""
+def left_out(points: list[Point], states: dict[str, str]) -> dict[str, str]:
+    """Points whose runs no longer belong to the chain the spec describes, each with a line saying why; the tables
+    leave them out (`report`), the runs stay on disk. One started from another step of its parent run than the
+    spec's steps for it (the earlier stage was extended after it ran: a stage-2 run's θ0, a stage-1 run's initial
+    weights; a stale stage-2 run is not paired with the control and the other stage-2 points); one that starts from
+    a 'changed' run (`status`: trained with another config than the spec now gives); and every point that starts
+    from one of those. A control continues its stage-1 checkpoint, so only its parent counts. states: `status`."""
     by_id = {p.id: p for p in points}
     out: dict[str, str] = {}
     for p in points:  # parents before children (`expand`)
@@ -242,6 +235,10 @@ def stale_inits(points: list[Point]) -> dict[str, str]:
             continue
         if parent.id in out:
             out[p.id] = f"{p.id} starts from {parent.id}, which is left out (above): the tables leave it out too"
+            continue
+        if states.get(parent.id) == "changed":
+            out[p.id] = (f"{p.id} starts from {parent.id}, whose run was trained with another config than the spec "
+                         f"now gives: its scores are not those of the spec's chain, and the tables leave it out")
             continue
         got, want = (None if p.kind == "control" else init_step(p.run_dir)), parent.cfg.train.steps
         if got is not None and got != want:
@@ -314,9 +311,9 @@ def _same_config(stored, cfg: RunConfig) -> bool:
     return not config_diff(old, cfg, init_free=True)
 
 
-def _checkpoint_holds(point: Point) -> bool:
-    """The point's finished checkpoint was trained with its config (the spec may have changed since), read from the
-    header alone; True if that cannot be read (training it then reports the damage)."""
+def _checkpoint_diff(point: Point) -> list[str]:
+    """How the config of the point's checkpoint differs from the point's (train.steps aside), read from the header
+    alone (`rundir.config_diff`); [] if it is the same or cannot be read (training it then reports the damage)."""
     from safetensors import SafetensorError
 
     from . import checkpoint
@@ -326,10 +323,15 @@ def _checkpoint_holds(point: Point) -> bool:
     try:
         old = from_dict(json.loads(checkpoint.header(Path(point.run_dir) / CKPT_NAME)["config"]))
     except (OSError, ValueError, KeyError, TypeError, SafetensorError):
-        return True
+        return []
     cfg = point.cfg
-    return not config_diff(old, dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, steps=old.train.steps)),
-                           init_free=True)
+    return config_diff(old, dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, steps=old.train.steps)),
+                       init_free=True)
+
+
+def _checkpoint_holds(point: Point) -> bool:
+    """The point's finished checkpoint was trained with its config (the spec may have changed since)."""
+    return not _checkpoint_diff(point)
 
 
 @dataclass(frozen=True)
@@ -464,6 +466,10 @@ def _training_eval(point: Point, ev: EvalSpec, device: str | None):
 def _train_point(point: Point, ev: EvalSpec, device: str | None) -> dict:
     from .train import train
 
+    diff = _checkpoint_diff(point) if checkpoint_step(point.run_dir) else []
+    if diff:  # train would refuse too, with advice for its own callers (--allow-change), not the sweep's
+        raise ValueError(f"{point.run_dir} holds a run of another config than the spec now gives (differs in: "
+                         f"{', '.join(diff)}): use a new out for the new spec, or put the old values back")
     if point.kind == "control":
         _start_control(point)
     eval_fn = _training_eval(point, ev, device)
@@ -512,183 +518,6 @@ def run_task(task: Task, ev: EvalSpec, device: str | None = None, threads: int =
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Dispatch
-
-
-class _Done:
-    """A finished 'future' for inline execution (Ctrl-C is not caught: it stops the sweep)."""
-
-    def __init__(self, fn, *args):
-        try:
-            self.value, self.error = fn(*args), None
-        except Exception as e:
-            self.value, self.error = None, e
-
-    def done(self) -> bool:
-        return True
-
-    def result(self):
-        if self.error is not None:
-            raise self.error
-        return self.value
-
-
-@dataclass(frozen=True)
-class Dispatch:
-    """Where tasks run. executor: 'processes' (a spawn pool on this machine, one torch thread per worker),
-    'submitit-local' (submitit's LocalExecutor, one process per task), 'slurm' (submitit's SLURM executor),
-    'inline' (this process, one task at a time). workers: tasks in flight at most (None: the CPU count; SLURM: no
-    limit). The SLURM fields go to submitit.AutoExecutor.update_parameters."""
-
-    executor: str = "processes"
-    workers: int | None = None
-    device: str | None = None
-    partition: str | None = None
-    time_min: int = 60
-    gpus: int = 0
-    cpus: int = 1
-    mem_gb: int | None = None
-
-    def limit(self) -> int:
-        if self.workers:
-            return self.workers
-        return 10 ** 6 if self.executor == "slurm" else (os.cpu_count() or 1)
-
-
-@dataclass(frozen=True)
-class _Submitter:
-    """How a dispatch kind runs tasks: submit(task) -> a handle with done()/result(); interrupt(handles) asks the
-    running tasks to stop (training checkpoints first); close() waits for the workers; poll_s between polls."""
-
-    submit: Callable
-    interrupt: Callable = lambda handles: None
-    close: Callable = lambda: None
-    poll_s: float = 0.0
-
-
-def _worker_init() -> None:
-    """Pool workers ignore Ctrl-C except while training (train() installs its own handler, which checkpoints and
-    stops): an interrupted sweep stops its runs cleanly instead of breaking the pool."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-
-
-def submitit_executor(d: Dispatch, folder: Path):
-    """submitit.AutoExecutor for 'slurm' (SLURM through sbatch; needs srun on PATH) or 'submitit-local', with the
-    dispatch's time limit, GPUs, CPUs, memory and partition; job files and logs go to `folder/<job id>/`."""
-    import submitit
-
-    if d.executor == "slurm" and shutil.which("srun") is None:
-        raise RuntimeError("--executor slurm: no SLURM here (srun is not on PATH). Run the sweep on a SLURM login "
-                           "node, or use --executor processes on this machine")
-    ex = submitit.AutoExecutor(folder=folder / "%j", cluster="slurm" if d.executor == "slurm" else "local")
-    ex.update_parameters(timeout_min=d.time_min, gpus_per_node=d.gpus, cpus_per_task=d.cpus, mem_gb=d.mem_gb,
-                         name="tcmlab-sweep", slurm_partition=d.partition)
-    return ex
-
-
-def _submitter(d: Dispatch, ev: EvalSpec, folder: Path) -> _Submitter:
-    if d.executor == "inline":
-        return _Submitter(lambda t: _Done(do_task, t, ev, d.device))
-    if d.executor == "processes":
-        pool = concurrent.futures.ProcessPoolExecutor(d.limit(), mp_context=multiprocessing.get_context("spawn"),
-                                                      initializer=_worker_init)
-
-        def interrupt(handles):
-            for proc in list((getattr(pool, "_processes", None) or {}).values()):  # the pool's worker processes
-                if proc.is_alive():
-                    os.kill(proc.pid, signal.SIGINT)
-
-        return _Submitter(lambda t: pool.submit(run_task, t, ev, d.device, 1), interrupt,
-                          lambda: pool.shutdown(wait=True, cancel_futures=True), 0.2)
-    ex = submitit_executor(d, folder)
-
-    def cancel(handles):  # scancel: SIGTERM, then train() checkpoints; local jobs get SIGINT
-        for job in handles:
-            job.cancel(check=False)
-
-    return _Submitter(lambda t: ex.submit(run_task, t, ev, d.device, d.cpus), cancel, lambda: None,
-                      5.0 if d.executor == "slurm" else 0.5)
-
-
-def _one_line(e: BaseException) -> str:
-    """The reason of a failure in one line: the line `run_task` marked, else the last line of the message."""
-    lines = [line.strip() for line in str(e).strip().splitlines() if line.strip()]
-    marked = [line.partition(TASK_ERROR)[2] for line in lines if TASK_ERROR in line]
-    return marked[0] if marked else (lines[-1] if lines else type(e).__name__)
-
-
-def schedule(tasks: list[Task], runner: _Submitter, limit: int, log: Callable[[str], None],
-             details: dict[str, str] | None = None) -> dict[str, str]:
-    """Run tasks as their dependencies finish, at most `limit` at a time, training before evaluation and the trainings
-    that most tasks wait on first (`waiting_on`); return the failed (or skipped because a dependency failed) task keys
-    with a one-line reason; `details` receives the full text (traceback) of each failure. On KeyboardInterrupt
-    (Ctrl-C, or SIGTERM through the CLI) the running tasks are asked to stop and the interrupt is raised again."""
-    running: dict = {}
-    try:
-        return _schedule(tasks, runner, limit, log, details, running)
-    except KeyboardInterrupt:
-        log(f"interrupted: stopping {len(running)} running task(s) (training writes a checkpoint first)")
-        runner.interrupt([h for h, _ in running.values()])
-        raise
-
-
-def waiting_on(tasks: list[Task]) -> dict[str, int]:
-    """Per task key, how many tasks wait on it, directly or through others. Ready trainings start in that order
-    (most first, then spec order): a seed's stage 0 → 1 chain, which the rest of its seed waits on, is not left to
-    the end behind the other seeds' stage-2 runs."""
-    children: dict[str, list[str]] = {}
-    for t in tasks:
-        for d in t.deps:
-            children.setdefault(d, []).append(t.key)
-    below: dict[str, set] = {}
-
-    def descendants(key: str) -> set:
-        if key not in below:
-            below[key] = set()
-            for c in children.get(key, ()):
-                below[key] |= {c} | descendants(c)
-        return below[key]
-
-    return {t.key: len(descendants(t.key)) for t in tasks}
-
-
-def _schedule(tasks, runner, limit, log, details, running) -> dict[str, str]:
-    pending = {t.key: t for t in tasks}
-    waiting = waiting_on(tasks)
-    done, failed = set(), {}
-    while pending or running:
-        for key, t in list(pending.items()):
-            bad = next((d for d in t.deps if d in failed), None)
-            if bad:
-                failed[key] = f"not run: {bad} failed"
-                del pending[key]
-        ready = sorted((t for t in pending.values() if all(d in done for d in t.deps)),
-                       key=lambda t: (t.action != "train", -waiting[t.key]))
-        for t in ready[: max(0, limit - len(running))]:
-            start = time.perf_counter()  # before submit: the inline executor runs the task inside it
-            running[t.key] = (runner.submit(t), start)
-            del pending[t.key]
-        if pending and not running and not ready:
-            raise RuntimeError(f"sweep tasks wait on tasks that are not planned: {sorted(pending)[:3]}")
-        finished = [k for k, (h, _) in running.items() if h.done()]
-        if not finished:
-            time.sleep(runner.poll_s)
-            continue
-        for key in finished:
-            h, t0 = running.pop(key)
-            try:
-                h.result()
-                done.add(key)
-                log(f"{key}: done in {time.perf_counter() - t0:.1f} s")
-            except Exception as e:
-                failed[key] = _one_line(e)
-                if details is not None:
-                    details[key] = str(e)
-                log(f"{key}: FAILED: {failed[key]}")
-    return failed
-
-
-# ---------------------------------------------------------------------------------------------------------------------
 # Table, summary, figures
 
 COLUMNS_HEAD = ("point", "kind", "stage", "seed")
@@ -727,15 +556,15 @@ def results_table(points: list[Point], columns: list[str], ev: EvalSpec, leave_o
     return rows
 
 
-def curves_table(points: list[Point], columns: list[str]) -> list[dict]:
+def curves_table(points: list[Point], columns: list[str], leave_out=()) -> list[dict]:
     """One row per point × evaluation during training × metric (`[eval] every`): dFID_t at each t and 1-step FID,
     read from the runs' metrics.jsonl (a step logged twice, e.g. across a resume, counts once: the last row).
-    A control run's rows begin with the stage-1 rows it continues."""
+    A control run's rows begin with the stage-1 rows it continues. Points named in `leave_out` are left out."""
     from .rundir import read_metrics
 
     rows = []
     for p in points:
-        if not p.evaluate or p.stage == 0:
+        if not p.evaluate or p.stage == 0 or p.id in leave_out:
             continue
         by_step = {r["step"]: r for r in read_metrics(Path(p.run_dir) / "metrics.jsonl") if r.get("kind") == "eval"}
         base = {"point": p.id, "kind": p.kind, "stage": p.stage, "seed": p.seed, **{c: v for c, v in p.values}}
@@ -750,15 +579,18 @@ def curves_table(points: list[Point], columns: list[str]) -> list[dict]:
     return rows
 
 
-def timing_table(points: list[Point], columns: list[str]) -> list[dict]:
+def timing_table(points: list[Point], columns: list[str], leave_out=()) -> list[dict]:
     """One row per trained point: the steps it trained itself (a control: those after the stage-1 run it continues)
     and their median seconds per step, from metrics.jsonl's train rows (the median: a row after a resume also times
-    the start). For comparisons at equal wall-clock (stage 2 against the control)."""
+    the start). For comparisons at equal wall-clock (stage 2 against the control). Points named in `leave_out` are
+    left out."""
     from .rundir import read_metrics
 
     by_id = {p.id: p for p in points}
     rows = []
     for p in points:
+        if p.id in leave_out:
+            continue
         start = by_id[p.parent].cfg.train.steps if p.kind == "control" and p.parent in by_id else 0
         train_rows = [r for r in read_metrics(Path(p.run_dir) / "metrics.jsonl")
                       if r.get("kind") == "train" and r["step"] > start]
@@ -782,12 +614,18 @@ def report(spec: SweepSpec, points: list[Point], log: Callable[[str], None], png
            ) -> tuple[list[dict], list[dict]]:
     """Rebuild results.csv, summary.csv and the figures from the points' JSONs; return (table, summary)."""
     out = Path(spec.out)
-    table = results_table(points, grid_columns(spec), spec.eval, leave_out=stale_inits(points))
+    states = {p.id: status(p, spec.eval) for p in points}
+    gone = left_out(points, states)
+    # the tables hold the runs of this spec: not those trained with another config (or not finished), nor `gone`
+    unfinished = {i for i, st in states.items() if st not in ("done", "trained")}
+    table = results_table(points, grid_columns(spec), spec.eval, leave_out=gone)
     summary = summarize(table)
-    missing = [p.id for p in points if p.evaluate and p.id not in {r["point"] for r in table}]
+    missing = [p.id for p in points if p.evaluate and p.id not in gone and p.id not in {r["point"] for r in table}]
     if missing:
         log(f"{len(missing)} point(s) not (currently) evaluated, left out of the table: {', '.join(missing[:5])}"
             + (" ..." if len(missing) > 5 else ""))
+    if gone:
+        log(f"{len(gone)} point(s) left out of the tables as not of this spec's chain (see the warnings above)")
     if not table:
         log("no evaluated points yet: no table written")
         for name in ("results.csv", "summary.csv", "summary.md", "curves.csv", "timing.csv"):
@@ -797,12 +635,12 @@ def report(spec: SweepSpec, points: list[Point], log: Callable[[str], None], png
     write_csv(out / "summary.csv", summary)
     from .checkpoint import atomic_write_text
     atomic_write_text(out / "summary.md", summary_markdown(summary) + "\n")
-    curves = curves_table(points, grid_columns(spec))
+    curves = curves_table(points, grid_columns(spec), leave_out=gone.keys() | unfinished)
     if curves:
         write_csv(out / "curves.csv", curves)
     else:
         _set_aside(out / "curves.csv", log)
-    timing = timing_table(points, grid_columns(spec))
+    timing = timing_table(points, grid_columns(spec), leave_out=gone.keys() | unfinished)
     if timing:
         write_csv(out / "timing.csv", timing)
     else:
@@ -849,17 +687,21 @@ def run_sweep(spec: SweepSpec, dispatch: Dispatch = Dispatch(), *, dry_run: bool
     counts = {s: sum(v == s for v in states.values()) for s in ("done", "trained", "partial", "new", "changed")}
     n_train = sum(t.action == "train" for t in tasks)
     log(f"{spec.path}: {len(points)} points ({len(spec.seeds)} seeds) in {spec.out}: {counts['done']} done, "
-        f"{n_train} to train ({counts['partial']} resumed), {len(tasks) - n_train} to evaluate")
-    for line in stale_inits(points).values():
-        log(f"WARNING: {line}")
+        f"{n_train} to train ({counts['partial']} resumed"
+        + (f", {counts['changed']} of another config: they fail" if counts["changed"] else "")
+        + f"), {len(tasks) - n_train} to evaluate")
     for p in points:
         if states[p.id] == "changed":
             log(f"WARNING: {p.id}: {p.run_dir} was trained with another config than the spec now gives (or past its "
                 f"steps): its train task fails with what differs; use a new out for the new spec")
+    for line in left_out(points, states).values():
+        log(f"WARNING: {line}")
     failed, details = {}, {}
     if tasks and not (dry_run or report_only):
         Path(spec.out).mkdir(parents=True, exist_ok=True)
-        runner = _submitter(dispatch, spec.eval, Path(spec.out) / "submitit")
+        run = dict(ev=spec.eval, device=dispatch.device)
+        runner = submitter(dispatch, Path(spec.out) / "submitit", functools.partial(do_task, **run),
+                           functools.partial(run_task, **run))
         log(f"executor {dispatch.executor}, at most {dispatch.limit()} tasks at a time")
         try:
             failed = schedule(tasks, runner, dispatch.limit(), log, details)

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tcmlab import sweep
+from tcmlab import sweep, sweep_dispatch
 from tcmlab.__main__ import main
 from tcmlab.model import load_state
 
@@ -353,7 +353,7 @@ def test_slurm_job_parameters(tmp_path, monkeypatch, capsys):
     (tmp_path / "srun").write_text("#!/bin/sh\nexit 0\n")
     (tmp_path / "srun").chmod(0o755)
     d = sweep.Dispatch("slurm", partition="gpu", time_min=30, gpus=1, cpus=4, mem_gb=16)
-    ex = sweep.submitit_executor(d, tmp_path / "jobs")
+    ex = sweep_dispatch.submitit_executor(d, tmp_path / "jobs")
     script = ex._executor._make_submission_file_text("python -m x", "UID")
     for line in ("--partition=gpu", "--time=30", "--cpus-per-task=4", "--gpus-per-node=1", "--mem=16GB"):
         assert f"#SBATCH {line}\n" in script
@@ -369,11 +369,12 @@ def test_ready_trainings_start_by_how_much_waits_on_them():
         t0 = sweep.Task("train", SimpleNamespace(id=f"{seed}/s0"))
         t1 = sweep.Task("train", SimpleNamespace(id=f"{seed}/s1"), (t0.key,))
         tasks += [t0, t1] + [sweep.Task("train", SimpleNamespace(id=f"{seed}/x{k}"), (t1.key,)) for k in range(3)]
-    assert sweep.waiting_on(tasks)["train c/s0"] == 4 and sweep.waiting_on(tasks)["train a/x0"] == 0
+    waiting = sweep_dispatch.waiting_on(tasks)
+    assert waiting["train c/s0"] == 4 and waiting["train a/x0"] == 0
     order = []
-    runner = sweep._Submitter(lambda t: order.append(t.point.id) or SimpleNamespace(done=lambda: True,
-                                                                                      result=lambda: None))
-    assert sweep.schedule(tasks, runner, 2, log=lambda s: None) == {}
+    runner = sweep_dispatch.Submitter(lambda t: order.append(t.point.id) or SimpleNamespace(done=lambda: True,
+                                                                                             result=lambda: None))
+    assert sweep_dispatch.schedule(tasks, runner, 2, log=lambda s: None) == {}
     assert order[:4] == ["a/s0", "b/s0", "c/s0", "a/s1"]
     assert order.index("c/s1") < order.index("a/x0")
 
@@ -484,16 +485,16 @@ def test_runs_started_from_an_earlier_step_of_their_parent_are_named(tmp_path):
     for p, step in ((s2[0], 10), (s2[1], 4)):  # stage 1 trains to 10: s2[0] is current, s2[1] stale
         ckpt(p, step)
     assert sweep.init_step(s2[1].run_dir) == 4 and sweep.init_step(s2[2].run_dir) is None
-    lines = list(sweep.stale_inits(points).values())
+    lines = list(sweep.left_out(points, {}).values())
     assert len(lines) == 1 and lines[0].startswith(f"{s2[1].id} trained against θ0 = {s2[1].parent} at step 4")
-    assert list(sweep.stale_inits(points)) == [s2[1].id]  # what report() leaves out of the tables
+    assert list(sweep.left_out(points, {})) == [s2[1].id]  # what report() leaves out of the tables
     logged = []
     sweep.run_sweep(spec, dry_run=True, log=logged.append)
     assert any(line == f"WARNING: {lines[0]}" for line in logged)
 
     ckpt(s1[1], s0.cfg.train.steps)  # current
     ckpt(s1[0], s0.cfg.train.steps - 1)  # from an earlier stage 0: it, its stage-2 runs and its control are stale
-    stale = sweep.stale_inits(points)
+    stale = sweep.left_out(points, {})
     below = {p.id for p in points if p.parent == s1[0].id}
     assert set(stale) == {s1[0].id} | below and len(below) == 5
     assert stale[s1[0].id].startswith(f"{s1[0].id} started from the EMA of {s0.id} at step {s0.cfg.train.steps - 1}")
@@ -537,14 +538,48 @@ def test_a_finished_run_of_another_config_is_refused_never_relabelled(tmp_path):
                            ).failed == {}
     point = next(p for p in sweep.expand(sweep.load_spec(spec_file, out=tmp_path / "out")) if p.evaluate)
     stored = point.results_path.read_text()
-    for change, message in (('set = { "train.lr" = 0.5 }', "holds a different run"), ("", "cannot be shortened")):
+    for change, message in (('set = { "train.lr" = 0.5 }', "holds a run of another config than the spec now gives "
+                             "(differs in: train.lr 0.001 -> 0.5): use a new out"), ("", "cannot be shortened")):
         steps = 2 if change else 1
         spec_file.write_text(f'preset = "ci"\nstages = [0]\n[stage0]\nsteps = {steps}\n{change}\n' + body)
         spec = sweep.load_spec(spec_file, out=tmp_path / "out")
         assert sweep.status(next(p for p in sweep.expand(spec) if p.evaluate), spec.eval) == "changed"
         r = sweep.run_sweep(spec, sweep.Dispatch("inline"), **quiet)
-        assert message in r.failed[f"train {point.id}"], r.failed
+        assert message in r.failed[f"train {point.id}"] and "--allow-change" not in r.failed[f"train {point.id}"]
         assert point.results_path.read_text() == stored  # the finished point's evaluation is untouched
+
+
+def test_runs_below_a_run_of_another_config_leave_every_table(tmp_path):
+    # stage 0's lr changed after stage 1 finished from it: stage 0 fails ("changed"), and stage 1, trained from the
+    # old stage 0, is no run of this spec either: not in results.csv, curves.csv or timing.csv (set aside as .stale)
+    spec_file = tmp_path / "s01.toml"
+    body = '[stage1]\nsteps = 2\n[eval]\nn = 20\ndfid = false\nkinds = ["stage1"]\nevery = 1\n'
+    spec_file.write_text('preset = "ci"\nstages = [0, 1]\n[stage0]\nsteps = 2\n' + body)
+    quiet = dict(png=False, log=lambda s: None)
+    assert sweep.run_sweep(sweep.load_spec(spec_file, out=tmp_path / "out"), sweep.Dispatch("inline"), **quiet
+                           ).failed == {}
+    names = ("results.csv", "curves.csv", "timing.csv")
+    assert all((tmp_path / "out" / name).exists() for name in names)
+    spec_file.write_text('preset = "ci"\nstages = [0, 1]\n[stage0]\nsteps = 2\nset = { "train.lr" = 0.5 }\n' + body)
+    spec = sweep.load_spec(spec_file, out=tmp_path / "out")
+    lines = []
+    r = sweep.run_sweep(spec, sweep.Dispatch("inline"), png=False, log=lines.append)
+    assert r.states == {"seed0/s0": "changed", "seed0/s1": "done"} and list(r.failed) == ["train seed0/s0"]
+    assert any(line.startswith("WARNING: seed0/s1 starts from seed0/s0, whose run was trained with another config")
+               for line in lines), lines
+    assert r.table == [] and not any((tmp_path / "out" / name).exists() for name in names)
+    assert all((tmp_path / "out" / f"{name}.stale").exists() for name in names)
+
+    # stage 0 extended instead: it trains on and is scored; stage 1 (from its old end) leaves every table
+    body = body.replace('kinds = ["stage1"]', 'kinds = ["stage0", "stage1"]')
+    spec_file.write_text('preset = "ci"\nstages = [0, 1]\n[stage0]\nsteps = 2\n' + body)
+    assert sweep.run_sweep(sweep.load_spec(spec_file, out=tmp_path / "new"), sweep.Dispatch("inline"), **quiet
+                           ).failed == {}
+    spec_file.write_text('preset = "ci"\nstages = [0, 1]\n[stage0]\nsteps = 3\n' + body)
+    r = sweep.run_sweep(sweep.load_spec(spec_file, out=tmp_path / "new"), sweep.Dispatch("inline"), **quiet)
+    assert r.failed == {} and {row["point"] for row in r.table} == {"seed0/s0"}
+    assert [row["point"] for row in _read_csv(tmp_path / "new" / "timing.csv")] == ["seed0/s0"]
+    assert not (tmp_path / "new" / "curves.csv").exists() and (tmp_path / "new" / "curves.csv.stale").exists()
 
 
 def test_a_sweep_folder_named_by_another_path_is_the_same_sweep(tmp_path):

@@ -344,9 +344,11 @@ def _run(args) -> int:
     except KeyboardInterrupt:
         if args.debug:
             raise
-        print("[tcmlab] sweep interrupted; running points wrote checkpoints. Run the same command again to resume."
-              if args.cmd == "sweep" else f"[tcmlab] {args.cmd} interrupted (Ctrl-C); eval.jsonl and sample grids are "
-              f"written only when their scores and samples are complete. Run the same command again.", file=sys.stderr)
+        what = {"sweep": "running points wrote checkpoints. Run the same command again to resume.",
+                "sample": "sample grids are written only when complete. Run the same command again.",
+                "evaluate": "eval.jsonl gets a row only when its scores are complete. Run the same command again."}
+        print(f"[tcmlab] {args.cmd} interrupted (Ctrl-C); " + what.get(args.cmd, "run the same command again."),
+              file=sys.stderr)
         return 130
     except EXPECTED as e:
         if args.debug:

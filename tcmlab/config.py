@@ -370,8 +370,11 @@ def with_overrides(cfg: RunConfig, items: list[str]) -> RunConfig:
         if sep and key.strip() in ("name", "init_from", "from_scratch"):  # top-level RunConfig fields
             top[key.strip()] = _parse_value(text.strip(), getattr(cfg, key.strip()), key.strip())
             continue
+        if not sep:
+            raise ValueError(f"--set {item!r}: expected field=value, with '=' between the field and its value "
+                             f"(e.g. --set train.steps=100)")
         section, _, name = key.strip().partition(".")
-        if not sep or section not in sections or name not in {f.name for f in dataclasses.fields(sections[section])}:
+        if section not in sections or name not in {f.name for f in dataclasses.fields(sections[section])}:
             known = ["name", "init_from", "from_scratch"] + [f"{k}.{f.name}" for k, v in sections.items()
                                                               for f in dataclasses.fields(v)]
             close = difflib.get_close_matches(key.strip(), known, n=3)

@@ -88,21 +88,23 @@ def main(argv=None):
     ap.add_argument("--force", action="store_true", help="overwrite an existing file (the shipped one included)")
     args = ap.parse_args(argv)
     out = Path(args.out)
-    if out.exists() and not args.force:
+    card = out.with_suffix(".md")
+    there = [path for path in (out, card) if path.exists()]
+    if there and not args.force:
         # every digits FID/KID, the floor and every eval card's extractor hash are of this file: keep it unless asked
-        ap.error(f"{out} exists (a retrained network is another extractor: other torch versions and CPUs give other "
-                 f"weights, so scores would not compare). Give --out NEW_PATH, or --force to replace it")
+        ap.error(f"{' and '.join(map(str, there))} exist{'s' if len(there) == 1 else ''} (a retrained network is "
+                 f"another extractor: other torch versions and CPUs give other weights, so scores would not "
+                 f"compare). Give --out NEW_PATH, or --force to replace {'it' if len(there) == 1 else 'them'}")
     torch.set_num_threads(1)  # deterministic reductions
     net = train_classifier()
     out.parent.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(out))
     acc = accuracy(load(out))
-    card = out.with_suffix(".md")
     card.write_text(
         "# Digits feature extractor (`tcmlab-digits-cnn`)\n\n"
         "Small CNN classifier of sklearn's 8×8 digits; FID/KID on the digits use its 128-d penultimate layer.\n\n"
         "| | |\n|---|---|\n"
-        "| training command | `python -m tcmlab.digits_classifier` (30 epochs, Adam 2e-3, seed 0, 1 thread) |\n"
+        "| training command | `python -m tcmlab.digits_classifier --force` (30 epochs, Adam 2e-3, seed 0, 1 thread) |\n"
         "| split | `tcmlab.digits_classifier.split()`: 1,437 train / 360 held out (randperm, seed 0) |\n"
         f"| held-out accuracy | {acc:.4f} |\n"
         f"| sha256 | `{sha256(out)}` |\n")

@@ -24,13 +24,14 @@ from .model import CKPT_NAME, checkpoint_path, load_state
 from .train import train
 
 
-def existing_step(cfg: RunConfig, run_dir: Path) -> int:
-    """The step `run_dir`'s checkpoint is at (0 where there is none); a checkpoint of a different run is refused."""
+def existing_step(cfg: RunConfig, run_dir: Path, allow_change: tuple[str, ...] = ()) -> int:
+    """The step `run_dir`'s checkpoint is at (0 where there is none); a checkpoint of a different run is refused
+    (`rundir.check_same_run`; allow_change as there)."""
     ckpt = Path(run_dir) / CKPT_NAME
     if not ckpt.exists():
         return 0
     state = load_state(ckpt, "cpu")[0]
-    rundir.check_same_run(Path(run_dir), cfg, state)  # never reuse a different run by mistake
+    rundir.check_same_run(Path(run_dir), cfg, state, allow_change)  # never reuse a different run by mistake
     return int(state["step"])
 
 
@@ -81,9 +82,10 @@ STOP_TIMEOUT = 120.0
 
 def train_torchrun(cfg: RunConfig, run_dir: str | Path, gpus: int, *, steps: int | None = None,
                    on_log: Callable[[dict], None] | None = None, dfid_every: int = 0, dfid_n: int | None = None,
-                   dfid_t_prime: float | None = None, data_root: str | None = None, poll: float = 1.0) -> dict:
+                   dfid_t_prime: float | None = None, data_root: str | None = None, poll: float = 1.0,
+                   allow_change: tuple[str, ...] = ()) -> dict:
     """Train under torchrun with `gpus` processes (GPUs when present, else CPU processes with gloo); stream metrics
-    rows to `on_log`; return the last row. A failure raises with the tail of torchrun's output. If this call ends
+    rows to `on_log`; return the last row. allow_change: as `train`'s. A failure raises with the tail of torchrun's output. If this call ends
     early (KeyboardInterrupt, an exception from `on_log`), torchrun is stopped with SIGTERM — its trainers write a
     checkpoint and release the run directory — and killed if it has not ended after STOP_TIMEOUT seconds."""
     run_dir = Path(run_dir)
@@ -98,6 +100,8 @@ def train_torchrun(cfg: RunConfig, run_dir: str | Path, gpus: int, *, steps: int
         cmd += ["--dfid-t-prime", repr(float(dfid_t_prime))] if dfid_t_prime is not None and cfg.stage < 2 else []
     if data_root:
         cmd += ["--data-root", str(data_root)]
+    for name in allow_change:
+        cmd += ["--allow-change", name]
     log = tempfile.TemporaryFile("w+")
     p = None
     try:
@@ -127,8 +131,10 @@ def train_torchrun(cfg: RunConfig, run_dir: str | Path, gpus: int, *, steps: int
 
 def run_stage(cfg: RunConfig, run_dir: str | Path, *, gpus: int = 1, steps: int | None = None,
               on_log: Callable[[dict], None] | None = None, eval_fn=None, eval_every: int = 0, dfid_n: int | None = None,
-              dfid_t_prime: float | None = None, data_root: str | None = None, progress: bool = True) -> str:
+              dfid_t_prime: float | None = None, data_root: str | None = None, progress: bool = True,
+              allow_change: tuple[str, ...] = ()) -> str:
     """Train (or resume, or reuse) one stage in `run_dir`, in-process or under torchrun; returns what it did.
+    allow_change: as `train`'s (go on from the checkpoint with another train.lr or precision).
 
     In-process, `eval_fn` runs every `eval_every` steps; under torchrun the trainer builds the dFID callback itself
     from the run's data (every `eval_every` steps on `dfid_n` images, at `metrics.dfid_ts_for(T, t′)` with t′ the
@@ -136,7 +142,7 @@ def run_stage(cfg: RunConfig, run_dir: str | Path, *, gpus: int = 1, steps: int 
     (`display.Progress`), so a notebook saved after the run shows where it ended, not a frozen bar."""
     run_dir = Path(run_dir)
     try:
-        start = existing_step(cfg, run_dir)
+        start = existing_step(cfg, run_dir, tuple(allow_change))
     except ValueError as e:
         if "holds a different run" not in str(e):
             raise
@@ -166,9 +172,10 @@ def run_stage(cfg: RunConfig, run_dir: str | Path, *, gpus: int = 1, steps: int 
     try:
         if gpus > 1:
             train_torchrun(cfg, run_dir, gpus, steps=steps, on_log=log, dfid_every=eval_every, dfid_n=dfid_n,
-                           dfid_t_prime=dfid_t_prime, data_root=data_root)
+                           dfid_t_prime=dfid_t_prime, data_root=data_root, allow_change=tuple(allow_change))
         else:
-            train(cfg, run_dir, steps=steps, progress=False, on_log=log, eval_fn=eval_fn, eval_every=eval_every)
+            train(cfg, run_dir, steps=steps, progress=False, on_log=log, eval_fn=eval_fn, eval_every=eval_every,
+                  allow_change=tuple(allow_change))
     except BaseException as e:
         if bar is not None:
             bar.close(f" — stopped: {type(e).__name__}")

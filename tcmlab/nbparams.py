@@ -127,7 +127,7 @@ def stage01_configs(preset_name, out, steps0=0, steps1=0, pretrain=True, init_fr
 
 # Notebook 02's parameters for fields of TCMConfig: `overrides` may not set these (the parameter would win silently).
 STAGE2_PARAMETERS = {"loss.t_prime": "tprime", "loss.w_b": "w_b", "loss.rho": "rho", "loss.psi_scale": "psi_scale",
-                     "loss.psi_nu": "psi_nu", "train.steps": "steps"}
+                     "loss.psi_nu": "psi_nu", "train.steps": "steps", "init_from": "stage1_run"}
 
 
 def stage2_config(preset_name, stage1_run, tprime, w_b, rho, psi_scale, psi_nu, steps=None, teacher_dropout=None,
@@ -151,13 +151,17 @@ def stage2_config(preset_name, stage1_run, tprime, w_b, rho, psi_scale, psi_nu, 
 
 def stage2_dir(out, cfg2, overrides="") -> Path:
     """Notebook 02's stage-2 run directory: named by t′, w_b, ρ and ψ̄'s scale and ν, then by the overrides that
-    change the run (not train.steps, data.root or the options a run may change, `config.FREE_FIELDS`), so that an
-    ablation (say `loss.teacher_dropout=false`) gets its own folder beside the default run."""
+    change the run (not train.steps, data.root or the options a run may change, `config.FREE_FIELDS`, nor one that
+    gives the preset's own value), in field order, so that an ablation (say `loss.teacher_dropout=false`) gets its
+    own folder beside the default run, whatever the order the overrides are written in."""
     L = cfg2.loss
     name = f"stage2-tp{L.t_prime:g}-wb{L.w_b:g}-rho{L.rho:g}-s{L.psi_scale:g}-nu{L.psi_nu:g}"
     free = {"data.root", "init_from", "train.steps", *(f"train.{k}" for k in FREE_FIELDS)}
-    kept = [re.sub(r"[^A-Za-z0-9._=]+", "_", it) for it in parse_overrides(overrides) if it.split("=")[0] not in free]
-    return Path(out) / "-".join([name, *kept])
+    base = preset(cfg2.name, 2) if cfg2.name in PRESETS else None
+    kept = sorted(it for it in parse_overrides(overrides)
+                  if it.split("=")[0] not in free and (base is None or with_overrides(base, [it]) != base))
+    return Path(out) / "-".join([name, *(re.sub(r"[^A-Za-z0-9._=]+", "_", it) for it in kept)])
+
 
 
 def check_t_mid(t_mid, cfg2) -> float:

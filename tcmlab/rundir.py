@@ -120,11 +120,13 @@ def check_same_run(run_dir: Path, cfg: RunConfig, ckpt_state: dict | None,
         raise ValueError(f"{run_dir} holds a stage-{old.stage} run{teacher}: give this stage-{cfg.stage} run its "
                          f"own run directory (e.g. --outdir {Path(run_dir).parent / f'stage{cfg.stage}'})")
     if diff:
-        recoverable = [d.split(" ", 1)[0] for d in diff if d.split(" ", 1)[0] in RECOVERY_NAMES]
+        names = [d.split(" ", 1)[0] for d in diff]
+        recoverable = [k for k in names if k in RECOVERY_NAMES]
+        # the hint only where following it is enough: every field that differs may be allowed to change
         hint = (f" To go on from its checkpoint with the new {' and '.join(recoverable)} (say after a non-finite "
                 f"step), name {'them' if len(recoverable) > 1 else 'it'}: "
-                f"{' '.join('--allow-change ' + k for k in recoverable)} (python: train(..., allow_change="
-                f"{tuple(recoverable)!r})).") if recoverable else ""
+                f"{' '.join('--allow-change ' + k for k in recoverable)} (python: train or launch.run_stage with "
+                f"allow_change={tuple(recoverable)!r}).") if recoverable and recoverable == names else ""
         raise ValueError(f"{run_dir} holds a different run (per {where}; differs in: {', '.join(diff)}). Use a new "
                          f"run directory, or delete this one to start over. Only train.steps and the speed and "
                          f"bookkeeping options ({', '.join('train.' + k for k in FREE_FIELDS)}) may change between "
@@ -176,13 +178,23 @@ def append_metrics(path: Path, row: dict) -> None:
 DISCARDED_NAME = "metrics.discarded.jsonl"
 
 
+# rows that report an attempt at the step after theirs ("step" counts the steps done): a nonfinite report, an fp16 skip
+ATTEMPT_KINDS = ("nonfinite", "fp16_skip")
+
+
+def _after(row: dict, step: int) -> bool:
+    """The row reports on a step after `step` (one a run resumed at `step` does again)."""
+    done = row.get("step", 0)
+    return done >= step if row.get("kind") in ATTEMPT_KINDS else done > step
+
+
 def truncate_metrics(path: Path, step: int) -> None:
     """Keep only the rows up to `step` (the checkpoint's; 0 when there is none), so metrics match the state. The rows
-    past it (the steps after the last checkpoint, a `nonfinite` report among them) are appended to
+    of the steps after it (a `nonfinite` report of the step that failed among them, `ATTEMPT_KINDS`) are appended to
     metrics.discarded.jsonl beside it, each with `resumed_from: step`: what a failed stretch logged is never lost."""
     rows = read_metrics(path)
-    cut = [r for r in rows if r.get("step", 0) > step]
+    cut = [r for r in rows if _after(r, step)]
     for r in cut:
         append_metrics(path.with_name(DISCARDED_NAME), {**r, "resumed_from": step})
     if rows or path.exists():
-        checkpoint.atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows if r.get("step", 0) <= step))
+        checkpoint.atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows if not _after(r, step)))

@@ -464,7 +464,7 @@ def _training_eval(point: Point, ev: EvalSpec, device: str | None):
 
 
 def _train_point(point: Point, ev: EvalSpec, device: str | None) -> dict:
-    from .train import train
+    from .train import NonFiniteError, train
 
     diff = _checkpoint_diff(point) if checkpoint_step(point.run_dir) else []
     if diff:  # train would refuse too, with advice for its own callers (--allow-change), not the sweep's
@@ -473,8 +473,15 @@ def _train_point(point: Point, ev: EvalSpec, device: str | None) -> dict:
     if point.kind == "control":
         _start_control(point)
     eval_fn = _training_eval(point, ev, device)
-    r = train(point.cfg, point.run_dir, device=device, progress=False, eval_fn=eval_fn,
-              eval_every=ev.every if eval_fn else 0)
+    try:
+        r = train(point.cfg, point.run_dir, device=device, progress=False, eval_fn=eval_fn,
+                  eval_every=ev.every if eval_fn else 0)
+    except NonFiniteError as e:  # a sweep trains each run under the spec's config only: no --allow-change here
+        if checkpoint_step(point.run_dir) is None:
+            raise NonFiniteError(e.what, "No checkpoint was written yet, so nothing is lost: check the data, or "
+                                 "lower this stage's train.lr in the spec and run the sweep again.") from None
+        raise NonFiniteError(e.what, f"The last checkpoint in {point.run_dir} is intact. Check the data, or lower "
+                             f"this stage's train.lr in the spec and use a new out.") from None
     return {"step": r.step}
 
 

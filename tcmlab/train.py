@@ -51,7 +51,12 @@ def loss_t_edges(t_max: float) -> np.ndarray:
 
 
 class NonFiniteError(FloatingPointError):
-    """Training hit a non-finite loss or gradient; the last checkpoint is untouched."""
+    """Training hit a non-finite loss or gradient; the last checkpoint is untouched. what: the step and values;
+    hint: what to do, for train's callers (a sweep gives its own)."""
+
+    def __init__(self, what: str, hint: str = ""):
+        super().__init__(f"{what} {hint}".strip())
+        self.what, self.hint = what, hint
 
 
 class Interrupted(KeyboardInterrupt):
@@ -137,7 +142,8 @@ def _recovery_hint(run_dir: Path, ckpt_file: Path, tc) -> str:
                 f"train.lr{'' if tc.precision == 'fp32' else ' or precision fp32'} (the same --outdir {run_dir} "
                 f"takes the new config).")
     return (f"The last checkpoint in {run_dir} is intact. Check the data, or go on from it with a lower lr: --set "
-            f"train.lr=... --allow-change train.lr{fp32} (python: train(..., allow_change=('train.lr',))).")
+            f"train.lr=... --allow-change train.lr{fp32} (python: train or launch.run_stage with "
+            f"allow_change=('train.lr',)).")
 
 
 def _warn_unpaired(cfg: RunConfig, src: RunConfig) -> None:
@@ -407,7 +413,7 @@ def _train(cfg, run_dir, rank, world, device, b_rank, b_gpu, created, steps, pro
                      "nonfinite_grads": _nonfinite_grads(f)})
                 bar.close()
                 raise NonFiniteError(f"non-finite loss or gradient at step {step} (loss={float(loss_value)}, grad "
-                                     f"norm={float(grad_norm)}). " + _recovery_hint(run_dir, ckpt_file, tc))
+                                     f"norm={float(grad_norm)}).", _recovery_hint(run_dir, ckpt_file, tc))
             scale = scaler.get_scale() if scaler.is_enabled() else None
             scaler.step(opt)
             scaler.update()

@@ -74,3 +74,26 @@ def test_train_scores_dfid_at_the_t_prime_a_stage_2_will_use(tmp_path, ci_runs, 
     from tcmlab.metrics import dfid_ts_for
     levels = next(r for r in rows if r["kind"] == "eval")["dfid"]
     assert sorted(map(float, levels)) == sorted(dfid_ts_for(80.0, 3.5)) and 3.5 not in dfid_ts_for(80.0)
+
+
+def test_set_without_an_equals_sign_says_so_not_did_you_mean(capsys):
+    assert main(["train", "--preset", "ci", "--stage", "1", "--set", "train.steps", "--outdir", "/nonexistent/x"]
+                ) == 2
+    err = capsys.readouterr().err
+    assert "expected field=value, with '=' between the field and its value" in err and "Did you mean" not in err
+
+
+def test_ctrl_c_names_only_what_the_command_writes(monkeypatch, capsys):
+    import tcmlab.__main__ as cli
+
+    def stop(args):
+        raise KeyboardInterrupt
+
+    for cmd, says in (("train", "train interrupted (Ctrl-C); run the same command again."),
+                      ("evaluate", "evaluate interrupted (Ctrl-C); eval.jsonl gets a row only when")):
+        monkeypatch.setattr(cli, f"cmd_{cmd}", stop)
+        args = (["train", "--preset", "ci", "--stage", "1", "--outdir", "/nonexistent/x"] if cmd == "train"
+                else ["evaluate", "/nonexistent/run"])
+        assert main(args) == 130
+        err = capsys.readouterr().err
+        assert says in err and (cmd != "train" or "eval.jsonl" not in err), err

@@ -245,3 +245,7 @@ def test_retraining_the_digits_extractor_never_replaces_a_file_unasked(tmp_path,
         digits_classifier.main([])
     assert e.value.code == 2 and "--force" in capsys.readouterr().err
     assert digits_classifier.WEIGHTS.read_bytes() == before
+    (tmp_path / "new.md").write_text("a card of another extractor\n")  # its card is kept as well
+    with pytest.raises(SystemExit) as e:
+        digits_classifier.main(["--out", str(tmp_path / "new.safetensors")])
+    assert e.value.code == 2 and f"{tmp_path / 'new.md'} exists" in capsys.readouterr().err

@@ -121,6 +121,21 @@ def test_metrics_are_cut_back_to_the_checkpoint_on_every_start(tmp_path, ci_runs
     assert [(r["step"], r["resumed_from"]) for r in cut] == [(5, 0), (10, 0), (15, 10)]
 
 
+def test_the_report_of_the_step_that_failed_goes_with_the_cut_rows(tmp_path):
+    # a nonfinite (or fp16_skip) row is logged with the steps done before the attempt: a run that fails on the first
+    # step after its checkpoint at 10 logs "nonfinite" at step 10, and resuming from 10 does that step again
+    path = tmp_path / "metrics.jsonl"
+    rows = [{"kind": "train", "step": 10}, {"kind": "fp16_skip", "step": 9}, {"kind": "fp16_skip", "step": 10},
+            {"kind": "nonfinite", "step": 10}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    rundir.truncate_metrics(path, 10)
+    assert rundir.read_metrics(path) == rows[:2]
+    assert rundir.read_metrics(tmp_path / "metrics.discarded.jsonl") == [{**r, "resumed_from": 10} for r in rows[2:]]
+    path.write_text('{"kind": "nonfinite", "step": 0}\n')  # failed on its first step, before any checkpoint
+    rundir.truncate_metrics(path, 0)
+    assert rundir.read_metrics(path) == []
+
+
 def test_a_bad_metrics_line_names_the_file(tmp_path):
     path = tmp_path / "metrics.jsonl"
     path.write_text('{"step": 1}\nnot json\n{"step": 2}\n')

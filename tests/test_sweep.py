@@ -582,6 +582,33 @@ def test_runs_below_a_run_of_another_config_leave_every_table(tmp_path):
     assert not (tmp_path / "new" / "curves.csv").exists() and (tmp_path / "new" / "curves.csv.stale").exists()
 
 
+def test_a_nonfinite_step_in_a_sweep_gives_the_sweeps_advice(tmp_path, monkeypatch):
+    # train's own advice (--allow-change) has no sweep counterpart: a sweep trains each run under the spec's config
+    import tcmlab.stages as st
+    real = st.edm_loss
+
+    def poisoned(*a, **k):
+        out = real(*a, **k)
+        out.loss = out.loss * float("nan")
+        return out
+
+    monkeypatch.setattr(st, "edm_loss", poisoned)
+    spec_file = tmp_path / "s0.toml"
+    spec_file.write_text('preset = "ci"\nstages = [0]\n[stage0]\nsteps = 2\n[eval]\nkinds = []\n')
+    r = sweep.run_sweep(sweep.load_spec(spec_file, out=tmp_path / "out"), sweep.Dispatch("inline"), png=False,
+                        log=lambda s: None)
+    (why,) = r.failed.values()
+    assert why.startswith("non-finite loss or gradient at step 0") and "--allow-change" not in why, why
+    assert why.endswith("nothing is lost: check the data, or lower this stage's train.lr in the spec and run the "
+                        "sweep again.")  # no checkpoint yet: the same out takes the new lr
+    spec_file.write_text(spec_file.read_text().replace("[eval]", 'set = { "train.lr" = 1e-4 }\n[eval]'))
+    monkeypatch.setattr(st, "edm_loss", real)
+    with pytest.warns(UserWarning, match="no checkpoint was written under it"):
+        r = sweep.run_sweep(sweep.load_spec(spec_file, out=tmp_path / "out"), sweep.Dispatch("inline"), png=False,
+                            log=lambda s: None)
+    assert r.failed == {}
+
+
 def test_a_sweep_folder_named_by_another_path_is_the_same_sweep(tmp_path):
     # init_from of a stage-1 point is a path under out: moving out (or naming it absolute) re-scores nothing
     spec_file = tmp_path / "s01.toml"

@@ -214,12 +214,22 @@ def test_nonfinite_loss_stops_and_keeps_checkpoint(tmp_path, ci_runs, monkeypatc
         train(lower, tmp_path / "r", progress=False)
     with pytest.raises(ValueError, match="allow_change takes train.lr, train.precision"):
         train(lower, tmp_path / "r", progress=False, allow_change=("train.seed",))
+    reseeded = dataclasses.replace(lower, train=dataclasses.replace(lower.train, seed=7))
+    with pytest.raises(ValueError, match="differs in: .*train.seed") as refused:  # --allow-change would not do
+        train(reseeded, tmp_path / "r", progress=False)
+    assert "--allow-change" not in str(refused.value)
+    from tcmlab.launch import run_stage
+    with pytest.raises(ValueError, match="allow_change takes"):  # run_stage passes allow_change on (notebooks)
+        run_stage(lower, tmp_path / "r", progress=False, allow_change=("train.seed",))
     with pytest.warns(UserWarning, match="continuing with train.lr"):
         assert train(lower, tmp_path / "r", steps=2, progress=False, allow_change=("train.lr",)).step == 7
     rows = [json.loads(l) for l in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
     change = next(r for r in rows if r["kind"] == "config_change")
     assert change["step"] == 5 and change["changes"] == [f"train.lr {cfg.train.lr!r} -> {lower.train.lr!r}"]
     assert max(r["lr"] for r in rows if r.get("kind") == "train" and r["step"] > 5) <= lower.train.lr
+    assert "nonfinite" not in {r["kind"] for r in rows}  # the failed attempt's report went with the cut rows
+    (discarded,) = [json.loads(l) for l in (tmp_path / "r" / "metrics.discarded.jsonl").read_text().splitlines()]
+    assert discarded["kind"] == "nonfinite" and discarded["resumed_from"] == 5
     assert train(lower, tmp_path / "r", steps=1, progress=False).step == 8  # the run is now the lower-lr run
 
 

@@ -48,10 +48,11 @@ local executor, or on SLURM (`--executor slurm`); a task starts once the tasks i
 (`tcmlab.sweep_dispatch`).
 Ctrl-C or SIGTERM stops the running trainings after a checkpoint (the same command resumes them); with the processes
 executor, running evaluations finish first (an evaluation's JSON is written whole or not at all). A changed spec value
-that changes a finished run's config makes that point fail with "holds a different run" (train's check): use a new
-`out`. Only train.steps may grow: extending a stage does not retrain the runs that start from it, but every call names
-those trained from another step of the run they start from (`left_out`: θ0 of a stage-2 run, the initial weights of a
-stage-1 run, and the runs that start from those, or from a run of another config): they are no longer paired, and the tables leave them out.
+that changes a finished run's config makes that point fail ("holds a run of another config"), and out's tables are not
+rebuilt (they stay those of the spec that trained it): use a new `out`. Only train.steps may grow: extending a stage
+does not retrain the runs that start from it, but every call names those trained from another step of the run they start
+from (`left_out`: θ0 of a stage-2 run, the initial weights of a stage-1 run, and the runs that start from those): they
+are no longer paired, and the tables leave them out.
 """
 
 from __future__ import annotations
@@ -718,6 +719,12 @@ def run_sweep(spec: SweepSpec, dispatch: Dispatch = Dispatch(), *, dry_run: bool
     if dry_run:
         for p in points:
             log(f"  {states[p.id]:8s} {p.id}  ({p.kind}, {p.cfg.train.steps} steps)")
+        return SweepResult(points, states, failed, [], [])
+    changed = [i for i, st in states.items() if st == "changed"]
+    if changed:  # out holds another spec's sweep: its tables stay those of the spec that trained it
+        log(f"tables not rebuilt: {len(changed)} point(s) in {spec.out} were trained with another config than this "
+            f"spec gives ({', '.join(changed[:3])}{' ...' if len(changed) > 3 else ''}); the tables there stay "
+            f"those of the spec that trained them. Use a new out for this spec")
         return SweepResult(points, states, failed, [], [])
     table, summary = report(spec, points, log, png)
     return SweepResult(points, states, failed, table, summary)

@@ -254,10 +254,11 @@ def to_dict(cfg: RunConfig) -> dict:
 
 
 def with_free_fields_of(cfg: RunConfig, other: RunConfig) -> RunConfig:
-    """cfg with other's values of FREE_FIELDS: compare the result with `other` to ask whether two configs are the
-    same run."""
+    """cfg with other's values of FREE_FIELDS and data.root (where the data lies, not what it is: a data set mounted
+    elsewhere is the same run): compare the result with `other` to ask whether two configs are the same run."""
     return dataclasses.replace(cfg, train=dataclasses.replace(
-        cfg.train, **{k: getattr(other.train, k) for k in FREE_FIELDS}))
+        cfg.train, **{k: getattr(other.train, k) for k in FREE_FIELDS}),
+        data=dataclasses.replace(cfg.data, root=other.data.root))
 
 
 def from_dict(d: dict, strict: bool = False) -> RunConfig:

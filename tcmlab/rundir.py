@@ -92,15 +92,16 @@ def config_diff(old: RunConfig, new: RunConfig, init_free: bool = False, also_fr
 def check_same_run(run_dir: Path, cfg: RunConfig, ckpt_state: dict | None,
                    allow_change: tuple[str, ...] = ()) -> list[str]:
     """Refuse a run directory that holds a different run. Between calls only train.steps may change (to extend a
-    run; never below the checkpoint's step), the fields of `config.FREE_FIELDS` (speed and bookkeeping options),
+    run; never below the checkpoint's step), data.root, the fields of `config.FREE_FIELDS` (speed and bookkeeping
+    options),
     those of `config.RECOVERY_FIELDS` named in `allow_change` (e.g. "train.lr") and, once a checkpoint holds the run,
     init_from (it is not read again). A folder with a config.json but no checkpoint (a run that failed before its
     first one) holds nothing to protect: any config may start there. Returns the changes, each also warned."""
     bad = [name for name in allow_change if name not in RECOVERY_NAMES]
     if bad:
         raise ValueError(f"allow_change takes {', '.join(RECOVERY_NAMES)}, got {', '.join(map(repr, bad))}: other "
-                         f"fields define the run (train.steps and {', '.join('train.' + k for k in FREE_FIELDS)} "
-                         f"may change without asking)")
+                         f"fields define the run (train.steps, data.root and "
+                         f"{', '.join('train.' + k for k in FREE_FIELDS)} may change without asking)")
     old, where = stored_config(run_dir, ckpt_state)
     if old is None:
         return []
@@ -128,8 +129,8 @@ def check_same_run(run_dir: Path, cfg: RunConfig, ckpt_state: dict | None,
                 f"{' '.join('--allow-change ' + k for k in recoverable)} (python: train or launch.run_stage with "
                 f"allow_change={tuple(recoverable)!r}).") if recoverable and recoverable == names else ""
         raise ValueError(f"{run_dir} holds a different run (per {where}; differs in: {', '.join(diff)}). Use a new "
-                         f"run directory, or delete this one to start over. Only train.steps and the speed and "
-                         f"bookkeeping options ({', '.join('train.' + k for k in FREE_FIELDS)}) may change between "
+                         f"run directory, or delete this one to start over. Only train.steps, data.root and the speed "
+                         f"and bookkeeping options ({', '.join('train.' + k for k in FREE_FIELDS)}) may change between "
                          f"calls.{hint}")
     reached = int(ckpt_state["step"]) if ckpt_state is not None else 0
     if cfg.train.steps < reached:
@@ -138,9 +139,11 @@ def check_same_run(run_dir: Path, cfg: RunConfig, ckpt_state: dict | None,
                          f"another run directory.")
     changed = [f"train.{k} {getattr(old.train, k)!r} -> {getattr(cfg.train, k)!r}" for k in FREE_FIELDS + allowed
                if getattr(old.train, k) != getattr(cfg.train, k)]
+    if cfg.data.root != old.data.root:
+        changed.append(f"data.root {old.data.root!r} -> {cfg.data.root!r}")
     if init_free and cfg.init_from != old.init_from:
         changed.append(f"init_from {old.init_from!r} -> {cfg.init_from!r} (not read: the run continues from its "
-                       f"checkpoint)")
+                       f"checkpoint and keeps {old.init_from!r} in its config)")
     if changed:
         warnings.warn(f"{run_dir}: continuing with {', '.join(changed)}", stacklevel=3)
     return changed

@@ -274,8 +274,10 @@ def _train(cfg, run_dir, rank, world, device, b_rank, b_gpu, created, steps, pro
     error = None
     try:  # every check before anything is written into the run directory
         # The checkpoint is read on the CPU (RNG states must be CPU byte tensors); load_state_dict copies to device.
-        state = load_state(ckpt_file, "cpu")[0] if ckpt_file.exists() else None
+        state, stored = load_state(ckpt_file, "cpu") if ckpt_file.exists() else (None, None)
         changes = rundir.check_same_run(run_dir, cfg, state, allow_change)
+        if stored is not None:  # init_from is not read again (or it was refused): the run keeps its own origin
+            cfg = replace(cfg, init_from=stored.init_from)
         data = load_data(cfg.data).to(device)
         shape = data.shape
         torch.manual_seed(tc.seed)  # the initial weights depend on train.seed alone, not on earlier RNG use

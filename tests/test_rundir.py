@@ -291,9 +291,24 @@ def test_init_from_is_not_part_of_a_checkpointed_run(tmp_path, ci_runs, monkeypa
     with pytest.warns(UserWarning, match=r"init_from .* -> '\.\./s1' \(not read"):
         assert train(rel, tmp_path / "s2", progress=False).step == 4
     assert load_state(tmp_path / "s2")[0]["init_source"]["path"] == str(s1 / "latest.safetensors")
+    # the run keeps its own init_from (a wrong path given on resume is not written into its config)
+    assert load_state(tmp_path / "s2")[1].init_from == str(s1)
+    assert json.loads((tmp_path / "s2" / "config.json").read_text())["init_from"] == str(s1)
     with pytest.raises(ValueError, match="train.lr"):  # everything else still has to match
         train(dataclasses.replace(rel, train=dataclasses.replace(rel.train, steps=5, lr=1.0)), tmp_path / "s2",
               progress=False)
+
+
+def test_a_data_set_mounted_elsewhere_is_the_same_run(tmp_path, ci_runs):
+    # data.root is where the data lies, not what it is: a resume with the data moved goes on, with a warning
+    run = tmp_path / "s0"
+    shutil.copytree(ci_runs / "s0", run)
+    cfg = load_state(run)[1]
+    moved = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, root="/mnt/elsewhere"),
+                                train=dataclasses.replace(cfg.train, steps=cfg.train.steps + 1))
+    with pytest.warns(UserWarning, match="continuing with data.root 'data/downloads' -> '/mnt/elsewhere'"):
+        assert train(moved, run, progress=False).step == cfg.train.steps + 1
+    assert load_state(run)[1].data.root == "/mnt/elsewhere"
 
 
 def test_a_stage_2_pointed_at_its_teachers_folder_is_told_so_not_to_delete_it(tmp_path, ci_runs):

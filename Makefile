@@ -29,8 +29,9 @@ chromium:
 	  else echo "NOTE: no chromium (Debian: apt-get install -y chromium): no PNG copies of figures; the browser test will skip"; fi; }
 
 # The demo is the notebooks: papermill runs 01 -> 02 -> 03 at $(PRESET) into $(DEMO) (run directories and executed
-# notebooks side by side), and nbconvert writes an HTML copy of each that opens in any browser.
-DEMO ?= $(RUNS)/demo
+# notebooks side by side), and nbconvert writes an HTML copy of each that opens in any browser. Another preset than
+# digits gets its own folder (runs/demo/toy2d): a run directory holds one preset's run.
+DEMO ?= $(RUNS)/demo$(if $(filter-out digits,$(PRESET)),/$(PRESET))
 NOTEBOOKS := 01_consistency_training 02_truncated_training 03_tradeoff_explorer
 demo: $(STAMP) chromium
 	mkdir -p $(DEMO)

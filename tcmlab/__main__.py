@@ -44,7 +44,7 @@ def run_dir_of(run: str | Path) -> Path:
 
 
 def cmd_demo(args) -> None:
-    out = Path(args.out)
+    out = Path(args.out or ("runs/demo" if args.preset == "digits" else f"runs/demo/{args.preset}"))
     t0 = time.perf_counter()
     s0, s1, s2 = out / "stage0", out / "stage1", out / "stage2"
     print(f"[tcmlab] preset {args.preset!r}: stage 0 (EDM) -> stage 1 (ECT) -> stage 2 (TCM) in {out}", flush=True)
@@ -115,6 +115,9 @@ def cmd_evaluate(args) -> None:
     # A checkpoint's stored paths are data: shown, never followed; the CIFAR-10 folder comes from --data-root.
     es = metrics.eval_set(m.cfg.data, data_root=args.data_root, inception_weights=args.inception_weights)
     es.cuda = torch.device(args.device).type == "cuda"
+    if m.t_prime is not None and args.t_mid < m.t_prime:
+        print(f"[tcmlab] --t-mid {args.t_mid:g} is below t′ = {m.t_prime:g} of this stage-2 model (trained on [t′, T] "
+              f"only): its 2-step score goes T → t′ instead", flush=True)
     rows = evaluate_run(m, es, n=args.n, seed=args.seed, t_mid=args.t_mid, batch=args.batch, progress=True,
                         heun_steps=args.heun_steps, draws=args.draws)
     n_q = metrics.floor_n(es, args.n)
@@ -240,7 +243,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = ap.add_subparsers(dest="cmd", required=True)
     d = sub.add_parser("demo", help="stage 0 -> 1 -> 2 on a preset, with sample grids")
     d.add_argument("--preset", default="digits")
-    d.add_argument("--out", default="runs/demo")
+    d.add_argument("--out", help="folder of the three run directories (default runs/demo; another preset than digits: "
+                                 "runs/demo/PRESET)")
     d.add_argument("--t-mid", type=float, default=1.0, help="intermediate time of 2-step sampling (TCM App. E)")
     t = sub.add_parser("train", help="train (or continue) one stage; works under torchrun")
     t.add_argument("--preset", help="a preset's name (default digits), with --stage")

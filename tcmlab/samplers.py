@@ -114,6 +114,9 @@ def one_and_two_step(model, n: int, t_mid: float, seed: int = 0, device=None, ba
                      ) -> dict[tuple[float, ...], torch.Tensor]:
     """{ts: samples} of a `TrainedModel` for 1 step (T) and 2 steps (T → t_mid), each from noise seeded `seed` (the
     same noise for both, and for any model of the same shape)."""
+    if not 0 < t_mid < model.t_max:
+        raise ValueError(f"t_mid={t_mid:g} (--t-mid) must be in (0, T={model.t_max:g}) of this model: the 2-step "
+                         f"sampler goes T -> t_mid")
     out = {}
     for ts in ((model.t_max,), (model.t_max, t_mid)):
         g = torch.Generator().manual_seed(seed)

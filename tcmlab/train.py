@@ -62,10 +62,13 @@ class NonFiniteError(FloatingPointError):
 class Interrupted(KeyboardInterrupt):
     """SIGTERM or SIGINT stopped training after a finished step and a written checkpoint; train again to resume."""
 
-    def __init__(self, signum: int, step: int, run_dir: Path):
+    def __init__(self, signum: int, step: int, run_dir: Path, target: int | None = None, sliced: bool = False):
         self.signum, self.step, self.run_dir = signum, step, run_dir
+        to = f" (to step {target})" if target else ""
+        again = (f"Run it again without --steps (python: steps=None) to resume{to}; with --steps k each call trains "
+                 f"at most k more steps." if sliced else f"Run the same command again to resume{to}.")
         super().__init__(f"stopped by {signal.Signals(signum).name} after step {step}; checkpoint written in "
-                         f"{run_dir}. Run the same command again to resume.")
+                         f"{run_dir}. {again}")
 
 
 @dataclass
@@ -453,7 +456,7 @@ def _train(cfg, run_dir, rank, world, device, b_rank, b_gpu, created, steps, pro
             if signum:
                 bar.close()
                 save()
-                raise Interrupted(signum, step, run_dir)
+                raise Interrupted(signum, step, run_dir, tc.steps, sliced=steps is not None and end < tc.steps)
             if step % tc.ckpt_every == 0 and step < end:
                 save()
     bar.close()

@@ -97,3 +97,14 @@ def test_ctrl_c_names_only_what_the_command_writes(monkeypatch, capsys):
         assert main(args) == 130
         err = capsys.readouterr().err
         assert says in err and (cmd != "train" or "eval.jsonl" not in err), err
+
+
+def test_t_mid_outside_0_T_is_named_as_the_option(ci_runs, tmp_path, capsys):
+    assert main(["sample", str(ci_runs / "s1"), "--t-mid", "200", "--out", str(tmp_path), "--n", "4"]) == 2
+    assert "t_mid=200 (--t-mid) must be in (0, T=80) of this model" in capsys.readouterr().err
+
+
+def test_evaluate_says_when_t_mid_is_raised_to_t_prime(ci_runs, capsys):
+    assert main(["evaluate", str(ci_runs / "s2"), "--n", "20", "--t-mid", "0.5"]) == 0
+    out = capsys.readouterr().out
+    assert "--t-mid 0.5 is below t′ = 1 of this stage-2 model" in out and "2-step (80 → 1)" in out

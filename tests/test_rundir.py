@@ -222,6 +222,25 @@ def test_cli_turns_expected_failures_into_one_error_line(tmp_path, ci_runs, caps
     assert e.value.code == 2
 
 
+def test_a_stopped_slice_says_how_to_resume_to_the_end(tmp_path, ci_runs):
+    # "the same command" with --steps k trains k more steps from wherever it stopped, never to the planned end
+    from tcmlab.train import Interrupted
+    cfg = preset("ci", 1, init_from=str(ci_runs / "s0"))
+    sent = []
+
+    def stop(row):
+        if row.get("kind") == "train" and not sent:
+            sent.append(os.kill(os.getpid(), signal.SIGTERM))
+
+    with pytest.raises(Interrupted) as e:
+        train(cfg, tmp_path / "r", steps=cfg.train.steps - 1, progress=False, on_log=stop)
+    assert f"Run it again without --steps (python: steps=None) to resume (to step {cfg.train.steps})" in str(e.value)
+    with pytest.raises(Interrupted) as e:
+        sent.clear()
+        train(cfg, tmp_path / "r", progress=False, on_log=stop)
+    assert str(e.value).endswith(f"Run the same command again to resume (to step {cfg.train.steps}).")
+
+
 def test_evaluate_never_follows_a_data_path_stored_in_a_checkpoint(tmp_path, ci_runs, capsys):
     run = tmp_path / "forged"
     shutil.copytree(ci_runs / "s1", run)

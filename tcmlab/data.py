@@ -93,7 +93,7 @@ def _read_cifar_batch(path: Path) -> np.ndarray:
         raise ValueError("no b'data' entry")
     data = batch[b"data"]
     if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
-        raise ValueError(f"b'data' is not a uint8 array of shape [N, 3072]")
+        raise ValueError("b'data' is not a uint8 array of shape [N, 3072]")
     return data.reshape(-1, 3, 32, 32)
 
 

@@ -39,6 +39,11 @@ grid = { "loss.t_prime" = [0.5, 1.0], "loss.w_b" = [0, 0.1] }
 """
 
 
+def inline(spec_file, out, log=lambda s: None):
+    """The sweep of a spec file into `out`, in this process, without PNGs."""
+    return sweep.run_sweep(sweep.load_spec(spec_file, out=out), sweep.Dispatch("inline"), png=False, log=log)
+
+
 def _read_csv(path):
     with open(path, newline="") as fh:
         return list(csv.DictReader(fh))
@@ -529,13 +534,12 @@ def test_evaluation_runs_under_the_runs_own_float32_flags(ci_runs, monkeypatch):
 
 def test_a_finished_run_of_another_config_is_refused_never_relabelled(tmp_path):
     """The spec changed after a point finished: its run is not reused under the new config (nor its JSON rewritten
-    with it); the point fails with train's message. Another path to the same sweep folder is the same sweep."""
+    with it); the point fails with the sweep's message (what differs; a new out), or train's "cannot be shortened"."""
     spec_file = tmp_path / "s0.toml"
     body = '[eval]\nn = 20\ndfid = false\nkinds = ["stage0"]\n'
     spec_file.write_text('preset = "ci"\nstages = [0]\n[stage0]\nsteps = 2\n' + body)
     quiet = dict(png=False, log=lambda s: None)
-    assert sweep.run_sweep(sweep.load_spec(spec_file, out=tmp_path / "out"), sweep.Dispatch("inline"), **quiet
-                           ).failed == {}
+    assert inline(spec_file, tmp_path / "out").failed == {}
     point = next(p for p in sweep.expand(sweep.load_spec(spec_file, out=tmp_path / "out")) if p.evaluate)
     stored = point.results_path.read_text()
     for change, message in (('set = { "train.lr" = 0.5 }', "holds a run of another config than the spec now gives "
@@ -555,9 +559,7 @@ def test_runs_below_a_run_of_another_config_leave_every_table(tmp_path):
     spec_file = tmp_path / "s01.toml"
     body = '[stage1]\nsteps = 2\n[eval]\nn = 20\ndfid = false\nkinds = ["stage1"]\nevery = 1\n'
     spec_file.write_text('preset = "ci"\nstages = [0, 1]\n[stage0]\nsteps = 2\n' + body)
-    quiet = dict(png=False, log=lambda s: None)
-    assert sweep.run_sweep(sweep.load_spec(spec_file, out=tmp_path / "out"), sweep.Dispatch("inline"), **quiet
-                           ).failed == {}
+    assert inline(spec_file, tmp_path / "out").failed == {}
     names = ("results.csv", "curves.csv", "timing.csv")
     assert all((tmp_path / "out" / name).exists() for name in names)
     spec_file.write_text('preset = "ci"\nstages = [0, 1]\n[stage0]\nsteps = 2\nset = { "train.lr" = 0.5 }\n' + body)
@@ -576,39 +578,29 @@ def test_runs_below_a_run_of_another_config_leave_every_table(tmp_path):
     # stage 0 extended instead: it trains on and is scored; stage 1 (from its old end) leaves every table
     body = body.replace('kinds = ["stage1"]', 'kinds = ["stage0", "stage1"]')
     spec_file.write_text('preset = "ci"\nstages = [0, 1]\n[stage0]\nsteps = 2\n' + body)
-    assert sweep.run_sweep(sweep.load_spec(spec_file, out=tmp_path / "new"), sweep.Dispatch("inline"), **quiet
-                           ).failed == {}
+    assert inline(spec_file, tmp_path / "new").failed == {}
     spec_file.write_text('preset = "ci"\nstages = [0, 1]\n[stage0]\nsteps = 3\n' + body)
-    r = sweep.run_sweep(sweep.load_spec(spec_file, out=tmp_path / "new"), sweep.Dispatch("inline"), **quiet)
+    r = inline(spec_file, tmp_path / "new")
     assert r.failed == {} and {row["point"] for row in r.table} == {"seed0/s0"}
     assert [row["point"] for row in _read_csv(tmp_path / "new" / "timing.csv")] == ["seed0/s0"]
     assert not (tmp_path / "new" / "curves.csv").exists() and (tmp_path / "new" / "curves.csv.stale").exists()
 
 
-def test_a_nonfinite_step_in_a_sweep_gives_the_sweeps_advice(tmp_path, monkeypatch):
+def test_a_nonfinite_step_in_a_sweep_gives_the_sweeps_advice(tmp_path, nan_loss):
     # train's own advice (--allow-change) has no sweep counterpart: a sweep trains each run under the spec's config
-    import tcmlab.stages as st
-    real = st.edm_loss
-
-    def poisoned(*a, **k):
-        out = real(*a, **k)
-        out.loss = out.loss * float("nan")
-        return out
-
-    monkeypatch.setattr(st, "edm_loss", poisoned)
+    poison, heal = nan_loss
+    poison("edm_loss")
     spec_file = tmp_path / "s0.toml"
     spec_file.write_text('preset = "ci"\nstages = [0]\n[stage0]\nsteps = 2\n[eval]\nkinds = []\n')
-    r = sweep.run_sweep(sweep.load_spec(spec_file, out=tmp_path / "out"), sweep.Dispatch("inline"), png=False,
-                        log=lambda s: None)
+    r = inline(spec_file, tmp_path / "out")
     (why,) = r.failed.values()
     assert why.startswith("non-finite loss or gradient at step 0") and "--allow-change" not in why, why
     assert why.endswith("nothing is lost: check the data, or lower this stage's train.lr in the spec and run the "
                         "sweep again.")  # no checkpoint yet: the same out takes the new lr
     spec_file.write_text(spec_file.read_text().replace("[eval]", 'set = { "train.lr" = 1e-4 }\n[eval]'))
-    monkeypatch.setattr(st, "edm_loss", real)
+    heal("edm_loss")
     with pytest.warns(UserWarning, match="no checkpoint was written under it"):
-        r = sweep.run_sweep(sweep.load_spec(spec_file, out=tmp_path / "out"), sweep.Dispatch("inline"), png=False,
-                            log=lambda s: None)
+        r = inline(spec_file, tmp_path / "out")
     assert r.failed == {}
 
 

@@ -1,7 +1,6 @@
 import copy
 import dataclasses
 import json
-import math
 import os
 import stat
 import warnings
@@ -10,7 +9,7 @@ import pytest
 import torch
 
 from tcmlab import checkpoint
-from tcmlab.config import NetConfig, TrainConfig, preset
+from tcmlab.config import NetConfig, preset
 from tcmlab.model import load_model, load_state
 from tcmlab.train import NonFiniteError, train
 
@@ -188,19 +187,12 @@ def test_run_dir_with_other_config_is_refused(tmp_path, ci_runs):
     assert load_state(tmp_path / "r")[0]["step"] == 28
 
 
-def test_nonfinite_loss_stops_and_keeps_checkpoint(tmp_path, ci_runs, monkeypatch):
+def test_nonfinite_loss_stops_and_keeps_checkpoint(tmp_path, ci_runs, nan_loss):
     cfg = preset("ci", 1, init_from=str(ci_runs / "s0"))
     train(cfg, tmp_path / "r", steps=5, progress=False)
     before = load_state(tmp_path / "r")[0]
-    import tcmlab.stages as tr
-    real = tr.ect_loss
-
-    def poisoned(*a, **k):
-        out = real(*a, **k)
-        out.loss = out.loss * float("nan")
-        return out
-
-    monkeypatch.setattr(tr, "ect_loss", poisoned)
+    poison, heal = nan_loss
+    poison("ect_loss")
     with pytest.raises(NonFiniteError, match="step 5"):
         train(cfg, tmp_path / "r", progress=False)
     after = load_state(tmp_path / "r")[0]
@@ -208,7 +200,7 @@ def test_nonfinite_loss_stops_and_keeps_checkpoint(tmp_path, ci_runs, monkeypatc
     rows = [json.loads(l) for l in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["kind"] == "nonfinite" and rows[-1]["step"] == 5
     # what the error says to do: go on from the checkpoint with a lower lr, named; unnamed it is another run
-    monkeypatch.setattr(tr, "ect_loss", real)
+    heal("ect_loss")
     lower = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, lr=cfg.train.lr / 10))
     with pytest.raises(ValueError, match=r"train.lr .* --allow-change train.lr"):
         train(lower, tmp_path / "r", progress=False)
@@ -233,22 +225,15 @@ def test_nonfinite_loss_stops_and_keeps_checkpoint(tmp_path, ci_runs, monkeypatc
     assert train(lower, tmp_path / "r", steps=1, progress=False).step == 8  # the run is now the lower-lr run
 
 
-def test_a_run_that_fails_before_its_first_checkpoint_takes_the_fix(tmp_path, ci_runs, monkeypatch):
+def test_a_run_that_fails_before_its_first_checkpoint_takes_the_fix(tmp_path, ci_runs, nan_loss):
     # nothing was trained under the config.json it left: the corrected command may start in the same folder
-    import tcmlab.stages as tr
-    real = tr.ect_loss
-
-    def poisoned(*a, **k):
-        out = real(*a, **k)
-        out.loss = out.loss * float("nan")
-        return out
-
+    poison, heal = nan_loss
     cfg = preset("ci", 1, init_from=str(ci_runs / "s0"))
-    monkeypatch.setattr(tr, "ect_loss", poisoned)
+    poison("ect_loss")
     with pytest.raises(NonFiniteError, match="No checkpoint was written yet, so nothing is lost"):
         train(cfg, tmp_path / "r", progress=False)
     assert (tmp_path / "r" / "config.json").exists() and not (tmp_path / "r" / "latest.safetensors").exists()
-    monkeypatch.setattr(tr, "ect_loss", real)
+    heal("ect_loss")
     lower = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, lr=cfg.train.lr / 10))
     with pytest.warns(UserWarning, match="no checkpoint was written under it"):
         assert train(lower, tmp_path / "r", steps=2, progress=False).step == 2

@@ -121,7 +121,6 @@ def test_scores_over_noise_draws(ci_runs, es):
 
 
 def test_dfid_callback_logs_to_metrics(tmp_path, ci_runs, es):
-    import json
     from tcmlab.config import preset
     from tcmlab.train import train
     cb = metrics.dfid_callback(es, ts=(0.5, 80.0), n=100)

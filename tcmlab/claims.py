@@ -515,7 +515,10 @@ def load(spec, folder: str | Path | None = None, where: dict[str, object] | None
         if c not in earlier:
             raise ValueError(f"--where {c}: not a stage-0/1 grid column of {spec.path} (columns: "
                              f"{', '.join(sorted(earlier)) or 'none'})")
-    missing = sorted(c for c, values in earlier.items() if c not in where and len(values) > 1)  # one value: no choice
+    missing = sorted(c for c, values in earlier.items() if c not in where and len(values) > 1)
+    for c, values in earlier.items():  # one value: nothing to choose, but rows of another value are still not read
+        if len(values) == 1:
+            where.setdefault(c, values[0])
     if missing:
         raise ValueError(f"{spec.path} varies {', '.join(missing)} before stage 2: pick one value of each, e.g. "
                          f"--where {missing[0]}=VALUE (the claims pair one stage-1 run per seed with its stage 2)")

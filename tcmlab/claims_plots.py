@@ -122,12 +122,15 @@ def all_figures(tb: Tables, values: dict[str, list]) -> tuple[dict, dict[str, st
         out["dfid_profile"] = dfid_profile(tb, t_prime)
     else:
         skipped["dfid_profile"] = "no final dFID_t rows of stage 1 in results.csv"
-    if tb.curves:
-        out["stage1_training"] = over_training(tb, "stage1", "During stage 1 (TCM Fig. 2; mean over seeds)")
-        out["stage2_training"] = over_training(tb, "stage2", f"During stage 2, t′ = {t_prime:g}, from the end of "
-                                               "stage 1 (TCM Fig. 3; mean over seeds)", start="stage1")
-    else:
-        skipped["stage1_training"] = skipped["stage2_training"] = "no curves.csv rows (the spec sets no [eval] every)"
+    titles = {"stage1": "During stage 1 (TCM Fig. 2; mean over seeds)",
+              "stage2": f"During stage 2, t′ = {t_prime:g}, from the end of stage 1 (TCM Fig. 3; mean over seeds)"}
+    for kind, title in titles.items():
+        if not tb.curves:
+            skipped[f"{kind}_training"] = "no curves.csv rows (the spec sets no [eval] every)"
+        elif not tb.where(tb.curves, kind):
+            skipped[f"{kind}_training"] = f"no {kind} rows in curves.csv"
+        else:
+            out[f"{kind}_training"] = over_training(tb, kind, title, start="stage1" if kind == "stage2" else None)
     t_primes = [float(v) for v in values.get("t_prime", [])]
     if len(t_primes) > 1 and any(tb.final("fid_1step", "stage2", t_prime=v) for v in t_primes):
         out["tprime"] = tprime(tb, t_primes)

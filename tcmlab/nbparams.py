@@ -152,14 +152,15 @@ def stage2_config(preset_name, stage1_run, tprime, w_b, rho, psi_scale, psi_nu, 
 def stage2_dir(out, cfg2, overrides="") -> Path:
     """Notebook 02's stage-2 run directory: named by t′, w_b, ρ and ψ̄'s scale and ν, then by the overrides that
     change the run (not train.steps, data.root or the options a run may change, `config.FREE_FIELDS`, nor one that
-    gives the preset's own value), in field order, so that an ablation (say `loss.teacher_dropout=false`) gets its
+    gives the preset's own value), sorted, so that an ablation (say `loss.teacher_dropout=false`) gets its
     own folder beside the default run, whatever the order the overrides are written in."""
     L = cfg2.loss
     name = f"stage2-tp{L.t_prime:g}-wb{L.w_b:g}-rho{L.rho:g}-s{L.psi_scale:g}-nu{L.psi_nu:g}"
     free = {"data.root", "init_from", "train.steps", *(f"train.{k}" for k in FREE_FIELDS)}
     base = preset(cfg2.name, 2) if cfg2.name in PRESETS else None
-    kept = sorted(it for it in parse_overrides(overrides)
-                  if it.split("=")[0] not in free and (base is None or with_overrides(base, [it]) != base))
+    last = {it.split("=")[0]: it for it in parse_overrides(overrides)}  # a field given twice: the last one counts
+    kept = sorted(it for key, it in last.items()
+                  if key not in free and (base is None or with_overrides(base, [it]) != base))
     return Path(out) / "-".join([name, *(re.sub(r"[^A-Za-z0-9._=]+", "_", it) for it in kept)])
 
 

@@ -110,13 +110,18 @@ def generate(f, n: int, shape: Sequence[int], ts: Sequence[float] = (T_MAX,), *,
     return torch.cat(out).cpu()
 
 
+def check_t_mid(t_mid: float, t_max: float) -> None:
+    """The 2-step sampler goes T -> t_mid (TCM App. E): t_mid must lie in (0, T)."""
+    if not 0 < t_mid < t_max:
+        raise ValueError(f"t_mid={t_mid:g} (--t-mid) must be in (0, T={t_max:g}) of this model: the 2-step sampler "
+                         f"goes T -> t_mid")
+
+
 def one_and_two_step(model, n: int, t_mid: float, seed: int = 0, device=None, batch: int = 1024
                      ) -> dict[tuple[float, ...], torch.Tensor]:
     """{ts: samples} of a `TrainedModel` for 1 step (T) and 2 steps (T → t_mid), each from noise seeded `seed` (the
     same noise for both, and for any model of the same shape)."""
-    if not 0 < t_mid < model.t_max:
-        raise ValueError(f"t_mid={t_mid:g} (--t-mid) must be in (0, T={model.t_max:g}) of this model: the 2-step "
-                         f"sampler goes T -> t_mid")
+    check_t_mid(t_mid, model.t_max)
     out = {}
     for ts in ((model.t_max,), (model.t_max, t_mid)):
         g = torch.Generator().manual_seed(seed)

@@ -280,16 +280,15 @@ def read_results(point: Point) -> dict | None:
 
 def status(point: Point, ev: EvalSpec) -> str:
     """'done' (trained, and evaluated for this config, step and eval settings, or not to be evaluated), 'trained'
-    (evaluation missing or stale), 'partial' (a checkpoint short of its steps: resumed), 'changed' (a finished run
-    of another config, or past the spec's steps: its train task fails with train's "holds a different run" or
-    "cannot be shortened", never reused under the new config) or 'new'."""
+    (evaluation missing or stale), 'partial' (a checkpoint short of its steps: resumed), 'changed' (a run of another
+    config, or past the spec's steps: never reused under the new config; `changed_reason`) or 'new'."""
     step = checkpoint_step(point.run_dir)
     if step is None:
         return "new"
-    if step < point.cfg.train.steps:
-        return "partial"
     if step > point.cfg.train.steps or not _checkpoint_holds(point):
         return "changed"
+    if step < point.cfg.train.steps:
+        return "partial"
     if not point.evaluate:
         return "done"
     r = read_results(point)
@@ -331,8 +330,18 @@ def _checkpoint_diff(point: Point) -> list[str]:
 
 
 def _checkpoint_holds(point: Point) -> bool:
-    """The point's finished checkpoint was trained with its config (the spec may have changed since)."""
+    """The point's checkpoint was trained with its config (the spec may have changed since)."""
     return not _checkpoint_diff(point)
+
+
+def changed_reason(point: Point) -> str:
+    """Why a 'changed' point is not trained on: what differs, or that a run cannot be shortened; and what to do."""
+    diff = _checkpoint_diff(point)
+    if diff:
+        return (f"{point.run_dir} holds a run of another config than the spec now gives (differs in: "
+                f"{', '.join(diff)}): use a new out for the new spec, or put the old values back")
+    return (f"{point.run_dir} is at step {checkpoint_step(point.run_dir)}, past train.steps={point.cfg.train.steps}: "
+            f"a run cannot be shortened (give steps >= its step in the spec, or use a new out)")
 
 
 @dataclass(frozen=True)
@@ -350,11 +359,16 @@ class Task:
 
 def plan(points: list[Point], ev: EvalSpec) -> tuple[list[Task], dict[str, str]]:
     """The tasks still to do and each point's status. A point is trained after its parent's training task (if that
-    is planned) and evaluated after its own."""
-    tasks, states = [], {}
+    is planned) and evaluated after its own; the points `left_out` names get no tasks (their scores would never
+    reach the tables)."""
+    tasks = []
+    states = {p.id: status(p, ev) for p in points}
+    gone = left_out(points, states)
     planned = set()
     for p in points:
-        states[p.id] = s = status(p, ev)
+        s = states[p.id]
+        if p.id in gone:
+            continue
         if s in ("new", "partial", "changed"):
             deps = (f"train {p.parent}",) if f"train {p.parent}" in planned else ()
             tasks.append(Task("train", p, deps))
@@ -383,6 +397,9 @@ def evaluate_run(m, es, *, n: int | None = None, seed: int = 0, t_mid: float = 1
     dFID_t's draw k noises the query with a generator seeded seed + k, as the one-draw score does with seed.
     Everything runs under the float32 flags of the run's own `train.precision` (TF32 off unless 'tf32'), as the
     dFID_t that train() logs does (docs/decisions.md §19); torch's flags are restored after."""
+    from .samplers import check_t_mid
+
+    check_t_mid(t_mid, m.t_max)  # before any scoring (the dFID pass alone takes minutes at n = 50k)
     import torch
 
     from .precision import float32_math
@@ -467,10 +484,8 @@ def _training_eval(point: Point, ev: EvalSpec, device: str | None):
 def _train_point(point: Point, ev: EvalSpec, device: str | None) -> dict:
     from .train import NonFiniteError, train
 
-    diff = _checkpoint_diff(point) if checkpoint_step(point.run_dir) else []
-    if diff:  # train would refuse too, with advice for its own callers (--allow-change), not the sweep's
-        raise ValueError(f"{point.run_dir} holds a run of another config than the spec now gives (differs in: "
-                         f"{', '.join(diff)}): use a new out for the new spec, or put the old values back")
+    if checkpoint_step(point.run_dir) and _checkpoint_diff(point):  # train would refuse too, advising its own
+        raise ValueError(changed_reason(point))  # callers (--allow-change), not the sweep's (run_sweep checks first)
     if point.kind == "control":
         _start_control(point)
     eval_fn = _training_eval(point, ev, device)
@@ -481,8 +496,9 @@ def _train_point(point: Point, ev: EvalSpec, device: str | None) -> dict:
         if checkpoint_step(point.run_dir) is None:
             raise NonFiniteError(e.what, "No checkpoint was written yet, so nothing is lost: check the data, or "
                                  "lower this stage's train.lr in the spec and run the sweep again.") from None
+        fp32 = "" if point.cfg.train.precision == "fp32" else " (or set train.precision = \"fp32\")"
         raise NonFiniteError(e.what, f"The last checkpoint in {point.run_dir} is intact. Check the data, or lower "
-                             f"this stage's train.lr in the spec and use a new out.") from None
+                             f"this stage's train.lr{fp32} in the spec and use a new out.") from None
     return {"step": r.step}
 
 
@@ -689,22 +705,30 @@ def run_sweep(spec: SweepSpec, dispatch: Dispatch = Dispatch(), *, dry_run: bool
               png: bool = True, log: Callable[[str], None] = lambda s: print(f"[sweep] {s}", flush=True)
               ) -> SweepResult:
     """Train and evaluate every point not yet done, then rebuild the table (and figures; PNGs if `png`). Failed
-    tasks (and those depending on them) are listed in the result; everything else still runs."""
+    tasks (and those depending on them) are listed in the result; everything else still runs. Where out holds runs
+    of another config than the spec gives ('changed'), nothing runs and the tables are left as they are: each
+    changed point's train task is failed with what differs, the other tasks as not run."""
     points = expand(spec)
     tasks, states = plan(points, spec.eval)
     counts = {s: sum(v == s for v in states.values()) for s in ("done", "trained", "partial", "new", "changed")}
     n_train = sum(t.action == "train" for t in tasks)
     log(f"{spec.path}: {len(points)} points ({len(spec.seeds)} seeds) in {spec.out}: {counts['done']} done, "
-        f"{n_train} to train ({counts['partial']} resumed"
-        + (f", {counts['changed']} of another config: they fail" if counts["changed"] else "")
-        + f"), {len(tasks) - n_train} to evaluate")
-    for p in points:
-        if states[p.id] == "changed":
-            log(f"WARNING: {p.id}: {p.run_dir} was trained with another config than the spec now gives (or past its "
-                f"steps): its train task fails with what differs; use a new out for the new spec")
+        f"{n_train} to train ({counts['partial']} resumed), {len(tasks) - n_train} to evaluate")
+    changed = [p for p in points if states[p.id] == "changed"]
+    for p in changed:
+        log(f"WARNING: {p.id}: {changed_reason(p)}")
     for line in left_out(points, states).values():
         log(f"WARNING: {line}")
     failed, details = {}, {}
+    if changed and not dry_run:  # out holds another spec's sweep: nothing runs, its tables stay those of that spec
+        if not report_only:
+            failed = {f"train {p.id}": changed_reason(p) for p in changed}
+            failed.update({t.key: f"not run: {spec.out} holds runs of another config (above)" for t in tasks
+                           if t.key not in failed})
+        log(f"nothing run and tables not rebuilt: {len(changed)} point(s) in {spec.out} were trained with another "
+            f"config than this spec gives ({', '.join(p.id for p in changed[:3])}{' ...' if len(changed) > 3 else ''}"
+            f"); the tables there stay those of the spec that trained them. Use a new out for this spec")
+        return SweepResult(points, states, failed, [], [])
     if tasks and not (dry_run or report_only):
         Path(spec.out).mkdir(parents=True, exist_ok=True)
         run = dict(ev=spec.eval, device=dispatch.device)
@@ -719,12 +743,6 @@ def run_sweep(spec: SweepSpec, dispatch: Dispatch = Dispatch(), *, dry_run: bool
     if dry_run:
         for p in points:
             log(f"  {states[p.id]:8s} {p.id}  ({p.kind}, {p.cfg.train.steps} steps)")
-        return SweepResult(points, states, failed, [], [])
-    changed = [i for i, st in states.items() if st == "changed"]
-    if changed:  # out holds another spec's sweep: its tables stay those of the spec that trained it
-        log(f"tables not rebuilt: {len(changed)} point(s) in {spec.out} were trained with another config than this "
-            f"spec gives ({', '.join(changed[:3])}{' ...' if len(changed) > 3 else ''}); the tables there stay "
-            f"those of the spec that trained them. Use a new out for this spec")
         return SweepResult(points, states, failed, [], [])
     table, summary = report(spec, points, log, png)
     return SweepResult(points, states, failed, table, summary)

@@ -212,8 +212,9 @@ def test_a_stage1_grid_is_read_one_value_at_a_time(tmp_path, capsys):
     assert "--where s1.loss.d=25: no row of" in capsys.readouterr().err
     # a grid field with one value leaves nothing to pick: no --where needed
     spec.write_text(spec.read_text().replace("[5, 10]", "[5]"))
-    write_csv(tmp_path / "results.csv", [r for r in rows if r["s1.loss.d"] in ("5", "")])
     assert main(["claims", str(spec), "--out", str(tmp_path)]) == 0
+    tb, _ = claims.report(load_spec(spec), tmp_path)  # and the rows of another d (an earlier spec) are not read
+    assert {r["s1.loss.d"] for r in tb.results} == {"5", ""}
 
 
 @pytest.mark.parametrize("sweep, where", [("digits_claims", []), ("digits_long", []),
@@ -282,6 +283,9 @@ def test_figures_without_rows_to_plot_are_named_not_drawn():
     figs, skipped = claims_plots.all_figures(Tables(rows, [], [], DEFAULT), {"t_prime": [0.5, 1.0]})
     assert set(figs) == {"ablations"} and list(figs["ablations"].data[0].x) == ["stage 1"]
     assert set(skipped) == {"dfid_profile", "stage1_training", "stage2_training", "tprime"}
+    curves = [row("stage1", s, "fid_1step", 100, step=500) for s in range(2)]  # no stage-2 curves (yet)
+    figs, skipped = claims_plots.all_figures(Tables(rows, curves, [], DEFAULT), {})
+    assert "stage1_training" in figs and skipped["stage2_training"] == "no stage2 rows in curves.csv"
 
 
 def test_each_spec_replaces_only_its_own_readme_block():

@@ -1,3 +1,5 @@
+import pytest
+
 from tcmlab.__main__ import main
 
 
@@ -108,3 +110,11 @@ def test_evaluate_says_when_t_mid_is_raised_to_t_prime(ci_runs, capsys):
     assert main(["evaluate", str(ci_runs / "s2"), "--n", "20", "--t-mid", "0.5"]) == 0
     out = capsys.readouterr().out
     assert "--t-mid 0.5 is below t′ = 1 of this stage-2 model" in out and "2-step (80 → 1)" in out
+
+
+def test_evaluate_refuses_t_mid_outside_0_T_before_scoring(ci_runs, capsys, monkeypatch):
+    from tcmlab import metrics
+
+    monkeypatch.setattr(metrics, "dfid_scores", lambda *a, **k: pytest.fail("scored before the t_mid check"))
+    assert main(["evaluate", str(ci_runs / "s1"), "--n", "20", "--t-mid", "200"]) == 2
+    assert "t_mid=200 (--t-mid) must be in (0, T=80)" in capsys.readouterr().err

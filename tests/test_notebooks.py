@@ -351,5 +351,7 @@ def test_notebook_02_overrides_are_applied_or_refused_never_dropped():
     both = "loss.teacher_passes=full loss.ratio=0.99 loss.teacher_dropout=false"  # ratio 0.99: the preset's own
     assert nbparams.stage2_dir("out", cfg, both) == Path("out/stage2-tp1-wb0.1-rho0.25-s0.2-nu0.01-"
                                                          "loss.teacher_dropout=false-loss.teacher_passes=full")
+    twice = "loss.teacher_dropout=false loss.teacher_dropout=true"  # the last one counts: the preset's own value
+    assert nbparams.stage2_dir("out", cfg, twice) == base
     with pytest.raises(ValueError, match=r"init_from \(use the parameter stage1_run"):  # would replace stage1_run
         nbparams.stage2_config("ci", "runs/s1", 1, 0.1, 0.25, 0.2, 0.01, overrides="init_from=/elsewhere/s1")

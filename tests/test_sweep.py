@@ -504,6 +504,8 @@ def test_runs_started_from_an_earlier_step_of_their_parent_are_named(tmp_path):
     assert set(stale) == {s1[0].id} | below and len(below) == 5
     assert stale[s1[0].id].startswith(f"{s1[0].id} started from the EMA of {s0.id} at step {s0.cfg.train.steps - 1}")
     assert all(stale[i].endswith("the tables leave it out too") for i in below)
+    tasks, _ = sweep.plan(points, spec.eval)  # their scores would never reach the tables: not trained or evaluated
+    assert not {t.point.id for t in tasks} & set(stale) and {t.point.id for t in tasks}
 
 
 def test_summary_groups_seeds_whatever_their_nonfinite_counts():
@@ -551,6 +553,10 @@ def test_a_finished_run_of_another_config_is_refused_never_relabelled(tmp_path):
         r = sweep.run_sweep(spec, sweep.Dispatch("inline"), **quiet)
         assert message in r.failed[f"train {point.id}"] and "--allow-change" not in r.failed[f"train {point.id}"]
         assert point.results_path.read_text() == stored  # the finished point's evaluation is untouched
+    # extended and changed at once: still another config, not a run to resume
+    spec_file.write_text('preset = "ci"\nstages = [0]\n[stage0]\nsteps = 3\nset = { "train.lr" = 0.5 }\n' + body)
+    spec = sweep.load_spec(spec_file, out=tmp_path / "out")
+    assert sweep.status(next(p for p in sweep.expand(spec) if p.evaluate), spec.eval) == "changed"
 
 
 def test_runs_below_a_run_of_another_config_leave_every_table(tmp_path):
@@ -570,7 +576,7 @@ def test_runs_below_a_run_of_another_config_leave_every_table(tmp_path):
     assert r.states == {"seed0/s0": "changed", "seed0/s1": "done"} and list(r.failed) == ["train seed0/s0"]
     assert any(line.startswith("WARNING: seed0/s1 starts from seed0/s0, whose run was trained with another config")
                for line in lines), lines
-    assert r.table == [] and any(line.startswith("tables not rebuilt: 1 point(s)") for line in lines), lines
+    assert r.table == [] and any(line.startswith("nothing run and tables not rebuilt: 1 point(s)") for line in lines)
     assert {name: (tmp_path / "out" / name).read_text() for name in names} == before
     r = sweep.run_sweep(spec, report_only=True, png=False, log=lines.append)
     assert {name: (tmp_path / "out" / name).read_text() for name in names} == before

@@ -316,8 +316,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--command", help="the command the report names as the one that regenerates it")
     c.add_argument("--figures", help="write the report's figures here (plotly JSON and PNG) and show them in it")
     c.add_argument("--where", action="append", default=[], metavar="COLUMN=VALUE",
-                   help="one value of a stage-0/1 grid field, e.g. s1.loss.d=250 (needed where such a field has several "
-                        "values; repeatable)")
+                   help="one value of a stage-0/1 grid field, e.g. s1.loss.d=250 (needed where such a field has "
+                        "several values; repeatable)")
     return ap
 
 

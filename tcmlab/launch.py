@@ -85,9 +85,10 @@ def train_torchrun(cfg: RunConfig, run_dir: str | Path, gpus: int, *, steps: int
                    dfid_t_prime: float | None = None, data_root: str | None = None, poll: float = 1.0,
                    allow_change: tuple[str, ...] = ()) -> dict:
     """Train under torchrun with `gpus` processes (GPUs when present, else CPU processes with gloo); stream metrics
-    rows to `on_log`; return the last row. allow_change: as `train`'s. A failure raises with the tail of torchrun's output. If this call ends
-    early (KeyboardInterrupt, an exception from `on_log`), torchrun is stopped with SIGTERM — its trainers write a
-    checkpoint and release the run directory — and killed if it has not ended after STOP_TIMEOUT seconds."""
+    rows to `on_log`; return the last row. allow_change: as `train`'s. A failure raises with the tail of torchrun's
+    output. If this call ends early (KeyboardInterrupt, an exception from `on_log`), torchrun is stopped with SIGTERM
+    — its trainers write a checkpoint and release the run directory — and killed if it has not ended after
+    STOP_TIMEOUT seconds."""
     run_dir = Path(run_dir)
     with tempfile.NamedTemporaryFile("w", suffix=".json", prefix="tcmlab-config-", delete=False) as fh:
         fh.write(to_json(cfg))

@@ -93,9 +93,8 @@ def check_same_run(run_dir: Path, cfg: RunConfig, ckpt_state: dict | None,
                    allow_change: tuple[str, ...] = ()) -> list[str]:
     """Refuse a run directory that holds a different run. Between calls only train.steps may change (to extend a
     run; never below the checkpoint's step), data.root, the fields of `config.FREE_FIELDS` (speed and bookkeeping
-    options),
-    those of `config.RECOVERY_FIELDS` named in `allow_change` (e.g. "train.lr") and, once a checkpoint holds the run,
-    init_from (it is not read again). A folder with a config.json but no checkpoint (a run that failed before its
+    options), those of `config.RECOVERY_FIELDS` named in `allow_change` (e.g. "train.lr") and, once a checkpoint
+    holds the run, init_from (it is not read again; the run keeps its own). A folder with a config.json but no checkpoint (a run that failed before its
     first one) holds nothing to protect: any config may start there. Returns the changes, each also warned."""
     bad = [name for name in allow_change if name not in RECOVERY_NAMES]
     if bad:

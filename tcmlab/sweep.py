@@ -484,8 +484,6 @@ def _training_eval(point: Point, ev: EvalSpec, device: str | None):
 def _train_point(point: Point, ev: EvalSpec, device: str | None) -> dict:
     from .train import NonFiniteError, train
 
-    if checkpoint_step(point.run_dir) and _checkpoint_diff(point):  # train would refuse too, advising its own
-        raise ValueError(changed_reason(point))  # callers (--allow-change), not the sweep's (run_sweep checks first)
     if point.kind == "control":
         _start_control(point)
     eval_fn = _training_eval(point, ev, device)
@@ -714,19 +712,19 @@ def run_sweep(spec: SweepSpec, dispatch: Dispatch = Dispatch(), *, dry_run: bool
     n_train = sum(t.action == "train" for t in tasks)
     log(f"{spec.path}: {len(points)} points ({len(spec.seeds)} seeds) in {spec.out}: {counts['done']} done, "
         f"{n_train} to train ({counts['partial']} resumed), {len(tasks) - n_train} to evaluate")
-    changed = [p for p in points if states[p.id] == "changed"]
-    for p in changed:
-        log(f"WARNING: {p.id}: {changed_reason(p)}")
+    changed = {p.id: changed_reason(p) for p in points if states[p.id] == "changed"}
+    for i, why in changed.items():
+        log(f"WARNING: {i}: {why}")
     for line in left_out(points, states).values():
         log(f"WARNING: {line}")
     failed, details = {}, {}
     if changed and not dry_run:  # out holds another spec's sweep: nothing runs, its tables stay those of that spec
         if not report_only:
-            failed = {f"train {p.id}": changed_reason(p) for p in changed}
+            failed = {f"train {i}": why for i, why in changed.items()}
             failed.update({t.key: f"not run: {spec.out} holds runs of another config (above)" for t in tasks
                            if t.key not in failed})
         log(f"nothing run and tables not rebuilt: {len(changed)} point(s) in {spec.out} were trained with another "
-            f"config than this spec gives ({', '.join(p.id for p in changed[:3])}{' ...' if len(changed) > 3 else ''}"
+            f"config than this spec gives ({', '.join(list(changed)[:3])}{' ...' if len(changed) > 3 else ''}"
             f"); the tables there stay those of the spec that trained them. Use a new out for this spec")
         return SweepResult(points, states, failed, [], [])
     if tasks and not (dry_run or report_only):

@@ -26,6 +26,7 @@ import torch
 from filelock import FileLock
 from safetensors import SafetensorError
 
+from . import rundir
 from .config import from_dict, preset, with_overrides
 from .model import load_model
 from .sweep import EXECUTORS, Dispatch, evaluate_run, load_spec, run_sweep
@@ -122,8 +123,8 @@ def cmd_evaluate(args) -> None:
                         heun_steps=args.heun_steps, draws=args.draws)
     n_q = metrics.floor_n(es, args.n)
     d = {r["card"]["steps"][0]: r["fid"] for r in rows if r["card"]["metric"] == "dfid"}
-    path = run_dir / "eval.jsonl"
-    with FileLock(str(run_dir / ".tcmlab.eval.lock")):  # two evaluations of one run at once: neither's rows lost
+    path = run_dir / rundir.EVAL_NAME
+    with FileLock(str(run_dir / rundir.EVAL_LOCK_NAME)):  # two evaluations of one run at once: neither's rows lost
         old = path.read_text() if path.exists() else ""
         atomic_write_text(path, old + "".join(json.dumps(r) + "\n" for r in rows))
     fl = rows[0]["floor"]

@@ -4,6 +4,10 @@ hyper-parameters, ...) in the file's metadata. Never pickled code.
 Writes are atomic: the file is written under a unique temporary name in the same folder, flushed, then
 `os.replace`d over the old one, so an interrupted save leaves the previous checkpoint intact and two writers never
 share a temporary file. `check_finite` refuses weights holding NaN or inf, naming the tensor.
+
+Every save also records a checksum of each tensor's bytes (and of the JSON state) in the metadata, and `load`
+recomputes them: a flipped bit (a bad disk, a damaged copy) that leaves the file readable, and finite, is refused
+with the tensor it hit named (docs/decisions.md §21). Checkpoints written before checksums existed load unchecked.
 """
 
 from __future__ import annotations
@@ -20,6 +24,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 TENSOR_TAG = "__tensor__"
+STATE_KEY = "tcmlab"  # metadata entry: the JSON skeleton (plain values, and where each tensor is)
+SUMS_KEY = "tcmlab_checksums"  # metadata entry: {tensor name or STATE_KEY: SHA-256 hex digest}
 
 
 def flatten(obj, prefix: str, tensors: dict[str, torch.Tensor]):
@@ -112,14 +118,28 @@ def sha256(path: str | Path) -> str:
     return h.hexdigest()
 
 
+def checksums(tensors: dict[str, torch.Tensor], skeleton: str) -> dict[str, str]:
+    """The SHA-256 of every tensor (its dtype, shape and bytes) and of the JSON state: what `load` checks. About
+    1.7 GB/s on one core (x86 with SHA extensions): ~0.7 s for a CIFAR-10 DDPM++ stage-2 checkpoint of ~1.1 GB."""
+    out = {STATE_KEY: hashlib.sha256(skeleton.encode()).hexdigest()}
+    for name, t in tensors.items():
+        t = t.detach().cpu().contiguous()
+        h = hashlib.sha256(f"{t.dtype}{tuple(t.shape)}".encode())
+        if t.numel():
+            h.update(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+        out[name] = h.hexdigest()
+    return out
+
+
 def save(path: str | Path, state: dict) -> None:
     """Atomically save a nested dict of tensors and plain values to one safetensors file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors: dict[str, torch.Tensor] = {}
-    skeleton = flatten(state, "s", tensors)
+    skeleton = json.dumps(flatten(state, "s", tensors))
+    sums = json.dumps(checksums(tensors, skeleton))
     with _temp_beside(path) as tmp:
-        save_file(tensors, tmp, metadata={"tcmlab": json.dumps(skeleton)})
+        save_file(tensors, tmp, metadata={STATE_KEY: skeleton, SUMS_KEY: sums})
         os.chmod(tmp, 0o666 & ~_umask())  # safetensors writes its file 0600 as well
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
@@ -130,7 +150,7 @@ def header(path: str | Path) -> dict:
     """The plain (non-tensor) top-level entries of a checkpoint written by `save`, read from its header alone (no
     tensors read): step, config, init_source, ... Raises if the file cannot be read."""
     with safe_open(str(path), framework="pt") as fh:
-        skeleton = json.loads((fh.metadata() or {})["tcmlab"])
+        skeleton = json.loads((fh.metadata() or {})[STATE_KEY])
     return {k: unflatten(v, {}) for k, v in skeleton["__dict__"] if TENSOR_TAG not in json.dumps(v)}
 
 
@@ -152,6 +172,18 @@ def check_finite(tensors: dict[str, torch.Tensor], where: str) -> None:
                              f"run diverged: restore a copy, or train that stage again in a new run directory.")
 
 
+class ChecksumError(ValueError):
+    """A checkpoint whose bytes are not those that were saved."""
+
+
+def _verify(saved: dict[str, str], now: dict[str, str]) -> None:
+    bad = sorted(k for k in saved.keys() | now.keys() if saved.get(k) != now.get(k))
+    if bad:
+        what = ", ".join("its JSON state" if k == STATE_KEY else repr(k) for k in bad[:3])
+        raise ChecksumError(f"{what}{f' and {len(bad) - 3} more' if len(bad) > 3 else ''} "
+                            f"{'differ' if len(bad) > 1 else 'differs'} from the checksum written with it")
+
+
 def load(path: str | Path, device="cpu") -> dict:
     """Load a checkpoint written by `save`, its tensors on `device` except the RNG states (always CPU); a missing or
     damaged file raises an error that says what to do."""
@@ -164,13 +196,20 @@ def load(path: str | Path, device="cpu") -> dict:
                          f"or the latest.safetensors inside one")
     try:
         tensors = load_file(str(path), device="cpu")
+        with safe_open(str(path), framework="pt") as fh:
+            meta = fh.metadata() or {}
+        skeleton = meta[STATE_KEY]
+        if SUMS_KEY in meta:  # written since checksums exist (docs/decisions.md §21)
+            _verify(json.loads(meta[SUMS_KEY]), checksums(tensors, skeleton))
         if torch.device(device).type != "cpu":  # RNG states stay CPU byte tensors, as torch's set_state requires
             tensors = {k: v if k.startswith("s.rng.") else v.to(device) for k, v in tensors.items()}
-        with safe_open(str(path), framework="pt") as fh:
-            skeleton = json.loads((fh.metadata() or {})["tcmlab"])
-        return unflatten(skeleton, tensors)
+        return unflatten(json.loads(skeleton), tensors)
     except PermissionError:
         raise
+    except ChecksumError as e:
+        raise ChecksumError(f"checkpoint {path} is damaged: {e} (its bytes changed after the save: a failing disk or "
+                            f"a bad copy). Restore it from a copy, or delete it to restart that stage from step 0 "
+                            f"(metrics.jsonl then restarts with it).") from None
     except (SafetensorError, KeyError, TypeError, ValueError, OSError) as e:
         raise ValueError(f"checkpoint {path} is damaged or not a tcmlab checkpoint ({e}). Restore it from a copy, "
                          f"or delete it to restart that stage from step 0 (metrics.jsonl then restarts with it)."

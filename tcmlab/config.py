@@ -13,6 +13,7 @@ import difflib
 import json
 import math
 import os
+import warnings
 from dataclasses import dataclass, field
 from typing import Union
 
@@ -361,6 +362,24 @@ def _parse_value(text: str, current, name: str):
         raise ValueError(f"--set {name}={text}: expected a value like {current!r}") from None
 
 
+# field -> (the field that decides whether it is read, the value that reads it)
+READ_ONLY_WITH = {"data.toy": ("data.name", "toy2d"), "data.root": ("data.name", "cifar10"),
+                  "data.synthetic_n": ("data.name", "synthetic"), "net.emb_channels": ("net.arch", "mlp"),
+                  "net.channel_mult": ("net.arch", "ddpmpp"), "net.attn_resolutions": ("net.arch", "ddpmpp")}
+
+
+def _get(cfg: RunConfig, key: str):
+    section, _, name = key.partition(".")
+    return getattr(getattr(cfg, section), name)
+
+
+def unread_fields(cfg: RunConfig) -> dict[str, str]:
+    """Fields this config never reads (data.root without CIFAR-10, the MLP's time-embedding width in a DDPM++ run,
+    ...), each with why ("only a run with data.name='cifar10' reads it"): a value given for one has no effect."""
+    return {key: f"only a run with {field}={needed!r} reads it, and this one has {field}={_get(cfg, field)!r}"
+            for key, (field, needed) in READ_ONLY_WITH.items() if _get(cfg, field) != needed}
+
+
 def with_overrides(cfg: RunConfig, items: list[str]) -> RunConfig:
     """Apply `section.field=value` overrides (sections: data, net, train, loss), e.g. ["train.steps=100",
     "net.channels=8"]; values take the field's type and are validated like any config."""
@@ -387,7 +406,12 @@ def with_overrides(cfg: RunConfig, items: list[str]) -> RunConfig:
                              f"{hint} The fields: {', '.join(known)}")
         sub = sections[section]
         sections[section] = dataclasses.replace(sub, **{name: _parse_value(text.strip(), getattr(sub, name), key)})
-    return dataclasses.replace(cfg, **sections, **top)
+    new = dataclasses.replace(cfg, **sections, **top)
+    unread = unread_fields(new)
+    for key in dict.fromkeys(item.partition("=")[0].strip() for item in items):
+        if key in unread:
+            warnings.warn(f"--set {key}: {unread[key]}; the value has no effect", stacklevel=2)
+    return new
 
 
 def preset(name: str, stage: int, **overrides) -> RunConfig:

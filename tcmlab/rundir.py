@@ -19,6 +19,7 @@ import os
 import socket
 import time
 import warnings
+from contextlib import nullcontext
 from dataclasses import replace
 from pathlib import Path
 
@@ -27,6 +28,7 @@ from filelock import FileLock, Timeout
 from . import checkpoint
 from .config import FREE_FIELDS, RECOVERY_FIELDS, RunConfig, from_dict, to_dict, with_free_fields_of
 from .model import CKPT_NAME
+from .viz import SAMPLE_NAMES, png_step
 
 RECOVERY_NAMES = tuple(f"train.{k}" for k in RECOVERY_FIELDS)  # what allow_change may name
 LOCK_NAME = ".tcmlab.lock"
@@ -200,3 +202,49 @@ def truncate_metrics(path: Path, step: int) -> None:
         append_metrics(path.with_name(DISCARDED_NAME), {**r, "resumed_from": step})
     if rows or path.exists():
         checkpoint.atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows if not _after(r, step)))
+
+
+EVAL_NAME = "eval.jsonl"
+EVAL_LOCK_NAME = ".tcmlab.eval.lock"  # held while eval.jsonl is written: `evaluate` appends under it too
+
+
+def _free_name(path: Path) -> Path:
+    """path, or path with -2, -3, ... before its suffix: the first name not yet taken."""
+    k, new = 1, path
+    while new.exists():
+        k += 1
+        new = path.with_name(f"{path.stem}-{k}{path.suffix}")
+    return new
+
+
+def set_aside_outputs(run_dir: Path, step: int) -> list[str]:
+    """Set aside what `evaluate` and `sample` wrote of a state after `step` (the checkpoint's; 0 without one, e.g.
+    after a damaged checkpoint was deleted), so that a restarted run's folder never shows another state's scores or
+    pictures as its own: eval.jsonl rows of a later training step go to eval.discarded.jsonl with `resumed_from:
+    step`, and a sample PNG of a later step (or of an unknown one, when the run starts from scratch) is renamed
+    samples_*.discarded-step<N>.png. Nothing is deleted. Returns what moved, each also warned."""
+    run_dir = Path(run_dir)
+    moved = []
+    path = run_dir / EVAL_NAME
+    with FileLock(str(run_dir / EVAL_LOCK_NAME)) if path.exists() else nullcontext():
+        rows = read_metrics(path)
+        keep = [r for r in rows if r.get("card", {}).get("step", -1) <= step]
+        if len(keep) < len(rows):
+            for r in rows:
+                if r.get("card", {}).get("step", -1) > step:
+                    append_metrics(run_dir / "eval.discarded.jsonl", {**r, "resumed_from": step})
+            checkpoint.atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in keep))
+            moved.append(f"{len(rows) - len(keep)} row(s) of {EVAL_NAME} -> eval.discarded.jsonl")
+    for name in SAMPLE_NAMES:
+        path = run_dir / name
+        if not path.is_file():
+            continue
+        made_at = png_step(path)  # None: written by an older tcmlab, or not by tcmlab
+        if (step == 0) if made_at is None else made_at > step:
+            new = _free_name(path.with_name(f"{path.stem}.discarded-step{made_at or 'unknown'}.png"))
+            os.replace(path, new)
+            moved.append(f"{name} -> {new.name}")
+    if moved:
+        warnings.warn(f"{run_dir}: starting from step {step}, set aside what was made of a later state: "
+                      f"{'; '.join(moved)}", stacklevel=3)
+    return moved

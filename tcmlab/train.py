@@ -338,6 +338,7 @@ def _train(cfg, run_dir, rank, world, device, b_rank, b_gpu, created, steps, pro
             tmp.unlink()
         checkpoint.atomic_write_text(run_dir / "config.json", to_json(cfg))
         rundir.truncate_metrics(metrics_path, step)
+        rundir.set_aside_outputs(run_dir, step)  # eval.jsonl rows and sample PNGs of a later state
 
     f_train = f
     if world > 1:

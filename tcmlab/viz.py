@@ -7,7 +7,7 @@ import math
 from pathlib import Path
 
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, PngImagePlugin
 
 
 def to_uint8(x: torch.Tensor) -> torch.Tensor:
@@ -37,13 +37,30 @@ def scatter(points: torch.Tensor, size: int = 400, extent: float = 2.0) -> Image
     return img
 
 
-def save_samples(x: torch.Tensor, path: str | Path) -> Path:
-    """Save samples as a PNG: an image grid for [N, C, H, W], a scatter plot for [N, 2]."""
+STEP_TAG = "tcmlab-step"  # PNG text entry: the training step of the checkpoint the samples came from
+SAMPLE_NAMES = ("samples_1step.png", "samples_2step.png")  # what `sample_grids` writes
+
+
+def save_samples(x: torch.Tensor, path: str | Path, step: int | None = None) -> Path:
+    """Save samples as a PNG: an image grid for [N, C, H, W], a scatter plot for [N, 2]; `step`, the training step
+    of the model that drew them, is stored in the PNG (`png_step` reads it)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     img = scatter(x) if x.ndim == 2 else image_grid(x, scale=max(1, 64 // x.shape[-1]))
-    img.save(path)
+    info = PngImagePlugin.PngInfo()
+    if step is not None:
+        info.add_text(STEP_TAG, str(int(step)))
+    img.save(path, pnginfo=info)
     return path
+
+
+def png_step(path: str | Path) -> int | None:
+    """The training step a sample PNG records (`save_samples`), or None if it records none or cannot be read."""
+    try:
+        with Image.open(path) as img:
+            return int(img.info[STEP_TAG])
+    except (OSError, KeyError, ValueError):
+        return None
 
 
 def sample_grids(run, out: str | Path, t_mid: float, n: int = 64, seed: int = 0, device: str | None = None,
@@ -57,4 +74,4 @@ def sample_grids(run, out: str | Path, t_mid: float, n: int = 64, seed: int = 0,
     m = run if isinstance(run, TrainedModel) else load_model(
         run, device=device or ("cuda" if torch.cuda.is_available() else "cpu"))
     samples = one_and_two_step(m, n, t_mid, seed, batch=batch)
-    return [save_samples(x, Path(out) / f"samples_{name}.png") for name, x in zip(("1step", "2step"), samples.values())]
+    return [save_samples(x, Path(out) / name, m.step) for name, x in zip(SAMPLE_NAMES, samples.values())]

@@ -158,3 +158,20 @@ def test_a_mistyped_or_misplaced_override_says_what_was_meant():
         d["loss"]["tprime"] = 0.5
         from_dict(d, strict=True)
     assert from_dict(d) == preset("ci", 2)  # a checkpoint of a newer tcmlab (an extra field) still loads
+
+
+def test_an_override_of_a_field_the_run_never_reads_is_warned_about():
+    import warnings
+    from tcmlab.config import with_overrides
+
+    with pytest.warns(UserWarning, match=r"--set data.root: only a run with data.name='cifar10' reads it, and this one "
+                                         r"has data.name='digits'; the value has no effect"):
+        cfg = with_overrides(preset("digits", 1), ["data.root=/mnt/cifar"])
+    assert cfg.data.root == "/mnt/cifar"  # still set: the run is what was asked for
+    with pytest.warns(UserWarning, match=r"--set net.channel_mult: only a run with net.arch='ddpmpp'"):
+        with_overrides(preset("ci", 0), ["net.channel_mult=1,2"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with_overrides(preset("cifar10", 1), ["data.root=/mnt/cifar", "from_scratch=true"])
+        with_overrides(preset("ci", 0), ["data.toy=gaussians8", "data.name=toy2d"])  # read once the name is set
+        with_overrides(preset("digits", 1), ["net.arch=ddpmpp", "net.channel_mult=1,2", "train.steps=5"])

@@ -158,6 +158,77 @@ def test_non_finite_weights_are_refused_naming_the_tensor(tmp_path, ci_runs):
         train(preset("ci", 2, init_from=str(run)), tmp_path / "s2", progress=False)
 
 
+def _flip_byte_of(path: Path, name: str) -> None:
+    """Flip one bit in the middle of tensor `name`'s bytes, as a failing disk would: the file stays readable."""
+    raw = bytearray(path.read_bytes())
+    n = int.from_bytes(raw[:8], "little")
+    begin, end = json.loads(raw[8:8 + n])[name]["data_offsets"]
+    raw[8 + n + (begin + end) // 2] ^= 0x04
+    path.write_bytes(bytes(raw))
+
+
+def test_a_flipped_bit_in_a_checkpoint_is_refused_naming_the_tensor(tmp_path, ci_runs):
+    run = tmp_path / "r"
+    shutil.copytree(ci_runs / "s1", run)
+    ckpt = run / "latest.safetensors"
+    metrics_before = (run / "metrics.jsonl").read_bytes()
+    _flip_byte_of(ckpt, "s.ema.net.out.weight")  # a small change of one weight: finite, so check_finite passes
+    for call in (lambda: load_model(run), lambda: train(preset("ci", 1, init_from=str(ci_runs / "s0")), run,
+                                                        steps=20, progress=False)):
+        with pytest.raises(checkpoint.ChecksumError, match="'s.ema.net.out.weight' differs from the checksum .* "
+                                                           "Restore it from a copy"):
+            call()
+    assert (run / "metrics.jsonl").read_bytes() == metrics_before  # a refused start writes nothing
+    # the JSON state is covered too: a changed step that still parses
+    shutil.copy(ci_runs / "s1" / "latest.safetensors", ckpt)
+    raw = ckpt.read_bytes()
+    step = load_state(ckpt)[0]["step"]
+    old, new = (f'step\\", {k}]'.encode() for k in (step, step + 1 if step % 10 < 9 else step - 1))  # JSON in JSON
+    assert old in raw and len(new) == len(old)  # the header keeps its length: only the checksum can tell
+    ckpt.write_bytes(raw.replace(old, new))
+    with pytest.raises(checkpoint.ChecksumError, match="its JSON state differs"):
+        checkpoint.load(ckpt)
+
+
+def test_a_checkpoint_without_checksums_still_loads(tmp_path):
+    from safetensors.torch import save_file  # as tcmlab wrote them before checksums existed
+
+    tensors = {}
+    skeleton = checkpoint.flatten({"w": torch.arange(3.0), "step": 4}, "s", tensors)
+    save_file(tensors, tmp_path / "old.safetensors", metadata={"tcmlab": json.dumps(skeleton)})
+    state = checkpoint.load(tmp_path / "old.safetensors")
+    assert state["step"] == 4 and torch.equal(state["w"], torch.arange(3.0))
+
+
+def test_a_restarted_run_sets_aside_the_scores_and_pictures_of_the_old_state(tmp_path, ci_runs):
+    run = tmp_path / "s1"
+    cfg = preset("ci", 1, init_from=str(ci_runs / "s0"))
+    train(cfg, run, steps=4, progress=False)
+    rows = [{"card": {"metric": "fid", "step": s}, "fid": 1.0 * s} for s in (4, 8)]
+    (run / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    from tcmlab.viz import png_step, sample_grids
+
+    sample_grids(run, run, t_mid=1.0, n=4, device="cpu")
+    assert png_step(run / "samples_1step.png") == 4
+    with warnings.catch_warnings(record=True) as w:  # resumed at its step 4: the row of step 8 is of another state
+        warnings.simplefilter("always")
+        train(cfg, run, steps=6, progress=False)
+    assert any("1 row(s) of eval.jsonl -> eval.discarded.jsonl" in str(x.message) for x in w)
+    assert rundir.read_metrics(run / "eval.jsonl") == rows[:1]
+    assert rundir.read_metrics(run / "eval.discarded.jsonl") == [{**rows[1], "resumed_from": 4}]
+    assert png_step(run / "samples_1step.png") == 4  # kept: step 4 is a state this run went through
+    (run / "latest.safetensors").unlink()  # e.g. a damaged checkpoint deleted, as its error advises: from step 0
+    (run / "samples_2step.png").write_bytes((run / "samples_1step.png").read_bytes())
+    shutil.copy(run / "samples_1step.png", run / "samples_1step.discarded-step4.png")  # taken: not overwritten
+    with pytest.warns(UserWarning, match="starting from step 0, set aside what was made of a later state: 1 row"):
+        train(cfg, run, steps=2, progress=False)
+    assert rundir.read_metrics(run / "eval.jsonl") == []
+    assert [r["resumed_from"] for r in rundir.read_metrics(run / "eval.discarded.jsonl")] == [4, 0]
+    assert not (run / "samples_1step.png").exists() and not (run / "samples_2step.png").exists()
+    assert png_step(run / "samples_1step.discarded-step4-2.png") == 4
+    assert png_step(run / "samples_2step.discarded-step4.png") == 4
+
+
 @pytest.mark.parametrize("kw", [dict(lr=float("inf")), dict(lr=float("nan")), dict(ema_beta=float("nan")),
                                 dict(betas=(0.9, float("inf")))])
 def test_non_finite_numbers_are_refused_on_construction(kw):

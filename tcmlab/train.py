@@ -5,8 +5,11 @@ global batch; each rank takes its rows): the stage object (`tcmlab.stages`) draw
 iteration i = step + train.step_offset (docs/decisions.md §11). Then gradient norm, a stop on any non-finite loss or
 gradient (reported in metrics.jsonl, never zeroed; docs/decisions.md §20), the optimiser step with lr =
 inverse_sqrt_lr(i) (under fp16, a step the gradient scaler skips is logged as `fp16_skip`), and the EMA update.
-A checkpoint (model, EMA, optimiser, step, all RNG states, and in stage 2 θ0 with its source) is written atomically
-every `ckpt_every` steps, at the end of every call, and when SIGTERM/SIGINT asks the run to stop.
+A checkpoint (model, EMA, optimiser, step, all RNG states, in stage 2 θ0 with its source, and the compute spent) is
+written atomically every `ckpt_every` steps, at the end of every call, and when SIGTERM/SIGINT asks the run to stop.
+Every `log_every` steps a `train` row goes to metrics.jsonl: loss (and per-t-bin losses), lr, gradient norm, EMA β,
+sec_per_step, and the compute so far, summed over every call that trained the run: images_seen (steps × B),
+train_seconds (wall clock, evaluations left out), device_seconds (× ranks), on CUDA peak_memory_mib since the last row.
 
 The run directory is locked for the whole call (`tcmlab.rundir`); nothing in it is written until the config, the
 data, `init_from` and the device have been checked, so a failed start leaves it as it was.
@@ -319,7 +322,7 @@ def _train(cfg, run_dir, rank, world, device, b_rank, b_gpu, created, steps, pro
     scaler = torch.amp.GradScaler(device.type, enabled=tc.precision == "fp16")
     gen = torch.Generator().manual_seed(tc.seed)  # global-batch randomness: indices, ε, t, boundary positions
     torch.manual_seed(tc.seed * 1000 + rank)  # dropout masks: per-rank seeds
-    step = 0
+    step, state_compute = 0, None
     if state is not None:
         f.load_state_dict(state["model"])
         ema.load_state_dict(state["ema"])
@@ -329,6 +332,7 @@ def _train(cfg, run_dir, rank, world, device, b_rank, b_gpu, created, steps, pro
             scaler.load_state_dict(state["scaler"])
         gen.set_state(state["rng"]["data"])
         step = int(state["step"])
+        state_compute = state.get("compute")
         _restore_dropout_rng(state["rng"], rank, world, device, tc.seed, step)
         del state
     if rank == 0:  # checks passed: now the run directory may change
@@ -350,6 +354,16 @@ def _train(cfg, run_dir, rank, world, device, b_rank, b_gpu, created, steps, pro
     fmt = memory_format(tc.channels_last, len(shape) + 1)
     end = tc.steps if steps is None else min(tc.steps, step + steps)
     edges = loss_t_edges(cfg.t_max)
+    # Compute spent on this run, across resumes: wall-clock seconds of training (evaluations left out) and the same
+    # times the ranks (GPU-seconds on GPUs), counted from `since_step` (a checkpoint of an older tcmlab has none).
+    compute = dict(state_compute) if state_compute else {"train_seconds": 0.0, "device_seconds": 0.0,
+                                                         "since_step": step}
+    clock = {"start": time.perf_counter(), "base": dict(compute)}  # start: reset when the loop begins
+
+    def spent() -> dict:
+        seconds = time.perf_counter() - clock["start"]
+        return {**compute, "train_seconds": clock["base"]["train_seconds"] + seconds,
+                "device_seconds": clock["base"]["device_seconds"] + seconds * world}
 
     def save():
         # Every rank's dropout RNG goes into the checkpoint, so a resumed DDP run continues each rank's stream.
@@ -372,6 +386,7 @@ def _train(cfg, run_dir, rank, world, device, b_rank, b_gpu, created, steps, pro
             out["init_source"] = init_source  # {'path', 'step', 'sha256'} of init_from when this run started
         if f0 is not None:
             out["teacher"] = f0.state_dict()
+        out["compute"] = spent()
         checkpoint.save(ckpt_file, out)
 
     def log(row):
@@ -386,6 +401,9 @@ def _train(cfg, run_dir, rank, world, device, b_rank, b_gpu, created, steps, pro
     bar = tqdm(total=end, initial=step, disable=not progress or rank != 0, desc=f"stage {cfg.stage} [{cfg.name}]",
                dynamic_ncols=True)
     t_last, step_last = time.perf_counter(), step
+    clock["start"] = t_last
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     with _stop_requests() as stop:
         while step < end:
             i = step + tc.step_offset
@@ -437,6 +455,10 @@ def _train(cfg, run_dir, rank, world, device, b_rank, b_gpu, created, steps, pro
                        "lr": lr, "grad_norm": float(grad_norm), "ema_beta": beta,
                        "sec_per_step": (now - t_last) / max(step - step_last, 1), **_diagnostics(outs, edges, device)}
                 row["images_per_sec"] = tc.batch / row["sec_per_step"]
+                row.update(images_seen=step * tc.batch, **{k: v for k, v in spent().items() if k != "since_step"})
+                if device.type == "cuda":  # the most this process's tensors held since the previous row
+                    row["peak_memory_mib"] = torch.cuda.max_memory_allocated(device) / 2 ** 20
+                    torch.cuda.reset_peak_memory_stats(device)
                 if stage.ratio(i) is not None:
                     row["ratio"] = stage.ratio(i)
                 t_last, step_last = now, step
@@ -448,7 +470,9 @@ def _train(cfg, run_dir, rank, world, device, b_rank, b_gpu, created, steps, pro
                 t_eval = time.perf_counter()
                 with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
                     log({"kind": "eval", "step": step, **eval_fn(step, ema)})
-                t_last += time.perf_counter() - t_eval  # sec_per_step times training steps, not the evaluation
+                t_eval = time.perf_counter() - t_eval
+                t_last += t_eval  # sec_per_step times training steps, not the evaluation; so does the compute record
+                clock["start"] += t_eval
             signum = stop[0] if stop else 0
             if world > 1:  # every rank stops after the same step, or the checkpoint's collectives would hang
                 flag = torch.tensor([signum], device=device)

@@ -8,7 +8,7 @@ import warnings
 import pytest
 import torch
 
-from tcmlab import checkpoint
+from tcmlab import checkpoint, rundir
 from tcmlab.config import NetConfig, preset
 from tcmlab.model import load_model, load_state
 from tcmlab.train import NonFiniteError, train
@@ -56,6 +56,32 @@ def test_sec_per_step_leaves_out_the_time_of_evaluations(tmp_path, ci_runs):
     secs = [r["sec_per_step"] * cfg.train.log_every for r in rows if r["kind"] == "train"]
     assert [r["step"] for r in rows if r["kind"] == "eval"] == [7, 14, 20]
     assert max(secs) < 0.4, secs  # five ci steps take milliseconds; with the evaluation a row would hold >= 0.5 s
+    spent = load_state(tmp_path / "run")[0]["compute"]  # the compute record leaves the evaluations out as well
+    assert 0 < spent["train_seconds"] < 0.5 * 3 and spent["since_step"] == 0, spent
+
+
+def test_the_compute_a_run_spent_is_counted_across_resumes(tmp_path, ci_runs):
+    """Each train row says how many images the run has seen and its wall-clock (device) seconds so far, summed over
+    every call that trained it; the checkpoint carries the sums, so a resumed run goes on counting."""
+    cfg = preset("ci", 1, init_from=str(ci_runs / "s0"))
+    run = tmp_path / "run"
+    train(cfg, run, steps=10, progress=False)
+    first = load_state(run)[0]["compute"]
+    train(cfg, run, progress=False)
+    rows = [r for r in rundir.read_metrics(run / "metrics.jsonl") if r["kind"] == "train"]
+    assert [r["images_seen"] for r in rows] == [r["step"] * cfg.train.batch for r in rows] == [320, 640, 960, 1280]
+    seconds = [r["train_seconds"] for r in rows]
+    assert seconds == sorted(seconds) and seconds[1] <= first["train_seconds"] < seconds[2], (seconds, first)
+    assert all(r["device_seconds"] == r["train_seconds"] * r["world"] for r in rows)
+    last = load_state(run)[0]["compute"]
+    assert last["train_seconds"] >= seconds[-1] and last["since_step"] == 0
+    # a checkpoint of an older tcmlab has no record: counting starts at its step, and the record says so
+    state = checkpoint.load(run / "latest.safetensors")
+    del state["compute"]
+    checkpoint.save(run / "latest.safetensors", state)
+    train(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, steps=25)), run, progress=False)
+    again = load_state(run)[0]["compute"]
+    assert again["since_step"] == 20 and again["train_seconds"] > 0
 
 
 def test_stage2_theta0_is_stage1_ema_and_stays_frozen(tmp_path, ci_runs, monkeypatch):

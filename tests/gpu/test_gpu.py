@@ -44,6 +44,8 @@ def test_live_dfid_evaluate_and_sample_on_gpu(tmp_path, gpu_runs, capsys):
     train(cfg, tmp_path / "r", device="cuda", progress=False, eval_fn=metrics.dfid_callback(es, n=100), eval_every=10)
     rows = [json.loads(l) for l in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if r["kind"] == "eval"] == [10, 20]
+    weights = sum(p.numel() * 4 for p in load_model(tmp_path / "r").f.parameters()) / 2 ** 20
+    assert all(r["peak_memory_mib"] > weights for r in rows if r["kind"] == "train")  # f, EMA, θ⁻ pass, RAdam
     assert main(["evaluate", str(tmp_path / "r"), "--n", "100", "--device", "cuda"]) == 0
     assert main(["sample", str(tmp_path / "r"), "--n", "16", "--device", "cuda"]) == 0
     assert (tmp_path / "r" / "samples_2step.png").exists()

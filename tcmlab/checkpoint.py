@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 TENSOR_TAG = "__tensor__"
 STATE_KEY = "tcmlab"  # metadata entry: the JSON skeleton (plain values, and where each tensor is)
@@ -176,12 +176,15 @@ class ChecksumError(ValueError):
     """A checkpoint whose bytes are not those that were saved."""
 
 
-def _verify(saved: dict[str, str], now: dict[str, str]) -> None:
+def _verify(saved, now: dict[str, str]) -> None:
+    if not isinstance(saved, dict):
+        raise ValueError(f"its {SUMS_KEY} entry is not a table of checksums")
     bad = sorted(k for k in saved.keys() | now.keys() if saved.get(k) != now.get(k))
     if bad:
-        what = ", ".join("its JSON state" if k == STATE_KEY else repr(k) for k in bad[:3])
-        raise ChecksumError(f"{what}{f' and {len(bad) - 3} more' if len(bad) > 3 else ''} "
-                            f"{'differ' if len(bad) > 1 else 'differs'} from the checksum written with it")
+        names = ["its JSON state" if k == STATE_KEY else repr(k.removeprefix("s.")) for k in bad]
+        more = f" and {len(bad) - 3} more tensors" if len(bad) > 3 else ""
+        raise ChecksumError(f"{', '.join(names[:3])}{more} "
+                            f"{'do' if len(bad) > 1 else 'does'} not match the checksum written with it")
 
 
 def load(path: str | Path, device="cpu") -> dict:
@@ -195,9 +198,9 @@ def load(path: str | Path, device="cpu") -> dict:
         raise ValueError(f"{path} is not a tcmlab checkpoint (those are .safetensors files): give a run directory, "
                          f"or the latest.safetensors inside one")
     try:
-        tensors = load_file(str(path), device="cpu")
-        with safe_open(str(path), framework="pt") as fh:
-            meta = fh.metadata() or {}
+        with safe_open(str(path), framework="pt") as fh:  # one handle: a save that replaces the file meanwhile
+            meta = fh.metadata() or {}                       # cannot pair one file's tensors with another's sums
+            tensors = {k: fh.get_tensor(k) for k in fh.keys()}
         skeleton = meta[STATE_KEY]
         if SUMS_KEY in meta:  # written since checksums exist (docs/decisions.md §21)
             _verify(json.loads(meta[SUMS_KEY]), checksums(tensors, skeleton))

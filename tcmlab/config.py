@@ -380,9 +380,11 @@ def unread_fields(cfg: RunConfig) -> dict[str, str]:
             for key, (field, needed) in READ_ONLY_WITH.items() if _get(cfg, field) != needed}
 
 
-def with_overrides(cfg: RunConfig, items: list[str]) -> RunConfig:
+def with_overrides(cfg: RunConfig, items: list[str], warn_unread: bool = True) -> RunConfig:
     """Apply `section.field=value` overrides (sections: data, net, train, loss), e.g. ["train.steps=100",
-    "net.channels=8"]; values take the field's type and are validated like any config."""
+    "net.channels=8"]; values take the field's type and are validated like any config. An override of a field the
+    resulting config never reads (`unread_fields`) is warned about, unless `warn_unread` is False (a caller that
+    applies the items one at a time)."""
     sections = {"data": cfg.data, "net": cfg.net, "train": cfg.train, "loss": cfg.loss}
     top = {}
     for item in items:
@@ -407,7 +409,7 @@ def with_overrides(cfg: RunConfig, items: list[str]) -> RunConfig:
         sub = sections[section]
         sections[section] = dataclasses.replace(sub, **{name: _parse_value(text.strip(), getattr(sub, name), key)})
     new = dataclasses.replace(cfg, **sections, **top)
-    unread = unread_fields(new)
+    unread = unread_fields(new) if warn_unread else {}
     for key in dict.fromkeys(item.partition("=")[0].strip() for item in items):
         if key in unread:
             warnings.warn(f"--set {key}: {unread[key]}; the value has no effect", stacklevel=2)

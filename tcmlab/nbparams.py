@@ -160,7 +160,7 @@ def stage2_dir(out, cfg2, overrides="") -> Path:
     base = preset(cfg2.name, 2) if cfg2.name in PRESETS else None
     last = {it.split("=")[0]: it for it in parse_overrides(overrides)}  # a field given twice: the last one counts
     kept = sorted(it for key, it in last.items()
-                  if key not in free and (base is None or with_overrides(base, [it]) != base))
+                  if key not in free and (base is None or with_overrides(base, [it], warn_unread=False) != base))
     return Path(out) / "-".join([name, *(re.sub(r"[^A-Za-z0-9._=]+", "_", it) for it in kept)])
 
 

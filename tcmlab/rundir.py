@@ -10,6 +10,8 @@
   per line. A torn last line (power loss, full disk) is dropped with a warning; any other bad line is an error that
   names the file and the line. On every start the stream is cut back to the checkpoint's step, so it always
   matches the state training continues from; the rows cut go to metrics.discarded.jsonl.
+- `set_aside_outputs(run_dir, step)`: likewise for eval.jsonl rows and sample PNGs of a later step than the one
+  training continues from (eval.discarded.jsonl, samples_*.discarded-step<N>.png).
 """
 
 from __future__ import annotations
@@ -217,24 +219,36 @@ def _free_name(path: Path) -> Path:
     return new
 
 
+def _eval_step(row) -> int | None:
+    """The training step of an eval.jsonl row (its card's), or None for a row that names none."""
+    card = row.get("card") if isinstance(row, dict) else None
+    step = card.get("step") if isinstance(card, dict) else None
+    return step if isinstance(step, int) and not isinstance(step, bool) else None
+
+
 def set_aside_outputs(run_dir: Path, step: int) -> list[str]:
     """Set aside what `evaluate` and `sample` wrote of a state after `step` (the checkpoint's; 0 without one, e.g.
     after a damaged checkpoint was deleted), so that a restarted run's folder never shows another state's scores or
     pictures as its own: eval.jsonl rows of a later training step go to eval.discarded.jsonl with `resumed_from:
     step`, and a sample PNG of a later step (or of an unknown one, when the run starts from scratch) is renamed
-    samples_*.discarded-step<N>.png. Nothing is deleted. Returns what moved, each also warned."""
+    samples_*.discarded-step<N>.png. Nothing is deleted; an eval.jsonl that cannot be read is left as it is, with a
+    warning (it is a record, not what training continues from). Returns what moved, each also warned."""
     run_dir = Path(run_dir)
     moved = []
     path = run_dir / EVAL_NAME
     with FileLock(str(run_dir / EVAL_LOCK_NAME)) if path.exists() else nullcontext():
-        rows = read_metrics(path)
-        keep = [r for r in rows if r.get("card", {}).get("step", -1) <= step]
-        if len(keep) < len(rows):
-            for r in rows:
-                if r.get("card", {}).get("step", -1) > step:
+        try:
+            rows = read_metrics(path)
+        except ValueError as e:
+            warnings.warn(f"{e} Left as it is: rows in it may be of a later state than step {step}.", stacklevel=3)
+            rows = []
+        later = [(_eval_step(r) or -1) > step for r in rows]
+        if any(later):
+            for r, cut in zip(rows, later):
+                if cut:
                     append_metrics(run_dir / "eval.discarded.jsonl", {**r, "resumed_from": step})
-            checkpoint.atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in keep))
-            moved.append(f"{len(rows) - len(keep)} row(s) of {EVAL_NAME} -> eval.discarded.jsonl")
+            checkpoint.atomic_write_text(path, "".join(json.dumps(r) + "\n" for r, cut in zip(rows, later) if not cut))
+            moved.append(f"{sum(later)} row(s) of {EVAL_NAME} -> eval.discarded.jsonl")
     for name in SAMPLE_NAMES:
         path = run_dir / name
         if not path.is_file():

@@ -8,8 +8,11 @@ inverse_sqrt_lr(i) (under fp16, a step the gradient scaler skips is logged as `f
 A checkpoint (model, EMA, optimiser, step, all RNG states, in stage 2 θ0 with its source, and the compute spent) is
 written atomically every `ckpt_every` steps, at the end of every call, and when SIGTERM/SIGINT asks the run to stop.
 Every `log_every` steps a `train` row goes to metrics.jsonl: loss (and per-t-bin losses), lr, gradient norm, EMA β,
-sec_per_step, and the compute so far, summed over every call that trained the run: images_seen (steps × B),
-train_seconds (wall clock, evaluations left out), device_seconds (× ranks), on CUDA peak_memory_mib since the last row.
+sec_per_step, and the compute that reached this state, summed over the calls that trained the run: images_seen
+(steps × B), train_seconds (wall clock of the training loop: evaluations, start-up and the final save left out, and so
+is what a killed call did after its last checkpoint), device_seconds (× ranks), since_step where counting began later
+than step 0 (a checkpoint of an older tcmlab), and on CUDA peak_memory_mib: rank 0's most allocated memory during the
+training steps since the last row.
 
 The run directory is locked for the whole call (`tcmlab.rundir`); nothing in it is written until the config, the
 data, `init_from` and the device have been checked, so a failed start leaves it as it was.
@@ -455,7 +458,8 @@ def _train(cfg, run_dir, rank, world, device, b_rank, b_gpu, created, steps, pro
                        "lr": lr, "grad_norm": float(grad_norm), "ema_beta": beta,
                        "sec_per_step": (now - t_last) / max(step - step_last, 1), **_diagnostics(outs, edges, device)}
                 row["images_per_sec"] = tc.batch / row["sec_per_step"]
-                row.update(images_seen=step * tc.batch, **{k: v for k, v in spent().items() if k != "since_step"})
+                row.update(images_seen=step * tc.batch, **{k: v for k, v in spent().items()
+                                                            if k != "since_step" or v > 0})  # counted from since_step
                 if device.type == "cuda":  # the most this process's tensors held since the previous row
                     row["peak_memory_mib"] = torch.cuda.max_memory_allocated(device) / 2 ** 20
                     torch.cuda.reset_peak_memory_stats(device)
@@ -473,6 +477,8 @@ def _train(cfg, run_dir, rank, world, device, b_rank, b_gpu, created, steps, pro
                 t_eval = time.perf_counter() - t_eval
                 t_last += t_eval  # sec_per_step times training steps, not the evaluation; so does the compute record
                 clock["start"] += t_eval
+                if device.type == "cuda":  # and peak_memory_mib
+                    torch.cuda.reset_peak_memory_stats(device)
             signum = stop[0] if stop else 0
             if world > 1:  # every rank stops after the same step, or the checkpoint's collectives would hang
                 flag = torch.tensor([signum], device=device)

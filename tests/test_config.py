@@ -175,3 +175,7 @@ def test_an_override_of_a_field_the_run_never_reads_is_warned_about():
         with_overrides(preset("cifar10", 1), ["data.root=/mnt/cifar", "from_scratch=true"])
         with_overrides(preset("ci", 0), ["data.toy=gaussians8", "data.name=toy2d"])  # read once the name is set
         with_overrides(preset("digits", 1), ["net.arch=ddpmpp", "net.channel_mult=1,2", "train.steps=5"])
+        # notebook 02 names its stage-2 folder by trying each override alone: no warning for a pair that reads both
+        from tcmlab.nbparams import stage2_dir
+        cfg2 = with_overrides(preset("digits", 2, init_from="runs/s1"), ["data.name=toy2d", "data.toy=gaussians8"])
+        assert stage2_dir("runs", cfg2, "data.name=toy2d data.toy=gaussians8").name.endswith("data.toy=gaussians8")

@@ -49,6 +49,8 @@ def test_two_processes_under_torchrun_match_one(tmp_path, ci_runs, stage):
     assert {r["world"] for r in one} == {1} and {r["world"] for r in two} == {2}  # really two ranks
     for x, y in zip(one, two):
         assert y["loss"] == pytest.approx(x["loss"], rel=1e-4)
+        assert y["images_seen"] == x["images_seen"] == x["step"] * cfg.train.batch  # the global batch, not a rank's
+        assert y["device_seconds"] == 2 * y["train_seconds"]  # two processes for that wall-clock time
         if stage == 2:  # diagnostics are reduced over both ranks' rows
             assert y["teacher_rows"] == x["teacher_rows"]
             assert y["loss_boundary"] == pytest.approx(x["loss_boundary"], rel=1e-4)

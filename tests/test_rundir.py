@@ -175,7 +175,7 @@ def test_a_flipped_bit_in_a_checkpoint_is_refused_naming_the_tensor(tmp_path, ci
     _flip_byte_of(ckpt, "s.ema.net.out.weight")  # a small change of one weight: finite, so check_finite passes
     for call in (lambda: load_model(run), lambda: train(preset("ci", 1, init_from=str(ci_runs / "s0")), run,
                                                         steps=20, progress=False)):
-        with pytest.raises(checkpoint.ChecksumError, match="'s.ema.net.out.weight' differs from the checksum .* "
+        with pytest.raises(checkpoint.ChecksumError, match="'ema.net.out.weight' does not match the checksum .* "
                                                            "Restore it from a copy"):
             call()
     assert (run / "metrics.jsonl").read_bytes() == metrics_before  # a refused start writes nothing
@@ -186,8 +186,23 @@ def test_a_flipped_bit_in_a_checkpoint_is_refused_naming_the_tensor(tmp_path, ci
     old, new = (f'step\\", {k}]'.encode() for k in (step, step + 1 if step % 10 < 9 else step - 1))  # JSON in JSON
     assert old in raw and len(new) == len(old)  # the header keeps its length: only the checksum can tell
     ckpt.write_bytes(raw.replace(old, new))
-    with pytest.raises(checkpoint.ChecksumError, match="its JSON state differs"):
+    with pytest.raises(checkpoint.ChecksumError, match="its JSON state does not match"):
         checkpoint.load(ckpt)
+
+
+def test_checksums_cover_every_kind_of_tensor_a_checkpoint_holds(tmp_path):
+    x = torch.randn(2, 3, 4, 5).to(memory_format=torch.channels_last)  # saved contiguous, hashed as saved
+    state = {"bf16": torch.randn(3).bfloat16(), "bool": torch.tensor([True, False]), "empty": torch.zeros(0, 3),
+             "scalar": torch.tensor(7.0), "u8": torch.arange(5, dtype=torch.uint8), "cl": x, "step": 3}
+    checkpoint.save(tmp_path / "c.safetensors", state)
+    back = checkpoint.load(tmp_path / "c.safetensors")
+    assert all(torch.equal(back[k], v) for k, v in state.items() if k != "step")
+    for name in ("s.bool", "s.bf16"):
+        path = tmp_path / f"{name}.safetensors"
+        shutil.copy(tmp_path / "c.safetensors", path)
+        _flip_byte_of(path, name)
+        with pytest.raises(checkpoint.ChecksumError, match=f"'{name[2:]}' does not match"):
+            checkpoint.load(path)
 
 
 def test_a_checkpoint_without_checksums_still_loads(tmp_path):
@@ -205,28 +220,35 @@ def test_a_restarted_run_sets_aside_the_scores_and_pictures_of_the_old_state(tmp
     cfg = preset("ci", 1, init_from=str(ci_runs / "s0"))
     train(cfg, run, steps=4, progress=False)
     rows = [{"card": {"metric": "fid", "step": s}, "fid": 1.0 * s} for s in (4, 8)]
+    rows.insert(1, {"note": "a row without a card is kept"})
     (run / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     from tcmlab.viz import png_step, sample_grids
 
     sample_grids(run, run, t_mid=1.0, n=4, device="cpu")
     assert png_step(run / "samples_1step.png") == 4
+    (run / "samples_2step.png").write_bytes(b"not a tcmlab PNG")  # no step recorded: kept, unless from step 0
     with warnings.catch_warnings(record=True) as w:  # resumed at its step 4: the row of step 8 is of another state
         warnings.simplefilter("always")
         train(cfg, run, steps=6, progress=False)
     assert any("1 row(s) of eval.jsonl -> eval.discarded.jsonl" in str(x.message) for x in w)
-    assert rundir.read_metrics(run / "eval.jsonl") == rows[:1]
-    assert rundir.read_metrics(run / "eval.discarded.jsonl") == [{**rows[1], "resumed_from": 4}]
+    assert rundir.read_metrics(run / "eval.jsonl") == rows[:2]
+    assert rundir.read_metrics(run / "eval.discarded.jsonl") == [{**rows[2], "resumed_from": 4}]
     assert png_step(run / "samples_1step.png") == 4  # kept: step 4 is a state this run went through
+    assert (run / "samples_2step.png").read_bytes() == b"not a tcmlab PNG"
     (run / "latest.safetensors").unlink()  # e.g. a damaged checkpoint deleted, as its error advises: from step 0
     (run / "samples_2step.png").write_bytes((run / "samples_1step.png").read_bytes())
     shutil.copy(run / "samples_1step.png", run / "samples_1step.discarded-step4.png")  # taken: not overwritten
     with pytest.warns(UserWarning, match="starting from step 0, set aside what was made of a later state: 1 row"):
         train(cfg, run, steps=2, progress=False)
-    assert rundir.read_metrics(run / "eval.jsonl") == []
+    assert rundir.read_metrics(run / "eval.jsonl") == rows[1:2]
     assert [r["resumed_from"] for r in rundir.read_metrics(run / "eval.discarded.jsonl")] == [4, 0]
     assert not (run / "samples_1step.png").exists() and not (run / "samples_2step.png").exists()
     assert png_step(run / "samples_1step.discarded-step4-2.png") == 4
     assert png_step(run / "samples_2step.discarded-step4.png") == 4
+    (run / "eval.jsonl").write_text('{"card": {"step": 9}}\nnot json\n')  # unreadable: a record, left as it is
+    with pytest.warns(UserWarning, match="eval.jsonl line 2 is not valid JSON.*Left as it is"):
+        train(cfg, run, steps=1, progress=False)
+    assert (run / "eval.jsonl").read_text() == '{"card": {"step": 9}}\nnot json\n'
 
 
 @pytest.mark.parametrize("kw", [dict(lr=float("inf")), dict(lr=float("nan")), dict(ema_beta=float("nan")),

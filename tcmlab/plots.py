@@ -19,6 +19,7 @@ from plotly.subplots import make_subplots
 from . import rundir
 from .config import RunConfig, from_dict
 from .display import LiveFigure, show  # noqa: F401  (notebooks call plots.show)
+from .health import SPIKE_FACTOR
 from .precond import T_MAX
 from .schedules import LogNormal, TruncatedLogStudentT, delta_t, ect_ratio, n_boundary
 from .viz import to_uint8
@@ -93,17 +94,26 @@ def loss_by_t(run: str | Path) -> go.Figure:
 
 
 def training_curves(run: str | Path) -> go.Figure:
-    """Loss and gradient norm (before clipping or scaling) over training, from a run's metrics.jsonl."""
+    """Loss and gradient norm (before clipping or scaling) over training, from a run's metrics.jsonl: the norm at each
+    logged step, the largest since the previous row (`grad_norm_max`), and the steps logged as spikes (`health`)."""
     rows = read_metrics(run)
     steps = [r["step"] for r in rows]
     fig = make_subplots(rows=1, cols=2, subplot_titles=("training loss", "gradient norm"))
     fig.add_scatter(x=steps, y=[r["loss"] for r in rows], name="loss", row=1, col=1)
     fig.add_scatter(x=steps, y=[r["grad_norm"] for r in rows], name="grad norm", row=1, col=2)
+    with_max = [r for r in rows if "grad_norm_max" in r]  # rows of an older tcmlab have none
+    if with_max:
+        fig.add_scatter(x=[r["step"] for r in with_max], y=[r["grad_norm_max"] for r in with_max], row=1, col=2,
+                        name="largest since the previous row", line=dict(dash="dot"))
+    spikes = read_metrics(run, "grad_spike")
+    if spikes:
+        fig.add_scatter(x=[r["step"] for r in spikes], y=[r["grad_norm"] for r in spikes], mode="markers", row=1,
+                        col=2, name=f"spike (> {SPIKE_FACTOR:g}× the recent median)", marker=dict(symbol="x", size=9))
     fig.update_xaxes(title_text="training step")
     fig.update_yaxes(type="log")
     fig.update_yaxes(title_text="loss (log scale)", row=1, col=1)
     fig.update_yaxes(title_text="‖∇θ loss‖ (log scale)", row=1, col=2)
-    fig.update_layout(title=f"loss and gradient norm: {Path(run).name}", height=360, showlegend=False)
+    fig.update_layout(title=f"loss and gradient norm: {Path(run).name}", height=360, showlegend=bool(with_max))
     return fig
 
 

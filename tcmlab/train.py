@@ -7,7 +7,8 @@ gradient (reported in metrics.jsonl, never zeroed; docs/decisions.md §20), the 
 inverse_sqrt_lr(i) (under fp16, a step the gradient scaler skips is logged as `fp16_skip`), and the EMA update.
 A checkpoint (model, EMA, optimiser, step, all RNG states, in stage 2 θ0 with its source, and the compute spent) is
 written atomically every `ckpt_every` steps, at the end of every call, and when SIGTERM/SIGINT asks the run to stop.
-Every `log_every` steps a `train` row goes to metrics.jsonl: loss (and per-t-bin losses), lr, gradient norm, EMA β,
+Every `log_every` steps a `train` row goes to metrics.jsonl: loss (and per-t-bin losses), lr, gradient norm and
+grad_norm_max (the largest since the last row; a spike gets a `grad_spike` row of its own, `tcmlab.health`), EMA β,
 sec_per_step, and the compute that reached this state, summed over the calls that trained the run: images_seen
 (steps × B), train_seconds (wall clock of the training loop: evaluations, start-up and the final save left out, and so
 is what a killed call did after its last checkpoint), device_seconds (× ranks), since_step where counting began later
@@ -22,7 +23,9 @@ gradients are averaged, diagnostics are reduced over ranks.
 
 from __future__ import annotations
 
+import collections
 import contextlib
+import math
 import shutil
 import signal
 import threading
@@ -43,6 +46,7 @@ from .data import load_data
 from .distributed import agree, all_reduce_sum, process_group
 from .edm_import import check_against, load_edm_pickle
 from .ema import ema_beta, update_ema
+from .health import SPIKE_WINDOW, grad_spike
 from .losses import LossOut
 from .model import CKPT_NAME, build_model, checkpoint_path, frozen_copy, load_state, model_state
 from .precision import float32_math
@@ -404,6 +408,7 @@ def _train(cfg, run_dir, rank, world, device, b_rank, b_gpu, created, steps, pro
     bar = tqdm(total=end, initial=step, disable=not progress or rank != 0, desc=f"stage {cfg.stage} [{cfg.name}]",
                dynamic_ncols=True)
     t_last, step_last = time.perf_counter(), step
+    recent_norms, norm_max = collections.deque(maxlen=SPIKE_WINDOW), 0.0  # health.grad_spike's window
     clock["start"] = t_last
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -451,11 +456,19 @@ def _train(cfg, run_dir, rank, world, device, b_rank, b_gpu, created, steps, pro
             beta = ema_beta(step + tc.step_offset, tc.ema, tc.ema_beta, tc.ema_gamma)
             update_ema(ema, f, beta)
             bar.update(1)
+            g = float(grad_norm)
+            median = grad_spike(recent_norms, g)
+            if median is not None:  # reported, not acted on (docs/decisions.md §20)
+                log({"kind": "grad_spike", "step": step, "grad_norm": g, "median_grad_norm": median,
+                     "window": len(recent_norms), "loss": float(loss_value)})
+            if math.isfinite(g):
+                recent_norms.append(g)
+                norm_max = max(norm_max, g)
 
             if step % tc.log_every == 0 or step == end:
                 now = time.perf_counter()
                 row = {"kind": "train", "step": step, "stage": cfg.stage, "world": world, "loss": float(loss_value),
-                       "lr": lr, "grad_norm": float(grad_norm), "ema_beta": beta,
+                       "lr": lr, "grad_norm": float(grad_norm), "grad_norm_max": norm_max, "ema_beta": beta,
                        "sec_per_step": (now - t_last) / max(step - step_last, 1), **_diagnostics(outs, edges, device)}
                 row["images_per_sec"] = tc.batch / row["sec_per_step"]
                 row.update(images_seen=step * tc.batch, **{k: v for k, v in spent().items()
@@ -465,7 +478,7 @@ def _train(cfg, run_dir, rank, world, device, b_rank, b_gpu, created, steps, pro
                     torch.cuda.reset_peak_memory_stats(device)
                 if stage.ratio(i) is not None:
                     row["ratio"] = stage.ratio(i)
-                t_last, step_last = now, step
+                t_last, step_last, norm_max = now, step, 0.0
                 bar.set_postfix(loss=f"{row['loss']:.4g}")
                 log(row)
             if eval_fn is not None and eval_every and (step % eval_every == 0 or step == end) and rank == 0:

@@ -402,3 +402,43 @@ def test_stage2_names_what_does_not_continue_stage1(tmp_path, ci_runs):
         warnings.simplefilter("always")  # the preset's own pair continues stage 1
         train(dataclasses.replace(cfg, loss=preset("ci", 2).loss), tmp_path / "paired", progress=False)
     assert not [w for w in seen if "does not continue" in str(w.message)]
+
+
+def test_grad_spike_is_judged_against_the_median_of_the_recent_steps():
+    from tcmlab.health import grad_spike
+    recent = [1.0] * 19
+    assert grad_spike(recent, 1e6) is None  # fewer than 20 recent steps: no verdict yet
+    recent.append(3.0)
+    assert grad_spike(recent, 10.0) is None and grad_spike(recent, 10.01) == 1.0  # 10 × the median, not the mean
+    assert grad_spike(recent, float("inf")) is None and grad_spike(recent, float("nan")) is None
+
+
+def test_a_gradient_spike_between_metrics_rows_is_logged_and_training_goes_on(tmp_path, monkeypatch):
+    """A step whose gradient norm is 10× the recent median gets a grad_spike row even when it is not a logging step,
+    and the next train row's grad_norm_max shows it; the run trains on (a spike is reported, not acted on)."""
+    import tcmlab.stages as stages
+    real, calls = stages.edm_loss, []
+
+    def spiky(*a, **k):
+        out = real(*a, **k)
+        calls.append(1)
+        if len(calls) == 33:  # step 33 (of 40), between the rows at 30 and 35
+            out.loss = out.loss * 1000
+        return out
+
+    monkeypatch.setattr(stages, "edm_loss", spiky)
+    cfg = preset("ci", 0)
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, steps=40, log_every=5))
+    r = train(cfg, tmp_path / "r", progress=False)
+    assert r.step == 40
+    rows = rundir.read_metrics(tmp_path / "r" / "metrics.jsonl")
+    spikes = [x for x in rows if x["kind"] == "grad_spike"]
+    assert [x["step"] for x in spikes] == [33], spikes
+    assert spikes[0]["grad_norm"] > 10 * spikes[0]["median_grad_norm"] and spikes[0]["window"] == 32
+    by_step = {x["step"]: x for x in rows if x["kind"] == "train"}
+    assert by_step[35]["grad_norm_max"] == spikes[0]["grad_norm"]  # the largest since the row at step 30
+    assert by_step[35]["grad_norm"] < spikes[0]["grad_norm"] / 10 and by_step[40]["grad_norm_max"] < by_step[35]["grad_norm_max"]
+    from tcmlab import plots
+    fig = plots.training_curves(tmp_path / "r")  # the spike is marked where notebooks 01/02 show the curves
+    marked = [tr for tr in fig.data if tr.name.startswith("spike")]
+    assert len(marked) == 1 and list(marked[0].x) == [33]

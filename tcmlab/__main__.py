@@ -152,6 +152,13 @@ def cmd_evaluate(args) -> None:
     print(f"  appended to {path} in {time.perf_counter() - t0:.1f} s")
 
 
+def cmd_info(args) -> None:
+    from . import runinfo
+
+    d = runinfo.describe(args.run, verify_init=args.verify_init)
+    print(json.dumps(d, indent=1) if args.json else runinfo.report(d))
+
+
 def cmd_sweep(args) -> None:
     spec = load_spec(args.spec, out=args.out)
     dispatch = Dispatch(args.executor, args.workers, args.device, args.partition, args.time, args.gpus, args.cpus,
@@ -289,6 +296,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "over draws (digits at n = 898: one draw's 1-step FID varies by ~20)")
     e.add_argument("--data-root", help="CIFAR-10: folder holding cifar-10-batches-py (never taken from the checkpoint)")
     e.add_argument("--inception-weights", help="local Inception weights file (CIFAR-10; or $TCMLAB_INCEPTION_WEIGHTS)")
+    i = sub.add_parser("info", help="what a run directory holds: step, config against its preset, origin, compute, "
+                                    "reported events, scores (checks the checkpoint's checksums; writes nothing)")
+    i.add_argument("run", help="run directory or checkpoint file")
+    i.add_argument("--verify-init", action="store_true",
+                   help="also hash the file the run started from and say whether it is still that file")
+    i.add_argument("--json", action="store_true", help="print the description as JSON")
     w = sub.add_parser("sweep", help="train and evaluate a grid of runs over seeds (TOML spec, e.g. sweeps/ci.toml)",
                        description="Train and evaluate every point of a sweep spec not yet done (resumable), then "
                                    "rebuild results.csv, summary.csv and figures/ in the output folder.")
@@ -342,7 +355,7 @@ def main(argv=None) -> int:
 def _run(args) -> int:
     try:
         {"demo": cmd_demo, "train": cmd_train, "sample": cmd_sample, "evaluate": cmd_evaluate,
-         "sweep": cmd_sweep, "claims": cmd_claims}[args.cmd](args)
+         "info": cmd_info, "sweep": cmd_sweep, "claims": cmd_claims}[args.cmd](args)
     except Interrupted as e:
         print(f"[tcmlab] {e}", file=sys.stderr)
         return 128 + e.signum

@@ -118,3 +118,34 @@ def test_evaluate_refuses_t_mid_outside_0_T_before_scoring(ci_runs, capsys, monk
     monkeypatch.setattr(metrics, "dfid_scores", lambda *a, **k: pytest.fail("scored before the t_mid check"))
     assert main(["evaluate", str(ci_runs / "s1"), "--n", "20", "--t-mid", "200"]) == 2
     assert "t_mid=200 (--t-mid) must be in (0, T=80)" in capsys.readouterr().err
+
+
+def test_info_says_what_a_run_holds_and_catches_a_damaged_or_moved_teacher(ci_runs, tmp_path, capsys):
+    import json
+    import shutil
+    from tcmlab.config import preset, with_overrides
+    from tcmlab.train import train
+
+    s1 = tmp_path / "s1"
+    shutil.copytree(ci_runs / "s1", s1)
+    run = tmp_path / "s2"
+    train(with_overrides(preset("ci", 2, init_from=str(s1)), ["loss.t_prime=0.5"]), run, steps=10, progress=False)
+    assert main(["evaluate", str(run), "--n", "50"]) == 0
+    capsys.readouterr()
+    assert main(["info", str(run), "--verify-init"]) == 0
+    out = capsys.readouterr().out
+    assert f"{run}: step 10 of 20 (10 steps to go);" in out and "checksums ok" in out
+    assert "stage 2 (TCM truncated training), preset 'ci': differs from the preset in loss.t_prime 1.0 -> 0.5" in out
+    assert f"started from {s1 / 'latest.safetensors'} at its step 20" in out and "now: same file" in out
+    assert "compute: 640 images seen" in out  # 10 steps of the global batch of 64
+    assert "eval.jsonl at step 10 (n = 50, extractor tcmlab-digits-cnn): FID 1-step (80): " in out
+    assert "FID 2-step (80 → 1)" in out and "dFID_t at t = 0.05: " in out
+    d = json.loads((main(["info", str(run), "--json"]), capsys.readouterr().out)[1])
+    assert d["step"] == 10 and d["compute"]["since_step"] == 0 and d["reported"] == {}
+    s1_ckpt = s1 / "latest.safetensors"
+    s1_ckpt.write_bytes(s1_ckpt.read_bytes()[:-1] + b"\x01")  # the teacher's file changed since stage 2 started
+    assert main(["info", str(run), "--verify-init"]) == 0
+    assert "now: changed (sha256 now " in capsys.readouterr().out
+    assert main(["info", str(s1)]) == 2  # and that file itself is refused, named
+    err = capsys.readouterr().err
+    assert f"checkpoint {s1_ckpt} is damaged" in err and "does not match the checksum" in err

@@ -1,5 +1,5 @@
-"""Command line: `python -m tcmlab demo|train|sample|evaluate|sweep` (thin wrappers around tcmlab.train / samplers /
-metrics / sweep).
+"""Command line: `python -m tcmlab demo|train|sample|evaluate|info|sweep|claims` (thin wrappers around tcmlab.train /
+samplers / metrics / runinfo / sweep / claims).
 
 Every expected failure (missing, damaged or mismatched files, permissions, a full disk, bad values) ends in one
 `error:` line saying what to do, with exit code 2; `--debug` shows the traceback instead. SIGTERM/SIGINT during
@@ -156,7 +156,7 @@ def cmd_info(args) -> None:
     from . import runinfo
 
     d = runinfo.describe(args.run, verify_init=args.verify_init)
-    print(json.dumps(d, indent=1) if args.json else runinfo.report(d))
+    print(json.dumps(runinfo.finite_or_none(d), indent=1, allow_nan=False) if args.json else runinfo.report(d))
 
 
 def cmd_sweep(args) -> None:

@@ -190,6 +190,12 @@ def _verify(saved, now: dict[str, str]) -> None:
 def load(path: str | Path, device="cpu") -> dict:
     """Load a checkpoint written by `save`, its tensors on `device` except the RNG states (always CPU); a missing or
     damaged file raises an error that says what to do."""
+    return load_with_metadata(path, device)[0]
+
+
+def load_with_metadata(path: str | Path, device="cpu") -> tuple[dict, dict]:
+    """`load`, and what the file says of itself, read through the same handle: {'tensors': how many,
+    'checksummed': whether it carries checksums (written since docs/decisions.md §21; checked if so)}."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {path}: give a run directory that holds latest.safetensors, "
@@ -204,9 +210,10 @@ def load(path: str | Path, device="cpu") -> dict:
         skeleton = meta[STATE_KEY]
         if SUMS_KEY in meta:  # written since checksums exist (docs/decisions.md §21)
             _verify(json.loads(meta[SUMS_KEY]), checksums(tensors, skeleton))
+        about = {"tensors": len(tensors), "checksummed": SUMS_KEY in meta}
         if torch.device(device).type != "cpu":  # RNG states stay CPU byte tensors, as torch's set_state requires
             tensors = {k: v if k.startswith("s.rng.") else v.to(device) for k, v in tensors.items()}
-        return unflatten(json.loads(skeleton), tensors)
+        return unflatten(json.loads(skeleton), tensors), about
     except PermissionError:
         raise
     except ChecksumError as e:

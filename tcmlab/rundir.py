@@ -188,7 +188,7 @@ DISCARDED_NAME = "metrics.discarded.jsonl"
 ATTEMPT_KINDS = ("nonfinite", "fp16_skip")
 
 
-def _after(row: dict, step: int) -> bool:
+def after_step(row: dict, step: int) -> bool:
     """The row reports on a step after `step` (one a run resumed at `step` does again)."""
     done = row.get("step", 0)
     return done >= step if row.get("kind") in ATTEMPT_KINDS else done > step
@@ -199,11 +199,11 @@ def truncate_metrics(path: Path, step: int) -> None:
     of the steps after it (a `nonfinite` report of the step that failed among them, `ATTEMPT_KINDS`) are appended to
     metrics.discarded.jsonl beside it, each with `resumed_from: step`: what a failed stretch logged is never lost."""
     rows = read_metrics(path)
-    cut = [r for r in rows if _after(r, step)]
+    cut = [r for r in rows if after_step(r, step)]
     for r in cut:
         append_metrics(path.with_name(DISCARDED_NAME), {**r, "resumed_from": step})
     if rows or path.exists():
-        checkpoint.atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows if not _after(r, step)))
+        checkpoint.atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows if not after_step(r, step)))
 
 
 EVAL_NAME = "eval.jsonl"

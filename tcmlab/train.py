@@ -329,7 +329,7 @@ def _train(cfg, run_dir, rank, world, device, b_rank, b_gpu, created, steps, pro
     scaler = torch.amp.GradScaler(device.type, enabled=tc.precision == "fp16")
     gen = torch.Generator().manual_seed(tc.seed)  # global-batch randomness: indices, ε, t, boundary positions
     torch.manual_seed(tc.seed * 1000 + rank)  # dropout masks: per-rank seeds
-    step, state_compute = 0, None
+    step, state_compute, state_health = 0, None, {}
     if state is not None:
         f.load_state_dict(state["model"])
         ema.load_state_dict(state["ema"])
@@ -340,6 +340,7 @@ def _train(cfg, run_dir, rank, world, device, b_rank, b_gpu, created, steps, pro
         gen.set_state(state["rng"]["data"])
         step = int(state["step"])
         state_compute = state.get("compute")
+        state_health = state.get("health") or {}  # none in a checkpoint of an older tcmlab: the window starts empty
         _restore_dropout_rng(state["rng"], rank, world, device, tc.seed, step)
         del state
     if rank == 0:  # checks passed: now the run directory may change
@@ -394,6 +395,7 @@ def _train(cfg, run_dir, rank, world, device, b_rank, b_gpu, created, steps, pro
         if f0 is not None:
             out["teacher"] = f0.state_dict()
         out["compute"] = spent()
+        out["health"] = {"recent_grad_norms": list(recent_norms), "grad_norm_max": norm_max}
         checkpoint.save(ckpt_file, out)
 
     def log(row):
@@ -408,7 +410,9 @@ def _train(cfg, run_dir, rank, world, device, b_rank, b_gpu, created, steps, pro
     bar = tqdm(total=end, initial=step, disable=not progress or rank != 0, desc=f"stage {cfg.stage} [{cfg.name}]",
                dynamic_ncols=True)
     t_last, step_last = time.perf_counter(), step
-    recent_norms, norm_max = collections.deque(maxlen=SPIKE_WINDOW), 0.0  # health.grad_spike's window
+    # health.grad_spike's window and the largest norm since the last row, carried by the checkpoint
+    recent_norms = collections.deque(state_health.get("recent_grad_norms", ()), maxlen=SPIKE_WINDOW)
+    norm_max = state_health.get("grad_norm_max")
     clock["start"] = t_last
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -438,7 +442,8 @@ def _train(cfg, run_dir, rank, world, device, b_rank, b_gpu, created, steps, pro
             loss_value = all_reduce_sum(sum(o.loss.detach() for o in outs))
             scaler.unscale_(opt)
             grad_norm = torch.nn.utils.get_total_norm([p.grad for p in f.parameters() if p.grad is not None])
-            finite = bool(torch.isfinite(loss_value)) and (scaler.is_enabled() or bool(torch.isfinite(grad_norm)))
+            g = float(grad_norm)  # one read to the host per step, as the finiteness check has always made
+            finite = bool(torch.isfinite(loss_value)) and (scaler.is_enabled() or math.isfinite(g))
             if not finite:  # reported, never patched: how many per-sample losses and gradient tensors were non-finite
                 log({"kind": "nonfinite", "step": step, "loss": float(loss_value), "grad_norm": float(grad_norm),
                      "nonfinite_samples": int(sum((~torch.isfinite(o.per_sample)).sum() for o in outs)),
@@ -456,19 +461,18 @@ def _train(cfg, run_dir, rank, world, device, b_rank, b_gpu, created, steps, pro
             beta = ema_beta(step + tc.step_offset, tc.ema, tc.ema_beta, tc.ema_gamma)
             update_ema(ema, f, beta)
             bar.update(1)
-            g = float(grad_norm)
             median = grad_spike(recent_norms, g)
             if median is not None:  # reported, not acted on (docs/decisions.md §20)
                 log({"kind": "grad_spike", "step": step, "grad_norm": g, "median_grad_norm": median,
                      "window": len(recent_norms), "loss": float(loss_value)})
-            if math.isfinite(g):
+            if math.isfinite(g):  # an fp16 step the scaler skipped has none
                 recent_norms.append(g)
-                norm_max = max(norm_max, g)
+                norm_max = g if norm_max is None else max(norm_max, g)
 
             if step % tc.log_every == 0 or step == end:
                 now = time.perf_counter()
                 row = {"kind": "train", "step": step, "stage": cfg.stage, "world": world, "loss": float(loss_value),
-                       "lr": lr, "grad_norm": float(grad_norm), "grad_norm_max": norm_max, "ema_beta": beta,
+                       "lr": lr, "grad_norm": g, "grad_norm_max": norm_max, "ema_beta": beta,
                        "sec_per_step": (now - t_last) / max(step - step_last, 1), **_diagnostics(outs, edges, device)}
                 row["images_per_sec"] = tc.batch / row["sec_per_step"]
                 row.update(images_seen=step * tc.batch, **{k: v for k, v in spent().items()
@@ -478,7 +482,7 @@ def _train(cfg, run_dir, rank, world, device, b_rank, b_gpu, created, steps, pro
                     torch.cuda.reset_peak_memory_stats(device)
                 if stage.ratio(i) is not None:
                     row["ratio"] = stage.ratio(i)
-                t_last, step_last, norm_max = now, step, 0.0
+                t_last, step_last, norm_max = now, step, None
                 bar.set_postfix(loss=f"{row['loss']:.4g}")
                 log(row)
             if eval_fn is not None and eval_every and (step % eval_every == 0 or step == end) and rank == 0:

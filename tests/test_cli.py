@@ -131,17 +131,26 @@ def test_info_says_what_a_run_holds_and_catches_a_damaged_or_moved_teacher(ci_ru
     run = tmp_path / "s2"
     train(with_overrides(preset("ci", 2, init_from=str(s1)), ["loss.t_prime=0.5"]), run, steps=10, progress=False)
     assert main(["evaluate", str(run), "--n", "50"]) == 0
+    assert main(["evaluate", str(run), "--n", "40", "--raw"]) == 0  # another card: listed apart, not in its place
+    with open(run / "metrics.jsonl", "a") as fh:  # a stopped call's rows past the checkpoint
+        fh.write('{"kind": "train", "step": 15, "loss": 1.0, "grad_norm": 1.0}\n{"kind": "nonfinite", "step": 15}\n')
     capsys.readouterr()
+    before = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*")}
     assert main(["info", str(run), "--verify-init"]) == 0
     out = capsys.readouterr().out
+    assert {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*")} == before  # read-only: nothing written or added
     assert f"{run}: step 10 of 20 (10 steps to go);" in out and "checksums ok" in out
     assert "stage 2 (TCM truncated training), preset 'ci': differs from the preset in loss.t_prime 1.0 -> 0.5" in out
-    assert f"started from {s1 / 'latest.safetensors'} at its step 20" in out and "now: same file" in out
+    assert f"started from {s1 / 'latest.safetensors'} at its step 20" in out and "now: same file)" in out
     assert "compute: 640 images seen" in out  # 10 steps of the global batch of 64
-    assert "eval.jsonl at step 10 (n = 50, extractor tcmlab-digits-cnn): FID 1-step (80): " in out
-    assert "FID 2-step (80 → 1)" in out and "dFID_t at t = 0.05: " in out
+    assert "last train row, step 10:" in out  # not the row of step 15, which the checkpoint has not reached
+    assert "after the checkpoint's step (a stopped call; set aside when the run resumes): 1 nonfinite, 1 train" in out
+    ema, raw = out.index("(n = 50, ema weights, seed 0, extractor tcmlab-digits-cnn) FID 1-step (80): "), out.index(
+        "(n = 40, raw weights, seed 0")
+    assert ema < raw and "FID 2-step (80 → 1)" in out and "dFID_t at t = 0.05: " in out
     d = json.loads((main(["info", str(run), "--json"]), capsys.readouterr().out)[1])
-    assert d["step"] == 10 and d["compute"]["since_step"] == 0 and d["reported"] == {}
+    assert d["step"] == 10 and d["compute"]["since_step"] == 0 and d["metrics"]["reported"] == {}
+    assert [e["weights"] for e in d["eval"]].count("raw") == 12  # 1-/2-step FID and dFID_t at 10 levels
     s1_ckpt = s1 / "latest.safetensors"
     s1_ckpt.write_bytes(s1_ckpt.read_bytes()[:-1] + b"\x01")  # the teacher's file changed since stage 2 started
     assert main(["info", str(run), "--verify-init"]) == 0

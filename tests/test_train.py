@@ -411,12 +411,16 @@ def test_grad_spike_is_judged_against_the_median_of_the_recent_steps():
     recent.append(3.0)
     assert grad_spike(recent, 10.0) is None and grad_spike(recent, 10.01) == 1.0  # 10 × the median, not the mean
     assert grad_spike(recent, float("inf")) is None and grad_spike(recent, float("nan")) is None
+    assert grad_spike([0.0] * 20, 1e-9) is None  # no gradient so far: nothing to compare with
 
 
 def test_a_gradient_spike_between_metrics_rows_is_logged_and_training_goes_on(tmp_path, monkeypatch):
     """A step whose gradient norm is 10× the recent median gets a grad_spike row even when it is not a logging step,
-    and the next train row's grad_norm_max shows it; the run trains on (a spike is reported, not acted on)."""
+    and the next train row's grad_norm_max shows it; the run trains on (a spike is reported, not acted on). The
+    window travels in the checkpoint: a run resumed 8 steps before the spike (fewer than the 20 a window needs)
+    reports what the uninterrupted run reports."""
     import tcmlab.stages as stages
+    from tcmlab import plots
     real, calls = stages.edm_loss, []
 
     def spiky(*a, **k):
@@ -428,17 +432,25 @@ def test_a_gradient_spike_between_metrics_rows_is_logged_and_training_goes_on(tm
 
     monkeypatch.setattr(stages, "edm_loss", spiky)
     cfg = preset("ci", 0)
-    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, steps=40, log_every=5))
-    r = train(cfg, tmp_path / "r", progress=False)
-    assert r.step == 40
-    rows = rundir.read_metrics(tmp_path / "r" / "metrics.jsonl")
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, steps=40, log_every=5, ckpt_every=100))
+    runs = {}
+    for name, slices in (("full", (None,)), ("split", (25, None))):
+        calls.clear()
+        for k in slices:
+            r = train(cfg, tmp_path / name, steps=k, progress=False)
+        assert r.step == 40
+        runs[name] = rundir.read_metrics(tmp_path / name / "metrics.jsonl")
+    rows = runs["full"]
     spikes = [x for x in rows if x["kind"] == "grad_spike"]
     assert [x["step"] for x in spikes] == [33], spikes
     assert spikes[0]["grad_norm"] > 10 * spikes[0]["median_grad_norm"] and spikes[0]["window"] == 32
     by_step = {x["step"]: x for x in rows if x["kind"] == "train"}
     assert by_step[35]["grad_norm_max"] == spikes[0]["grad_norm"]  # the largest since the row at step 30
-    assert by_step[35]["grad_norm"] < spikes[0]["grad_norm"] / 10 and by_step[40]["grad_norm_max"] < by_step[35]["grad_norm_max"]
-    from tcmlab import plots
-    fig = plots.training_curves(tmp_path / "r")  # the spike is marked where notebooks 01/02 show the curves
+    assert by_step[35]["grad_norm"] < spikes[0]["grad_norm"] / 10
+    assert by_step[40]["grad_norm_max"] < by_step[35]["grad_norm_max"]
+    watched = lambda rows: [(x["kind"], x["step"], x.get("grad_norm_max"), x.get("median_grad_norm"), x["grad_norm"])
+                            for x in rows if x["kind"] in ("train", "grad_spike")]
+    assert watched(runs["split"]) == watched(rows)
+    fig = plots.training_curves(tmp_path / "full")  # the spike is marked where notebooks 01/02 show the curves
     marked = [tr for tr in fig.data if tr.name.startswith("spike")]
     assert len(marked) == 1 and list(marked[0].x) == [33]

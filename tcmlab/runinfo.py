@@ -18,7 +18,7 @@ from . import checkpoint
 from .config import PRESETS, RunConfig, from_dict, preset
 from .metrics import POINTS
 from .model import checkpoint_path
-from .rundir import EVAL_NAME, after_step, config_diff, read_metrics
+from .rundir import DISCARDED_NAME, EVAL_NAME, after_step, config_diff, read_metrics
 
 STAGE_NAMES = {0: "EDM diffusion pretraining", 1: "ECT consistency training", 2: "TCM truncated training"}
 METRIC_ORDER = ("fid", "fid_heun", "dfid")  # eval cards' metrics, in the order `report` lists them
@@ -60,8 +60,9 @@ def origin(cfg: RunConfig, source: dict | None, verify: bool) -> dict:
 
 
 def metrics_summary(path: Path, step: int) -> dict:
-    """metrics.jsonl up to the checkpoint's `step` (the last train row, counts of REPORTED_KINDS) and after it (rows
-    a resume sets aside in metrics.discarded.jsonl); {'present': False} without the file, 'error' if unreadable."""
+    """metrics.jsonl up to the checkpoint's `step` (the last train row, counts of REPORTED_KINDS), after it (rows a
+    resume sets aside) and the rows earlier resumes set aside (metrics.discarded.jsonl: a `nonfinite` stop's report
+    ends there); {'present': False} without the file, 'error' if unreadable."""
     if not path.exists():
         return {"present": False}
     try:
@@ -70,9 +71,14 @@ def metrics_summary(path: Path, step: int) -> dict:
         return {"present": True, "error": str(e)}
     kept = [r for r in rows if not after_step(r, step)]
     train_rows = [r for r in kept if r.get("kind") == "train"]
+    try:  # what earlier starts set aside: the stretch after a checkpoint that a stopped call did (a nonfinite stop)
+        discarded = [r for r in read_metrics(path.with_name(DISCARDED_NAME)) if isinstance(r, dict)]
+    except ValueError:
+        discarded = []
     return {"present": True, "last_train": train_rows[-1] if train_rows else None,
             "reported": dict(Counter(r["kind"] for r in kept if r.get("kind") in REPORTED_KINDS)),
-            "after_checkpoint": dict(Counter(str(r.get("kind")) for r in rows if after_step(r, step)))}
+            "after_checkpoint": dict(Counter(str(r.get("kind")) for r in rows if after_step(r, step))),
+            "set_aside_earlier": dict(Counter(str(r.get("kind")) for r in discarded))}
 
 
 def scores_at(path: Path, step: int) -> list[dict]:
@@ -173,8 +179,8 @@ def report(d: dict) -> str:
         lines.append("  started from random weights" if o["kind"] == "scratch" else "  started from: not recorded")
     c = d["compute"]
     if c is not None:
-        since = f", counted from step {c['since_step']}" if c.get("since_step") else ""
-        lines.append(f"  compute: {d['step'] * d['batch']:,} images seen, {_duration(c['train_seconds'])} of "
+        since = f" (times counted from step {c['since_step']})" if c.get("since_step") else ""
+        lines.append(f"  compute: {d['step'] * d['batch']:,} images seen; {_duration(c['train_seconds'])} of "
                      f"training, {_duration(c['device_seconds'])} of device time{since}")
     else:
         lines.append("  compute: not recorded (a checkpoint of an older tcmlab)")
@@ -195,6 +201,9 @@ def report(d: dict) -> str:
         if m["after_checkpoint"]:
             later = ", ".join(f"{n} {kind}" for kind, n in sorted(m["after_checkpoint"].items()))
             lines.append(f"  after the checkpoint's step (a stopped call; set aside when the run resumes): {later}")
+        if m["set_aside_earlier"]:
+            earlier = ", ".join(f"{n} {kind}" for kind, n in sorted(m["set_aside_earlier"].items()))
+            lines.append(f"  set aside by earlier resumes ({DISCARDED_NAME}): {earlier}")
     if d["eval"]:
         lines.append(f"  eval.jsonl at step {d['step']}:\n{_scores_line(d['eval'])}")
     else:

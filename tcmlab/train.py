@@ -366,10 +366,13 @@ def _train(cfg, run_dir, rank, world, device, b_rank, b_gpu, created, steps, pro
     # times the ranks (GPU-seconds on GPUs), counted from `since_step` (a checkpoint of an older tcmlab has none).
     compute = dict(state_compute) if state_compute else {"train_seconds": 0.0, "device_seconds": 0.0,
                                                          "since_step": step}
-    clock = {"start": time.perf_counter(), "base": dict(compute)}  # start: reset when the loop begins
+    # start: when the loop begins; peak: CUDA memory peak of the training steps before an evaluation since the last row
+    clock = {"start": time.perf_counter(), "base": dict(compute), "first_step": step, "peak": 0}
 
     def spent() -> dict:
-        seconds = time.perf_counter() - clock["start"]
+        # a call that trains no step adds nothing: its final save then rewrites the checkpoint byte for byte, so the
+        # stage 2 paired with this run (init_source's sha256) stays paired
+        seconds = time.perf_counter() - clock["start"] if step > clock["first_step"] else 0.0
         return {**compute, "train_seconds": clock["base"]["train_seconds"] + seconds,
                 "device_seconds": clock["base"]["device_seconds"] + seconds * world}
 
@@ -478,8 +481,9 @@ def _train(cfg, run_dir, rank, world, device, b_rank, b_gpu, created, steps, pro
                 row.update(images_seen=step * tc.batch, **{k: v for k, v in spent().items()
                                                             if k != "since_step" or v > 0})  # counted from since_step
                 if device.type == "cuda":  # the most this process's tensors held since the previous row
-                    row["peak_memory_mib"] = torch.cuda.max_memory_allocated(device) / 2 ** 20
+                    row["peak_memory_mib"] = max(clock["peak"], torch.cuda.max_memory_allocated(device)) / 2 ** 20
                     torch.cuda.reset_peak_memory_stats(device)
+                    clock["peak"] = 0
                 if stage.ratio(i) is not None:
                     row["ratio"] = stage.ratio(i)
                 t_last, step_last, norm_max = now, step, None
@@ -489,12 +493,14 @@ def _train(cfg, run_dir, rank, world, device, b_rank, b_gpu, created, steps, pro
                 # the evaluation's random draws (torch-fidelity's DataLoader seeds itself from the global RNG) must
                 # not change the training that follows: the same run with or without eval_every trains the same
                 t_eval = time.perf_counter()
+                peak_before_eval = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
                 with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
                     log({"kind": "eval", "step": step, **eval_fn(step, ema)})
                 t_eval = time.perf_counter() - t_eval
                 t_last += t_eval  # sec_per_step times training steps, not the evaluation; so does the compute record
                 clock["start"] += t_eval
-                if device.type == "cuda":  # and peak_memory_mib
+                if device.type == "cuda":  # and so does peak_memory_mib: the steps' peak kept, the evaluation's not
+                    clock["peak"] = max(clock["peak"], peak_before_eval)
                     torch.cuda.reset_peak_memory_stats(device)
             signum = stop[0] if stop else 0
             if world > 1:  # every rank stops after the same step, or the checkpoint's collectives would hang
@@ -508,7 +514,9 @@ def _train(cfg, run_dir, rank, world, device, b_rank, b_gpu, created, steps, pro
             if step % tc.ckpt_every == 0 and step < end:
                 save()
     bar.close()
-    save()
+    if not (stored is not None and step == clock["first_step"] and cfg == stored):
+        save()  # a call that trained nothing on an unchanged run leaves its checkpoint as it was, byte for byte: a
+        # stage 2 paired with it (init_source's sha256) stays paired, also for a checkpoint of an older tcmlab
     if world > 1:
         dist.barrier()
     rows = rundir.read_metrics(metrics_path) if rank == 0 else []

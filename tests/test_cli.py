@@ -129,7 +129,8 @@ def test_info_says_what_a_run_holds_and_catches_a_damaged_or_moved_teacher(ci_ru
     s1 = tmp_path / "s1"
     shutil.copytree(ci_runs / "s1", s1)
     run = tmp_path / "s2"
-    train(with_overrides(preset("ci", 2, init_from=str(s1)), ["loss.t_prime=0.5"]), run, steps=10, progress=False)
+    cfg = with_overrides(preset("ci", 2, init_from=str(s1)), ["loss.t_prime=0.5"])
+    train(cfg, run, steps=10, progress=False)
     assert main(["evaluate", str(run), "--n", "50"]) == 0
     assert main(["evaluate", str(run), "--n", "40", "--raw"]) == 0  # another card: listed apart, not in its place
     with open(run / "metrics.jsonl", "a") as fh:  # a stopped call's rows past the checkpoint
@@ -151,8 +152,13 @@ def test_info_says_what_a_run_holds_and_catches_a_damaged_or_moved_teacher(ci_ru
     d = json.loads((main(["info", str(run), "--json"]), capsys.readouterr().out)[1])
     assert d["step"] == 10 and d["compute"]["since_step"] == 0 and d["metrics"]["reported"] == {}
     assert [e["weights"] for e in d["eval"]].count("raw") == 12  # 1-/2-step FID and dFID_t at 10 levels
+    train(cfg, run, steps=1, progress=False)  # a resume sets the stopped call's rows aside
+    assert main(["info", str(run)]) == 0
+    assert "set aside by earlier resumes (metrics.discarded.jsonl): 1 nonfinite, 1 train" in capsys.readouterr().out
     s1_ckpt = s1 / "latest.safetensors"
-    s1_ckpt.write_bytes(s1_ckpt.read_bytes()[:-1] + b"\x01")  # the teacher's file changed since stage 2 started
+    raw = bytearray(s1_ckpt.read_bytes())
+    raw[-1] ^= 1
+    s1_ckpt.write_bytes(bytes(raw))  # the teacher's file changed since stage 2 started
     assert main(["info", str(run), "--verify-init"]) == 0
     assert "now: changed (sha256 now " in capsys.readouterr().out
     assert main(["info", str(s1)]) == 2  # and that file itself is refused, named

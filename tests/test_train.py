@@ -454,3 +454,25 @@ def test_a_gradient_spike_between_metrics_rows_is_logged_and_training_goes_on(tm
     fig = plots.training_curves(tmp_path / "full")  # the spike is marked where notebooks 01/02 show the curves
     marked = [tr for tr in fig.data if tr.name.startswith("spike")]
     assert len(marked) == 1 and list(marked[0].x) == [33]
+
+
+def test_a_call_that_trains_nothing_leaves_the_checkpoint_as_it_was(tmp_path):
+    """Running a finished stage again (`make demo` twice, the same train command) must not rewrite its checkpoint: a
+    stage 2 records the sha256 of the stage-1 file it started from, and a new file would read as another teacher.
+    The same holds for a checkpoint of an older tcmlab (no compute record, no checksums)."""
+    from safetensors.torch import save_file
+    cfg = preset("ci", 0)
+    run = tmp_path / "s0"
+    train(cfg, run, progress=False)
+    ckpt = run / "latest.safetensors"
+    before = ckpt.read_bytes()
+    assert train(cfg, run, progress=False).step == cfg.train.steps
+    assert ckpt.read_bytes() == before
+    state = checkpoint.load(ckpt)  # as an older tcmlab wrote it
+    del state["compute"], state["health"]
+    tensors = {}
+    skeleton = checkpoint.flatten(state, "s", tensors)
+    save_file(tensors, str(ckpt), metadata={"tcmlab": json.dumps(skeleton)})
+    old = ckpt.read_bytes()
+    train(cfg, run, progress=False)
+    assert ckpt.read_bytes() == old

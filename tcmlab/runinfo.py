@@ -197,7 +197,8 @@ def report(d: dict) -> str:
             lines.append(f"  last train row, step {t['step']}: loss {t['loss']:.4g}, gradient norm "
                          f"{t['grad_norm']:.4g}{top}")
         counts = ", ".join(f"{n} {kind}" for kind, n in sorted(m["reported"].items()))
-        lines.append(f"  metrics.jsonl reports: {counts or 'no spikes, non-finite stops, fp16 skips or config changes'}")
+        none = "no spikes, non-finite stops, fp16 skips or config changes"
+        lines.append(f"  metrics.jsonl reports: {counts or none}")
         if m["after_checkpoint"]:
             later = ", ".join(f"{n} {kind}" for kind, n in sorted(m["after_checkpoint"].items()))
             lines.append(f"  after the checkpoint's step (a stopped call; set aside when the run resumes): {later}")

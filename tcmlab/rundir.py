@@ -219,7 +219,7 @@ def _free_name(path: Path) -> Path:
     return new
 
 
-def _eval_step(row) -> int | None:
+def eval_step(row) -> int | None:
     """The training step of an eval.jsonl row (its card's), or None for a row that names none."""
     card = row.get("card") if isinstance(row, dict) else None
     step = card.get("step") if isinstance(card, dict) else None
@@ -242,7 +242,7 @@ def set_aside_outputs(run_dir: Path, step: int) -> list[str]:
         except ValueError as e:
             warnings.warn(f"{e} Left as it is: rows in it may be of a later state than step {step}.", stacklevel=3)
             rows = []
-        later = [(_eval_step(r) or -1) > step for r in rows]
+        later = [(eval_step(r) or -1) > step for r in rows]
         if any(later):
             for r, cut in zip(rows, later):
                 if cut:

@@ -18,7 +18,7 @@ from . import checkpoint
 from .config import PRESETS, RunConfig, from_dict, preset
 from .metrics import POINTS
 from .model import checkpoint_path
-from .rundir import DISCARDED_NAME, EVAL_NAME, after_step, config_diff, read_metrics
+from .rundir import DISCARDED_NAME, EVAL_NAME, after_step, config_diff, eval_step, read_metrics
 
 STAGE_NAMES = {0: "EDM diffusion pretraining", 1: "ECT consistency training", 2: "TCM truncated training"}
 METRIC_ORDER = ("fid", "fid_heun", "dfid")  # eval cards' metrics, in the order `report` lists them
@@ -90,9 +90,8 @@ def scores_at(path: Path, step: int) -> list[dict]:
     except ValueError:
         return []
     for r in rows:
-        card = r.get("card") if isinstance(r, dict) else None
-        if isinstance(card, dict) and card.get("step") == step:
-            latest[json.dumps({k: v for k, v in card.items() if k != "step"}, sort_keys=True)] = r
+        if eval_step(r) == step:
+            latest[json.dumps({k: v for k, v in r["card"].items() if k != "step"}, sort_keys=True)] = r
 
     def order(r):
         c = r["card"]

@@ -367,14 +367,14 @@ def _train(cfg, run_dir, rank, world, device, b_rank, b_gpu, created, steps, pro
     compute = dict(state_compute) if state_compute else {"train_seconds": 0.0, "device_seconds": 0.0,
                                                          "since_step": step}
     # start: when the loop begins; peak: CUDA memory peak of the training steps before an evaluation since the last row
-    clock = {"start": time.perf_counter(), "base": dict(compute), "first_step": step, "peak": 0}
+    clock = {"start": time.perf_counter(), "first_step": step, "peak": 0}
 
     def spent() -> dict:
         # a call that trains no step adds nothing: its final save then rewrites the checkpoint byte for byte, so the
         # stage 2 paired with this run (init_source's sha256) stays paired
         seconds = time.perf_counter() - clock["start"] if step > clock["first_step"] else 0.0
-        return {**compute, "train_seconds": clock["base"]["train_seconds"] + seconds,
-                "device_seconds": clock["base"]["device_seconds"] + seconds * world}
+        return {**compute, "train_seconds": compute["train_seconds"] + seconds,
+                "device_seconds": compute["device_seconds"] + seconds * world}
 
     def save():
         # Every rank's dropout RNG goes into the checkpoint, so a resumed DDP run continues each rank's stream.

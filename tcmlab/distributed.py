@@ -67,3 +67,12 @@ def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(values)
     return values
+
+
+def all_reduce_max(value: float, device: torch.device) -> float:
+    """The largest of one number over all ranks (the number itself outside a process group)."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        t = torch.tensor([value], dtype=torch.float64, device=device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        value = float(t.item())
+    return value

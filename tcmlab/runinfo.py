@@ -37,8 +37,8 @@ def preset_diff(cfg: RunConfig) -> list[str] | str:
 
 def init_file_now(path: str | Path, sha256: str) -> str:
     """Whether the file a run started from is still there and still that file: 'same file', 'changed (...)' or
-    'missing'; a relative path is looked up from the current folder, and says so. Hashes the whole file (seconds
-    for a CIFAR-10 checkpoint)."""
+    'missing'; a relative path (a checkpoint of an older tcmlab records no absolute one) is looked up from the current
+    folder, and says so. Hashes the whole file (seconds for a CIFAR-10 checkpoint)."""
     path = Path(path)
     where = "" if path.is_absolute() else " (a relative path, looked up from the current folder)"
     if not path.is_file():
@@ -48,14 +48,14 @@ def init_file_now(path: str | Path, sha256: str) -> str:
 
 
 def origin(cfg: RunConfig, source: dict | None, verify: bool) -> dict:
-    """Where a run started: {'kind': 'scratch' | 'edm_pickle' | 'run' | 'unknown', 'path', 'step', 'sha256', and
-    'now' (`init_file_now`) when `verify`}."""
+    """Where a run started: {'kind': 'scratch' | 'edm_pickle' | 'run' | 'unknown', 'path', 'resolved' (the absolute
+    path; absent in checkpoints of an older tcmlab), 'step', 'sha256', and 'now' (`init_file_now`) when `verify`}."""
     if source is None:
         return {"kind": "scratch" if cfg.stage == 0 or cfg.from_scratch else "unknown"}
     kind = "edm_pickle" if str(source["path"]).endswith(".pkl") else "run"
     out = {"kind": kind, **source}
     if verify:
-        out["now"] = init_file_now(source["path"], source["sha256"])
+        out["now"] = init_file_now(source.get("resolved", source["path"]), source["sha256"])
     return out
 
 

@@ -12,8 +12,8 @@ grad_norm_max (the largest since the last row; a spike gets a `grad_spike` row o
 sec_per_step, and the compute that reached this state, summed over the calls that trained the run: images_seen
 (steps × B), train_seconds (wall clock of the training loop: evaluations, start-up and the final save left out, and so
 is what a killed call did after its last checkpoint), device_seconds (× ranks), since_step where counting began later
-than step 0 (a checkpoint of an older tcmlab), and on CUDA peak_memory_mib: rank 0's most allocated memory during the
-training steps since the last row.
+than step 0 (a checkpoint of an older tcmlab), and on CUDA peak_memory_mib: the most memory one process allocated during the
+training steps since the last row (the largest over the ranks).
 
 The run directory is locked for the whole call (`tcmlab.rundir`); nothing in it is written until the config, the
 data, `init_from` and the device have been checked, so a failed start leaves it as it was.
@@ -43,7 +43,7 @@ from tqdm.auto import tqdm
 from . import checkpoint, rundir
 from .config import RunConfig, TrainConfig, to_json
 from .data import load_data
-from .distributed import agree, all_reduce_sum, process_group
+from .distributed import agree, all_reduce_max, all_reduce_sum, process_group
 from .edm_import import check_against, load_edm_pickle
 from .ema import ema_beta, update_ema
 from .health import SPIKE_WINDOW, grad_spike
@@ -144,7 +144,9 @@ def _init_state(cfg: RunConfig, model, shape) -> tuple[dict, dict]:
             warnings.warn(f"init_from={cfg.init_from} is at step {step} of its {src.train.steps}: this stage starts "
                           f"from its EMA at step {step} (recorded in the checkpoint's init_source)", stacklevel=3)
     checkpoint.check_finite(weights, f"init_from={path} (EMA weights)")
-    return weights, {"path": str(path), "step": step, "sha256": checkpoint.sha256(path)}
+    # 'resolved': the absolute path, so that `python -m tcmlab info` finds the file from any folder
+    return weights, {"path": str(path), "resolved": str(path.resolve()), "step": step,
+                     "sha256": checkpoint.sha256(path)}
 
 
 def _recovery_hint(run_dir: Path, ckpt_file: Path, tc) -> str:
@@ -394,7 +396,7 @@ def _train(cfg, run_dir, rank, world, device, b_rank, b_gpu, created, steps, pro
             "rng": {"data": gen.get_state(), "torch": rng_torch, "cuda": rng_cuda},
         }
         if init_source is not None:
-            out["init_source"] = init_source  # {'path', 'step', 'sha256'} of init_from when this run started
+            out["init_source"] = init_source  # {'path', 'resolved', 'step', 'sha256'} of init_from when this run started
         if f0 is not None:
             out["teacher"] = f0.state_dict()
         out["compute"] = spent()
@@ -480,8 +482,9 @@ def _train(cfg, run_dir, rank, world, device, b_rank, b_gpu, created, steps, pro
                 row["images_per_sec"] = tc.batch / row["sec_per_step"]
                 row.update(images_seen=step * tc.batch, **{k: v for k, v in spent().items()
                                                             if k != "since_step" or v > 0})  # counted from since_step
-                if device.type == "cuda":  # the most this process's tensors held since the previous row
-                    row["peak_memory_mib"] = max(clock["peak"], torch.cuda.max_memory_allocated(device)) / 2 ** 20
+                if device.type == "cuda":  # the most one process's tensors held since the previous row (any rank)
+                    peak = max(clock["peak"], torch.cuda.max_memory_allocated(device))
+                    row["peak_memory_mib"] = all_reduce_max(peak, device) / 2 ** 20
                     torch.cuda.reset_peak_memory_stats(device)
                     clock["peak"] = 0
                 if stage.ratio(i) is not None:

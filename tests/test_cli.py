@@ -164,3 +164,17 @@ def test_info_says_what_a_run_holds_and_catches_a_damaged_or_moved_teacher(ci_ru
     assert main(["info", str(s1)]) == 2  # and that file itself is refused, named
     err = capsys.readouterr().err
     assert f"checkpoint {s1_ckpt} is damaged" in err and "does not match the checksum" in err
+
+
+def test_info_finds_a_relative_init_from_from_any_folder(ci_runs, tmp_path, capsys, monkeypatch):
+    import shutil
+    from tcmlab.config import preset
+    from tcmlab.train import train
+
+    shutil.copytree(ci_runs / "s1", tmp_path / "s1")
+    monkeypatch.chdir(tmp_path)
+    train(preset("ci", 2, init_from="s1"), "s2", steps=1, progress=False)  # init_from relative to this folder
+    monkeypatch.chdir(tmp_path / "s1")  # elsewhere, "s1/latest.safetensors" does not exist
+    assert main(["info", str(tmp_path / "s2"), "--verify-init"]) == 0
+    out = capsys.readouterr().out
+    assert "started from s1/latest.safetensors at its step 20" in out and "now: same file)" in out

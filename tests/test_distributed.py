@@ -91,3 +91,17 @@ def test_train_torchrun_stops_its_trainers_when_the_caller_stops(tmp_path, ci_ru
     with pytest.warns(UserWarning, match="resuming on 1 rank"):
         r = train(cfg, tmp_path / "r", steps=1, progress=False)  # the lock is free: nobody trains there any more
     assert r.step == state["step"] + 1
+
+
+
+def test_all_reduce_max_gives_every_rank_the_largest(tmp_path):
+    # peak_memory_mib in the metrics rows: the largest over the ranks, not rank 0's
+    script = tmp_path / "max.py"
+    script.write_text("from tcmlab.distributed import all_reduce_max, process_group\n"
+                      "with process_group('cpu') as (rank, world, device):\n"
+                      "    print(rank, world, all_reduce_max([3.0, 7.5][rank], device))\n")
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                          str(script)], capture_output=True, text=True, cwd=ROOT,
+                         env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)})
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert sorted(out.stdout.split()) == sorted("0 2 7.5 1 2 7.5".split())

@@ -76,8 +76,8 @@ def cmd_train(args) -> None:
     cfg = with_overrides(cfg, args.set + ([f"init_from={args.init_from}"] if args.init_from else []))
     eval_fn = None
     if args.dfid_every:
-        from . import metrics
-        es = metrics.eval_set(cfg.data, data_root=args.data_root, inception_weights=args.inception_weights)
+        from . import evalsets, metrics
+        es = evalsets.eval_set(cfg.data, data_root=args.data_root, inception_weights=args.inception_weights)
         t_prime = cfg.loss.t_prime if cfg.stage == 2 else args.dfid_t_prime  # as the sweep's and notebooks' callbacks
         if t_prime is not None and not 0 < t_prime < cfg.t_max:
             raise ValueError(f"--dfid-t-prime must be in (0, T={cfg.t_max:g}), got {t_prime:g}")
@@ -106,7 +106,7 @@ def cmd_sample(args) -> None:
 
 
 def cmd_evaluate(args) -> None:
-    from . import metrics
+    from . import evalsets, metrics
     from .checkpoint import atomic_write_text
 
     t0 = time.perf_counter()
@@ -114,7 +114,7 @@ def cmd_evaluate(args) -> None:
     run_dir = run_dir_of(args.run)
     _writable(run_dir)
     # A checkpoint's stored paths are data: shown, never followed; the CIFAR-10 folder comes from --data-root.
-    es = metrics.eval_set(m.cfg.data, data_root=args.data_root, inception_weights=args.inception_weights)
+    es = evalsets.eval_set(m.cfg.data, data_root=args.data_root, inception_weights=args.inception_weights)
     es.cuda = torch.device(args.device).type == "cuda"
     if m.t_prime is not None and args.t_mid < m.t_prime:
         print(f"[tcmlab] --t-mid {args.t_mid:g} is below t′ = {m.t_prime:g} of this stage-2 model (trained on [t′, T] "
@@ -128,7 +128,7 @@ def cmd_evaluate(args) -> None:
         old = path.read_text() if path.exists() else ""
         atomic_write_text(path, old + "".join(json.dumps(r) + "\n" for r in rows))
     fl = rows[0]["floor"]
-    points = es.extractor == metrics.POINTS  # toy2d: the 'fid' slot holds the energy distance of the points
+    points = es.extractor == evalsets.POINTS  # toy2d: the 'fid' slot holds the energy distance of the points
     name, digits = ("energy distance", 4) if points else ("FID", 2)
     print(f"[tcmlab] {args.run} step {m.step} ({m.which}), n = {n_q}, reference {es.reference_name}, extractor "
           f"{es.extractor}" + (f", real-vs-real floor at n = {n_q}: {fl:.{digits}f}" if fl is not None else "")

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from . import checkpoint
 from .config import PRESETS, RunConfig, from_dict, preset
-from .metrics import POINTS
+from .evalsets import POINTS
 from .model import checkpoint_path
 from .rundir import DISCARDED_NAME, EVAL_NAME, after_step, config_diff, eval_step, read_metrics
 

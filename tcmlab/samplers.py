@@ -98,15 +98,24 @@ def generate(f, n: int, shape: Sequence[int], ts: Sequence[float] = (T_MAX,), *,
     """Draw n samples: x_T = ts[0]·z, then `sampler` (`sample`, or `heun` for a diffusion model). With `sample`,
     ts=(T,) is one step and ts=(T, t_mid) two steps (App. E).
 
-    Noise is drawn on the CPU from `generator` (the same samples on any device); the network runs on `device`,
-    by default the device its weights live on. Returns CPU tensors."""
+    Noise is drawn on the CPU from `generator` (the same samples on any device): first the n z's, then the sampler's
+    noise (ε of each further step), so that a 1-step and a 2-step call with the same seed start every sample from the
+    same z, whatever `batch` is (drawn batch by batch, the z of a later batch would follow the earlier batches' ε).
+    The network runs on `device`, by default the device its weights live on. Returns CPU tensors."""
     ts = check_times(ts, t_prime).tolist()
     device = device_of(f) if device is None else torch.device(device)
+    sizes = [min(batch, n - start) for start in range(0, n, batch)]
+    steps_gen = generator
+    if generator is not None and len(ts) > 1 and len(sizes) > 1:  # ε from where the z's end, without holding them
+        steps_gen = torch.Generator().set_state(generator.get_state())
+        for m in sizes:
+            torch.randn((m, *shape), generator=steps_gen, dtype=torch.float64)
     out = []
-    for start in range(0, n, batch):
-        m = min(batch, n - start)
+    for m in sizes:
         z = torch.randn((m, *shape), generator=generator, dtype=torch.float64)
-        out.append(sampler(f, (ts[0] * z).to(device), ts, callback=callback, generator=generator, t_prime=t_prime))
+        out.append(sampler(f, (ts[0] * z).to(device), ts, callback=callback, generator=steps_gen, t_prime=t_prime))
+    if steps_gen is not generator:
+        generator.set_state(steps_gen.get_state())  # the generator ends where one batch would leave it
     return torch.cat(out).cpu()
 
 

@@ -439,11 +439,11 @@ _EVAL_SETS: dict = {}  # per worker process: one EvalSet per data config (featur
 
 
 def _eval_set(cfg: RunConfig, ev: EvalSpec, cuda: bool):
-    from . import metrics
+    from . import evalsets
 
     key = (cfg.data, ev.data_root, ev.inception_weights)
     if key not in _EVAL_SETS:
-        _EVAL_SETS[key] = metrics.eval_set(cfg.data, data_root=ev.data_root, inception_weights=ev.inception_weights)
+        _EVAL_SETS[key] = evalsets.eval_set(cfg.data, data_root=ev.data_root, inception_weights=ev.inception_weights)
     es = _EVAL_SETS[key]
     es.cuda = cuda
     return es

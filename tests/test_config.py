@@ -91,7 +91,7 @@ def test_every_config_field_is_read_somewhere(tmp_path, monkeypatch):
     """Every field of every config class is read, through an instance of that class, by library code outside
     config.py while a tiny run of each stage trains, is sampled and evaluated, and each data set loads."""
     import sys
-    from tcmlab import metrics
+    from tcmlab import evalsets, metrics
     from tcmlab.data import load_data
     from tcmlab.model import load_model
     from tcmlab.nets import build_net
@@ -121,7 +121,7 @@ def test_every_config_field_is_read_somewhere(tmp_path, monkeypatch):
         cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, **tiny))
         runs.append(tmp_path / f"s{stage}")
         train(cfg, runs[-1], progress=False)
-    es = metrics.digits_eval_set()
+    es = evalsets.digits_eval_set()
     metrics.sample_quality(load_model(runs[-1]), es, n=20)
     build_net(NetConfig(arch="ddpmpp", channels=8, channel_mult=(1,), depth=1, attn_resolutions=(4,)), (1, 4, 4))
     load_data(DataConfig("toy2d", toy="gaussians8"))

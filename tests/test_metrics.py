@@ -6,14 +6,14 @@ import math
 import pytest
 import torch
 
-from tcmlab import digits_classifier, metrics
+from tcmlab import digits_classifier, evalsets, metrics
 from tcmlab.metrics import EvalCard, check_comparable
 from tcmlab.viz import to_uint8
 
 
 @pytest.fixture(scope="module")
 def es():
-    return metrics.digits_eval_set()
+    return evalsets.digits_eval_set()
 
 
 def test_shipped_extractor_loads_and_reproduces_its_card():
@@ -24,10 +24,10 @@ def test_shipped_extractor_loads_and_reproduces_its_card():
 
 
 def test_reregistering_is_harmless():
-    metrics.register()
-    metrics.register()
+    evalsets.register()
+    evalsets.register()
     importlib.reload(metrics)  # a re-run notebook cell that imports and registers again
-    metrics.register()
+    evalsets.register()
 
 
 def test_real_vs_itself_zero_vs_noise_large_and_floor(es):
@@ -93,7 +93,7 @@ def test_split_floors_resplit_the_real_images(es, monkeypatch):
     a = metrics.split_floors(es, splits=3, seed=1)
     assert a == metrics.split_floors(es, splits=3, seed=1) and len(set(a)) == 3 and all(v > 0 for v in a)
     assert metrics.split_floors(es, splits=3, seed=2) != a
-    same = metrics.EvalSet(es.name, es.query, es.reference, es.extractor, es.weights_path, es.sha256)
+    same = evalsets.EvalSet(es.name, es.query, es.reference, es.extractor, es.weights_path, es.sha256)
     monkeypatch.setattr(metrics.torch, "randperm", lambda n, generator=None: torch.arange(n))  # the fixed split
     assert metrics.split_floors(same, splits=1) == [pytest.approx(metrics.floor(es))]
 
@@ -143,9 +143,9 @@ def test_inception_path_runs_offline_with_a_local_file(tmp_path, monkeypatch):
     write_cifar(tmp_path / "cifar", n=4)
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torchhome"))
     with pytest.raises(ValueError, match="SHA-256"):  # not torch-fidelity's file: refused before unpickling
-        metrics.cifar10_eval_set(tmp_path / "cifar", inception_weights=path, n_reference=20)
-    monkeypatch.setattr(metrics, "INCEPTION_SHA256_PREFIX", digits_classifier.sha256(path)[:8])  # pretend genuine
-    es = metrics.cifar10_eval_set(tmp_path / "cifar", inception_weights=path, n_reference=20)
+        evalsets.cifar10_eval_set(tmp_path / "cifar", inception_weights=path, n_reference=20)
+    monkeypatch.setattr(evalsets, "INCEPTION_SHA256_PREFIX", digits_classifier.sha256(path)[:8])  # pretend genuine
+    es = evalsets.cifar10_eval_set(tmp_path / "cifar", inception_weights=path, n_reference=20)
     es.cuda = False
     out = metrics.fid_kid(es.reference[:10], es, kid=False)
     assert math.isfinite(out["fid"])  # a finite number came back (fid == fid would pass for inf)
@@ -170,21 +170,21 @@ def test_crafted_inception_weights_never_execute(tmp_path, monkeypatch):
     monkeypatch.setenv("TCMLAB_INCEPTION_WEIGHTS", str(path))
     monkeypatch.delenv("TCMLAB_INCEPTION_SHA256", raising=False)
     with pytest.raises(ValueError, match="not the expected 6726825d"):
-        metrics.cifar10_eval_set(tmp_path / "cifar")
+        evalsets.cifar10_eval_set(tmp_path / "cifar")
     assert not marker.exists()
     # the hash check is a 32-bit prefix, which a crafted file can match: it must hold tensors only as well
-    monkeypatch.setattr(metrics, "INCEPTION_SHA256_PREFIX", digits_classifier.sha256(path)[:8])
+    monkeypatch.setattr(evalsets, "INCEPTION_SHA256_PREFIX", digits_classifier.sha256(path)[:8])
     with pytest.raises(ValueError, match="holds objects other than tensors"):
-        metrics.cifar10_eval_set(tmp_path / "cifar")
+        evalsets.cifar10_eval_set(tmp_path / "cifar")
     assert not marker.exists()
 
 
 def test_inception_missing_weights_names_the_setting(tmp_path, monkeypatch):
     monkeypatch.delenv("TCMLAB_INCEPTION_WEIGHTS", raising=False)
     with pytest.raises(FileNotFoundError, match="TCMLAB_INCEPTION_WEIGHTS"):
-        metrics.cifar10_eval_set(tmp_path)
+        evalsets.cifar10_eval_set(tmp_path)
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        metrics.cifar10_eval_set(tmp_path, inception_weights=tmp_path / "nope.pth")
+        evalsets.cifar10_eval_set(tmp_path, inception_weights=tmp_path / "nope.pth")
 
 
 @pytest.mark.parametrize("n, d", [(50, 8), (300, 64), (20, 64)])  # n < d: singular covariances, as with few images

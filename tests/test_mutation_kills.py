@@ -384,3 +384,19 @@ def test_tcm_targets_rejects_unknown_teacher_passes():
     f = Affine(0.0, 2.0, trainable=False)
     with pytest.raises(ValueError, match="teacher_passes"):
         tcm_targets(f, f, torch.zeros(2, 1, 2, 2), torch.tensor([0.5, 2.0]), 1.0, torch.get_rng_state(), "both")
+
+
+def test_one_and_two_step_share_every_z_whatever_the_batch():
+    # all z's first, then the ε's: the 2-step samples of a later batch start from the 1-step samples' z
+    n, shape, T, t_mid = 20, (16,), 80.0, 0.7  # 16 values a row: torch's CPU randn stream splits at any row
+    g = torch.Generator().manual_seed(5)
+    z = torch.randn((n, *shape), generator=g, dtype=torch.float64)
+    eps = torch.randn((n, *shape), generator=g, dtype=torch.float64)
+    after = torch.randn(3, generator=g)
+    for batch in (1024, 7):
+        gen = torch.Generator().manual_seed(5)
+        two = generate(lambda x, t: x, n, shape, (T, t_mid), generator=gen, batch=batch)
+        assert torch.allclose(two.double(), T * z + t_mid * eps, rtol=1e-6, atol=1e-5)
+        assert torch.equal(torch.randn(3, generator=gen), after)  # the generator left where one batch leaves it
+        one = generate(lambda x, t: x, n, shape, (T,), generator=torch.Generator().manual_seed(5), batch=batch)
+        assert torch.allclose(one.double(), T * z, rtol=1e-6)

@@ -147,14 +147,14 @@ def test_step_offset_continues_lr_and_power_ema_counters(tmp_path, ci_runs):
 
 
 def test_model_t_max_is_honoured_by_sampling_and_evaluation(tmp_path, ci_runs):
-    from tcmlab import metrics
+    from tcmlab import evalsets, metrics
     cfg = preset("ci", 1, init_from=str(ci_runs / "s0"))
     cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, steps=2),
                               loss=dataclasses.replace(cfg.loss, t_max=40.0))
     train(cfg, tmp_path / "t40", progress=False)
     m = load_model(tmp_path / "t40")
     assert m.t_max == 40.0
-    rows = metrics.sample_quality(m, metrics.digits_eval_set(), n=20)
+    rows = metrics.sample_quality(m, evalsets.digits_eval_set(), n=20)
     assert [r["card"]["steps"] for r in rows] == [(40.0,), (40.0, 1.0)]
     assert metrics.dfid_ts(40.0)[-1] == 40.0 and max(metrics.dfid_ts(40.0)) == 40.0
 

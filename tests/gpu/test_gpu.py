@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tcmlab import metrics
+from tcmlab import evalsets, metrics
 from tcmlab.__main__ import main
 from tcmlab.config import preset, with_overrides
 from tcmlab.model import load_model, load_state
@@ -39,7 +39,7 @@ def test_resume_on_gpu_equals_uninterrupted(tmp_path, gpu_runs):
 
 
 def test_live_dfid_evaluate_and_sample_on_gpu(tmp_path, gpu_runs, capsys):
-    es = metrics.digits_eval_set()
+    es = evalsets.digits_eval_set()
     cfg = preset("ci", 1, init_from=str(gpu_runs / "s0"))
     train(cfg, tmp_path / "r", device="cuda", progress=False, eval_fn=metrics.dfid_callback(es, n=100), eval_every=10)
     rows = [json.loads(l) for l in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]

@@ -28,7 +28,7 @@ from pathlib import Path
 from filelock import FileLock, Timeout
 
 from . import checkpoint
-from .config import FREE_FIELDS, RECOVERY_FIELDS, RunConfig, from_dict, to_dict, with_free_fields_of
+from .config import FREE_FIELDS, RECOVERY_FIELDS, RunConfig, from_dict, to_dict, unread_fields, with_free_fields_of
 from .model import CKPT_NAME
 from .viz import SAMPLE_NAMES, png_step
 
@@ -83,11 +83,14 @@ def stored_config(run_dir: Path, ckpt_state: dict | None) -> tuple[RunConfig | N
 
 def config_diff(old: RunConfig, new: RunConfig, init_free: bool = False, also_free: tuple[str, ...] = ()) -> list[str]:
     """"field old -> new" for every field in which `new` is another run than `old`. The fields of
-    `config.FREE_FIELDS` and the TrainConfig fields in `also_free` never count, nor init_from if `init_free` (a run
-    with a checkpoint does not read it again)."""
+    `config.FREE_FIELDS`, the TrainConfig fields in `also_free` and the fields neither config reads
+    (`config.unread_fields`: net.channel_mult of an MLP) never count, nor init_from if `init_free` (a run with a
+    checkpoint does not read it again)."""
     new = with_free_fields_of(new, old)
     new = replace(new, train=replace(new.train, **{k: getattr(old.train, k) for k in also_free}))
     a, b = _flat(to_dict(old)), _flat(to_dict(new))
+    for key in set(unread_fields(old)) & set(unread_fields(new)):
+        a.pop(key, None), b.pop(key, None)
     if init_free:
         a.pop("init_from"), b.pop("init_from")
     return [f"{k} {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
@@ -98,8 +101,9 @@ def check_same_run(run_dir: Path, cfg: RunConfig, ckpt_state: dict | None,
     """Refuse a run directory that holds a different run. Between calls only train.steps may change (to extend a
     run; never below the checkpoint's step), data.root, the fields of `config.FREE_FIELDS` (speed and bookkeeping
     options), those of `config.RECOVERY_FIELDS` named in `allow_change` (e.g. "train.lr") and, once a checkpoint
-    holds the run, init_from (it is not read again; the run keeps its own). A folder with a config.json but no checkpoint (a run that failed before its
-    first one) holds nothing to protect: any config may start there. Returns the changes, each also warned."""
+    holds the run, init_from (it is not read again; the run keeps its own); fields neither config reads do not count
+    (`config_diff`). A folder with a config.json but no checkpoint (a run that failed before its first one) holds
+    nothing to protect: any config may start there. Returns the changes, each also warned."""
     bad = [name for name in allow_change if name not in RECOVERY_NAMES]
     if bad:
         raise ValueError(f"allow_change takes {', '.join(RECOVERY_NAMES)}, got {', '.join(map(repr, bad))}: other "
@@ -171,6 +175,10 @@ def read_metrics(path: str | Path) -> list[dict]:
                 break
             raise ValueError(f"{path} line {k + 1} is not valid JSON ({e.msg}). Repair or delete that line "
                              f"(metrics are diagnostics; the checkpoint does not depend on them).") from None
+        if not isinstance(rows[-1], dict):
+            raise ValueError(f"{path} line {k + 1} is JSON but not an object (a row is {{\"kind\": ..., \"step\": "
+                             f"...}}): repair or delete that line (metrics are diagnostics; the checkpoint does not "
+                             f"depend on them).")
     return rows
 
 

@@ -12,8 +12,8 @@ grad_norm_max (the largest since the last row; a spike gets a `grad_spike` row o
 sec_per_step, and the compute that reached this state, summed over the calls that trained the run: images_seen
 (steps × B), train_seconds (wall clock of the training loop: evaluations, start-up and the final save left out, and so
 is what a killed call did after its last checkpoint), device_seconds (× ranks), since_step where counting began later
-than step 0 (a checkpoint of an older tcmlab), and on CUDA peak_memory_mib: the most memory one process allocated during the
-training steps since the last row (the largest over the ranks).
+than step 0 (a checkpoint of an older tcmlab), and on CUDA peak_memory_mib: the most memory one process allocated
+during the training steps since the last row (the largest over the ranks).
 
 The run directory is locked for the whole call (`tcmlab.rundir`); nothing in it is written until the config, the
 data, `init_from` and the device have been checked, so a failed start leaves it as it was.
@@ -41,7 +41,7 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from . import checkpoint, rundir
-from .config import RunConfig, TrainConfig, to_json
+from .config import RECOVERY_FIELDS, RunConfig, TrainConfig, to_json
 from .data import load_data
 from .distributed import agree, all_reduce_max, all_reduce_sum, process_group
 from .edm_import import check_against, load_edm_pickle
@@ -372,13 +372,15 @@ def _train(cfg, run_dir, rank, world, device, b_rank, b_gpu, created, steps, pro
     clock = {"start": time.perf_counter(), "first_step": step, "peak": 0}
 
     def spent() -> dict:
-        # a call that trains no step adds nothing: its final save then rewrites the checkpoint byte for byte, so the
-        # stage 2 paired with this run (init_source's sha256) stays paired
+        # a call that trains no step adds nothing
         seconds = time.perf_counter() - clock["start"] if step > clock["first_step"] else 0.0
         return {**compute, "train_seconds": compute["train_seconds"] + seconds,
                 "device_seconds": compute["device_seconds"] + seconds * world}
 
+    on_disk = {"config": stored}  # the config the checkpoint in the run directory holds
+
     def save():
+        on_disk["config"] = cfg
         # Every rank's dropout RNG goes into the checkpoint, so a resumed DDP run continues each rank's stream.
         rng_torch = [torch.get_rng_state()]
         rng_cuda = [torch.cuda.get_rng_state(device)] if device.type == "cuda" else []
@@ -396,7 +398,7 @@ def _train(cfg, run_dir, rank, world, device, b_rank, b_gpu, created, steps, pro
             "rng": {"data": gen.get_state(), "torch": rng_torch, "cuda": rng_cuda},
         }
         if init_source is not None:
-            out["init_source"] = init_source  # {'path', 'resolved', 'step', 'sha256'} of init_from when this run started
+            out["init_source"] = init_source  # {'path', 'resolved', 'step', 'sha256'} of init_from at the start
         if f0 is not None:
             out["teacher"] = f0.state_dict()
         out["compute"] = spent()
@@ -409,15 +411,17 @@ def _train(cfg, run_dir, rank, world, device, b_rank, b_gpu, created, steps, pro
             if on_log is not None:
                 on_log(row)
 
+    # health.grad_spike's window and the largest norm since the last row, carried by the checkpoint
+    recent_norms = collections.deque(state_health.get("recent_grad_norms", ()), maxlen=SPIKE_WINDOW)
+    norm_max = state_health.get("grad_norm_max")
+    if stored is not None and any(getattr(stored.train, k) != getattr(cfg.train, k) for k in RECOVERY_FIELDS):
+        save()  # the checkpoint takes the new lr/precision first, so the config_change row never outlives it
     if changes:
         log({"kind": "config_change", "step": step, "changes": changes})  # visible in the run's own record
 
     bar = tqdm(total=end, initial=step, disable=not progress or rank != 0, desc=f"stage {cfg.stage} [{cfg.name}]",
                dynamic_ncols=True)
     t_last, step_last = time.perf_counter(), step
-    # health.grad_spike's window and the largest norm since the last row, carried by the checkpoint
-    recent_norms = collections.deque(state_health.get("recent_grad_norms", ()), maxlen=SPIKE_WINDOW)
-    norm_max = state_health.get("grad_norm_max")
     clock["start"] = t_last
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -510,16 +514,20 @@ def _train(cfg, run_dir, rank, world, device, b_rank, b_gpu, created, steps, pro
                 flag = torch.tensor([signum], device=device)
                 dist.all_reduce(flag, op=dist.ReduceOp.MAX)
                 signum = int(flag.item())
-            if signum:
+            if signum and step < end:  # at `end` the call has done its work: the final save below, then a normal end
                 bar.close()
                 save()
                 raise Interrupted(signum, step, run_dir, tc.steps, sliced=steps is not None and end < tc.steps)
             if step % tc.ckpt_every == 0 and step < end:
                 save()
-    bar.close()
-    if not (stored is not None and step == clock["first_step"] and cfg == stored):
-        save()  # a call that trained nothing on an unchanged run leaves its checkpoint as it was, byte for byte: a
-        # stage 2 paired with it (init_source's sha256) stays paired, also for a checkpoint of an older tcmlab
+        bar.close()
+        # The final save, still under the stop handlers: a SIGTERM/SIGINT now waits for it (the steps since the last
+        # checkpoint are kept), and the call ends normally. A call that trained nothing leaves the checkpoint as it
+        # was, byte for byte, unless the run's config changed (config_diff: not a speed or bookkeeping option, nor a
+        # field the run does not read): a stage 2 paired with it (init_source's sha256) stays paired.
+        if not (step == clock["first_step"] and on_disk["config"] is not None
+                and not rundir.config_diff(on_disk["config"], cfg, init_free=True)):
+            save()
     if world > 1:
         dist.barrier()
     rows = rundir.read_metrics(metrics_path) if rank == 0 else []

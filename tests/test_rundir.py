@@ -433,3 +433,79 @@ def test_a_stage_2_pointed_at_its_teachers_folder_is_told_so_not_to_delete_it(tm
     assert "delete" not in str(e.value) and (s1 / "latest.safetensors").read_bytes() == before
     with pytest.raises(ValueError, match="config.json is not a tcmlab checkpoint .* give a run directory"):
         train(preset("ci", 2, init_from=str(s1 / "config.json")), tmp_path / "s2", progress=False)
+
+
+def test_a_stop_signal_during_the_final_save_waits_for_it(tmp_path, ci_runs, monkeypatch):
+    # a scheduler's SIGTERM (here SIGINT, which pytest survives) while the last checkpoint is written: the save
+    # finishes, and the steps since the previous checkpoint are kept
+    cfg = preset("ci", 1, init_from=str(ci_runs / "s0"))
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, steps=5, ckpt_every=3))
+    real = checkpoint.save
+
+    def save(path, state):
+        if state["step"] == 5:
+            os.kill(os.getpid(), signal.SIGINT)
+        real(path, state)
+
+    monkeypatch.setattr(checkpoint, "save", save)
+    try:
+        assert train(cfg, tmp_path / "r", progress=False).step == 5
+    except KeyboardInterrupt:
+        pytest.fail("the final save was not protected from the signal")
+    assert load_state(tmp_path / "r")[0]["step"] == 5 and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_a_stop_signal_during_the_last_step_ends_the_call_as_finished(tmp_path, ci_runs):
+    cfg = preset("ci", 1, init_from=str(ci_runs / "s0"))
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, steps=4, log_every=1))
+
+    def on_log(row):
+        if row.get("kind") == "train" and row["step"] == 4:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    try:
+        assert train(cfg, tmp_path / "r", progress=False, on_log=on_log).step == 4
+    except KeyboardInterrupt as e:  # train.Interrupted is one
+        pytest.fail(f"a finished call reported as stopped: {e}")
+    assert load_state(tmp_path / "r")[0]["step"] == 4
+
+
+def test_a_finished_run_called_with_other_free_or_unread_fields_keeps_its_checkpoint(tmp_path, ci_runs):
+    # the bytes stay, so a stage 2 paired with it (init_source's sha256) stays paired
+    run = tmp_path / "s1"
+    shutil.copytree(ci_runs / "s1", run)
+    before = (run / "latest.safetensors").read_bytes()
+    cfg = preset("ci", 1, init_from=str(ci_runs / "s0"))
+    other = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, log_every=3, ckpt_every=7),
+                                net=dataclasses.replace(cfg.net, channel_mult=(1, 2)))  # an MLP reads no channel_mult
+    with pytest.warns(UserWarning, match="continuing with train.log_every"):
+        assert train(other, run, progress=False).step == cfg.train.steps
+    assert (run / "latest.safetensors").read_bytes() == before
+    with pytest.warns(UserWarning, match="continuing with train.lr"):
+        train(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, lr=1e-4)), run, progress=False,
+              allow_change=("train.lr",))
+    assert load_state(run)[1].train.lr == 1e-4  # a change of the run itself is saved
+
+
+def test_a_recovery_change_is_saved_before_its_row(tmp_path, ci_runs, nan_loss):
+    # the config_change row never outlives the change: a call that fails before its next checkpoint leaves both
+    from tcmlab.train import NonFiniteError
+
+    cfg = preset("ci", 1, init_from=str(ci_runs / "s0"))
+    train(cfg, tmp_path / "r", steps=3, progress=False)
+    poison, _ = nan_loss
+    poison("ect_loss")
+    lower = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, lr=cfg.train.lr / 10))
+    with pytest.warns(UserWarning, match="continuing with train.lr"), pytest.raises(NonFiniteError, match="step 3"):
+        train(lower, tmp_path / "r", progress=False, allow_change=("train.lr",))
+    state, stored = load_state(tmp_path / "r")
+    assert state["step"] == 3 and stored.train.lr == lower.train.lr
+    rows = rundir.read_metrics(tmp_path / "r" / "metrics.jsonl")
+    assert [r["kind"] for r in rows if r["step"] == 3][-2:] == ["config_change", "nonfinite"]
+
+
+def test_a_metrics_row_that_is_not_an_object_is_named(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"kind": "train", "step": 1}\n[1, 2]\n')
+    with pytest.raises(ValueError, match="line 2 is JSON but not an object"):
+        rundir.read_metrics(path)

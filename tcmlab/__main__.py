@@ -29,7 +29,7 @@ from safetensors import SafetensorError
 from . import rundir
 from .config import from_dict, preset, with_overrides
 from .model import load_model
-from .sweep import EXECUTORS, Dispatch, evaluate_run, load_spec, run_sweep
+from .sweep import EXECUTORS, Dispatch, load_spec, run_sweep
 from .train import Interrupted, train
 from .viz import sample_grids
 
@@ -119,7 +119,7 @@ def cmd_evaluate(args) -> None:
     if m.t_prime is not None and args.t_mid < m.t_prime:
         print(f"[tcmlab] --t-mid {args.t_mid:g} is below t′ = {m.t_prime:g} of this stage-2 model (trained on [t′, T] "
               f"only): its 2-step score goes T → t′ instead", flush=True)
-    rows = evaluate_run(m, es, n=args.n, seed=args.seed, t_mid=args.t_mid, batch=args.batch, progress=True,
+    rows = metrics.evaluate_run(m, es, n=args.n, seed=args.seed, t_mid=args.t_mid, batch=args.batch, progress=True,
                         heun_steps=args.heun_steps, draws=args.draws)
     n_q = metrics.floor_n(es, args.n)
     d = {r["card"]["steps"][0]: r["fid"] for r in rows if r["card"]["metric"] == "dfid"}

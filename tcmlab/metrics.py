@@ -5,7 +5,7 @@ Every score is measured against an `EvalSet` (`tcmlab.evalsets`: the digits halv
 training set and Inception, the 2-D toy points); `eval_set(data)` there picks the one that matches a run's data.
 FID is torch-fidelity's features and Fréchet distance (through a cached Σ^½ of the reference), KID its
 `kid_features_to_metric`; the floor is the FD of n real query images against the reference, what a perfect model
-scores at that n.
+scores at that n. `evaluate_run` is all of a trained model's scores with their cards (CLI `evaluate`, sweeps).
 Protocol choices: docs/decisions.md §16.
 """
 
@@ -24,7 +24,8 @@ from tqdm.auto import tqdm
 from .evalsets import EvalSet
 from .model import device_of
 from .precond import T_MAX
-from .samplers import edm_times, generate, heun, one_and_two_step
+from .precision import float32_math
+from .samplers import check_t_mid, edm_times, generate, heun, one_and_two_step
 
 DFID_GRID = (0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0)  # dFID_t noise levels below T (TCM Fig. 2/3 span)
 
@@ -349,3 +350,45 @@ def heun_quality(model, es: EvalSet, num_steps: int = 18, n: int | None = None, 
                     model.step, draws)
     return {"card": asdict(card), **mean_over_draws(scores), "floor": _floor_or_none(es, n),
             "floor_n": floor_n(es, n)}
+
+
+def evaluate_run(m, es, *, n: int | None = None, seed: int = 0, t_mid: float = 1.0, batch: int = 1024,
+                 dfid: bool = True, device=None, progress: bool = False, heun_steps: int = 18,
+                 draws: int = 1) -> list[dict]:
+    """Rows with eval cards for a `TrainedModel`: 1- and 2-step FID/KID (`sample_quality`), then dFID_t at
+    `dfid_ts(T)` and, for a stage-2 model, at t′ (noised after the grid, `dfid_ts_for`; rows in
+    order of t); each row with the real-vs-real floor at its n and 'nonfinite', the samples with non-finite values
+    among those scored (`score`). The 2-step sampler's t_mid is raised to t′ for a stage-2 model with
+    t′ > t_mid (it is trained on [t′, T] only); the card's steps say which t_mid was used. A stage-0 (diffusion)
+    model is sampled with EDM's Heun sampler on `heun_steps` times instead (`heun_quality`, card metric
+    'fid_heun'): the teacher's own quality. Sweeps use EDM's 18.
+    draws > 1: every score is the mean over that many noise draws (seeds seed, seed + 1, …; `mean_over_draws`);
+    dFID_t's draw k noises the query with a generator seeded seed + k, as the one-draw score does with seed.
+    Everything runs under the float32 flags of the run's own `train.precision` (TF32 off unless 'tf32'), as the
+    dFID_t that train() logs does (docs/decisions.md §19); torch's flags are restored after."""
+    check_t_mid(t_mid, m.t_max)  # before any scoring (the dFID pass alone takes minutes at n = 50k)
+    with float32_math(m.cfg.train.precision, torch.backends.cudnn.benchmark):
+        return _evaluate(m, es, n, seed, t_mid, batch, dfid, device, progress, heun_steps, draws)
+
+
+def _evaluate(m, es, n, seed, t_mid, batch, dfid, device, progress, heun_steps, draws) -> list[dict]:
+    if m.t_prime is not None:
+        t_mid = max(t_mid, m.t_prime)
+
+    per_t = {}
+    if dfid:
+        ts = dfid_ts_for(m.t_max, m.t_prime)  # the grid first: the same noise at every grid t for all t′
+        for k in range(check_draws(draws)):
+            g = torch.Generator().manual_seed(seed + k)
+            d = dfid_scores(m.f, es, ts, n=n, generator=g, batch=batch, device=device, progress=progress)
+            for t, v in d.items():
+                per_t.setdefault(t, []).append(v)
+    if m.cfg.stage == 0:
+        rows = [heun_quality(m, es, heun_steps, n=n, seed=seed, device=device, batch=batch, draws=draws)]
+    else:
+        rows = sample_quality(m, es, t_mid=t_mid, n=n, seed=seed, batch=batch, device=device, draws=draws)
+    n_q = floor_n(es, n)
+    fl = floor(es, n_q) if es.disjoint else None  # CIFAR-10's train-vs-train protocol has no floor
+    rows += [{"card": asdict(dfid_card(es, t, n_q, m.which, seed, m.step, draws)),
+              **mean_over_draws(v), "floor": fl, "floor_n": n_q} for t, v in sorted(per_t.items())]
+    return rows

@@ -383,58 +383,6 @@ def plan(points: list[Point], ev: EvalSpec) -> tuple[list[Task], dict[str, str]]
 # Work (runs in a worker process, a submitit job, or inline)
 
 
-def evaluate_run(m, es, *, n: int | None = None, seed: int = 0, t_mid: float = 1.0, batch: int = 1024,
-                 dfid: bool = True, device=None, progress: bool = False, heun_steps: int = 18,
-                 draws: int = 1) -> list[dict]:
-    """Rows with eval cards for a `TrainedModel`: 1- and 2-step FID/KID (`metrics.sample_quality`), then dFID_t at
-    `metrics.dfid_ts(T)` and, for a stage-2 model, at t′ (noised after the grid, `metrics.dfid_ts_for`; rows in
-    order of t); each row with the real-vs-real floor at its n and 'nonfinite', the samples with non-finite values
-    among those scored (`metrics.score`). The 2-step sampler's t_mid is raised to t′ for a stage-2 model with
-    t′ > t_mid (it is trained on [t′, T] only); the card's steps say which t_mid was used. A stage-0 (diffusion)
-    model is sampled with EDM's Heun sampler on `heun_steps` times instead (`metrics.heun_quality`, card metric
-    'fid_heun'): the teacher's own quality. Sweeps use EDM's 18.
-    draws > 1: every score is the mean over that many noise draws (seeds seed, seed + 1, …; `metrics.mean_over_draws`);
-    dFID_t's draw k noises the query with a generator seeded seed + k, as the one-draw score does with seed.
-    Everything runs under the float32 flags of the run's own `train.precision` (TF32 off unless 'tf32'), as the
-    dFID_t that train() logs does (docs/decisions.md §19); torch's flags are restored after."""
-    from .samplers import check_t_mid
-
-    check_t_mid(t_mid, m.t_max)  # before any scoring (the dFID pass alone takes minutes at n = 50k)
-    import torch
-
-    from .precision import float32_math
-
-    with float32_math(m.cfg.train.precision, torch.backends.cudnn.benchmark):
-        return _evaluate(m, es, n, seed, t_mid, batch, dfid, device, progress, heun_steps, draws)
-
-
-def _evaluate(m, es, n, seed, t_mid, batch, dfid, device, progress, heun_steps, draws) -> list[dict]:
-    import torch
-
-    from . import metrics
-
-    if m.t_prime is not None:
-        t_mid = max(t_mid, m.t_prime)
-
-    per_t = {}
-    if dfid:
-        ts = metrics.dfid_ts_for(m.t_max, m.t_prime)  # the grid first: the same noise at every grid t for all t′
-        for k in range(metrics.check_draws(draws)):
-            g = torch.Generator().manual_seed(seed + k)
-            d = metrics.dfid_scores(m.f, es, ts, n=n, generator=g, batch=batch, device=device, progress=progress)
-            for t, v in d.items():
-                per_t.setdefault(t, []).append(v)
-    if m.cfg.stage == 0:
-        rows = [metrics.heun_quality(m, es, heun_steps, n=n, seed=seed, device=device, batch=batch, draws=draws)]
-    else:
-        rows = metrics.sample_quality(m, es, t_mid=t_mid, n=n, seed=seed, batch=batch, device=device, draws=draws)
-    n_q = metrics.floor_n(es, n)
-    fl = metrics.floor(es, n_q) if es.disjoint else None  # CIFAR-10's train-vs-train protocol has no floor
-    rows += [{"card": dataclasses.asdict(metrics.dfid_card(es, t, n_q, m.which, seed, m.step, draws)),
-              **metrics.mean_over_draws(v), "floor": fl, "floor_n": n_q} for t, v in sorted(per_t.items())]
-    return rows
-
-
 _EVAL_SETS: dict = {}  # per worker process: one EvalSet per data config (features and floors cached inside)
 
 
@@ -504,6 +452,7 @@ def _evaluate_point(point: Point, ev: EvalSpec, device: str | None) -> dict:
     import torch
 
     from .checkpoint import atomic_write_text
+    from .metrics import evaluate_run
     from .model import load_model
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")

@@ -46,7 +46,7 @@ class StageSpec:
 
 @dataclass(frozen=True)
 class EvalSpec:
-    """Evaluation of each finished point (`evaluate_run`). n: images per score (None = the whole query set);
+    """Evaluation of each finished point (`metrics.evaluate_run`). n: images per score (None = the whole query set);
     kinds: which point kinds are evaluated. every: steps between evaluations during training of the stage-1, stage-2
     and control runs (dFID_t at the final evaluation's t and 1-step FID, logged to metrics.jsonl; the sweep's
     curves.csv and figures over training, TCM Fig. 2 and 3); 0 = none. draws: noise draws per final score (seeds

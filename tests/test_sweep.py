@@ -387,7 +387,7 @@ def test_ready_trainings_start_by_how_much_waits_on_them():
 def test_two_step_evaluation_of_a_large_tprime_goes_through_tprime(tmp_path, ci_runs):
     """A stage-2 model with t′ = 2 > t_mid = 1 is only trained on [t′, T]: its 2-step FID samples 80 → t′, and the
     card says so (the sweep's t′ = 1.5 and 4 points were refused before)."""
-    from tcmlab import evalsets
+    from tcmlab import evalsets, metrics
     from tcmlab.config import preset
     from tcmlab.model import load_model
     from tcmlab.train import train
@@ -396,9 +396,9 @@ def test_two_step_evaluation_of_a_large_tprime_goes_through_tprime(tmp_path, ci_
     cfg = dataclasses.replace(cfg, loss=dataclasses.replace(cfg.loss, t_prime=2.0),
                               train=dataclasses.replace(cfg.train, steps=2))
     train(cfg, tmp_path / "s2", progress=False)
-    rows = sweep.evaluate_run(load_model(tmp_path / "s2"), evalsets.digits_eval_set(), n=20, t_mid=1.0, dfid=False)
+    rows = metrics.evaluate_run(load_model(tmp_path / "s2"), evalsets.digits_eval_set(), n=20, t_mid=1.0, dfid=False)
     assert [list(r["card"]["steps"]) for r in rows] == [[80.0], [80.0, 2.0]]
-    rows = sweep.evaluate_run(load_model(ci_runs / "s2"), evalsets.digits_eval_set(), n=20, t_mid=1.0, dfid=False)
+    rows = metrics.evaluate_run(load_model(ci_runs / "s2"), evalsets.digits_eval_set(), n=20, t_mid=1.0, dfid=False)
     assert [list(r["card"]["steps"]) for r in rows] == [[80.0], [80.0, 1.0]]  # t′ = 1 of the ci preset: unchanged
 
 
@@ -528,7 +528,7 @@ def test_evaluation_runs_under_the_runs_own_float32_flags(ci_runs, monkeypatch):
     before = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = True
     try:
-        sweep.evaluate_run(load_model(ci_runs / "s1"), evalsets.digits_eval_set(), n=20, dfid=False)
+        metrics.evaluate_run(load_model(ci_runs / "s1"), evalsets.digits_eval_set(), n=20, dfid=False)
         assert seen == [False] and torch.backends.cudnn.allow_tf32 and torch.backends.cuda.matmul.allow_tf32
     finally:
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = before

@@ -181,6 +181,13 @@ def expand(spec: SweepSpec) -> list[Point]:
                 new_level += [_control(spec, p) for p in level]
             points += new_level
             level = [p for p in new_level if p.kind != "control"]
+    seen: dict[str, Point] = {}
+    for p in points:  # values that differ only in a path separator ('a/b', 'a_b') would write into one folder
+        if p.run_dir in seen:
+            values = lambda q: ", ".join(f"{c}={v!r}" for c, v in q.values)
+            raise SpecError(f"the grid points ({values(seen[p.run_dir])}) and ({values(p)}) share the run directory "
+                            f"{p.run_dir}: give grid values that differ in more than '/' against '_'")
+        seen[p.run_dir] = p
     return points
 
 
@@ -326,7 +333,41 @@ def _checkpoint_diff(point: Point) -> list[str]:
         return []
     cfg = point.cfg
     return config_diff(old, dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, steps=old.train.steps)),
-                       init_free=True)
+                       init_free=True) + _init_from_diff(point)
+
+
+@functools.lru_cache(maxsize=64)
+def _file_sha256(path: str, mtime_ns: int, size: int) -> str:
+    from . import checkpoint
+
+    return checkpoint.sha256(path)
+
+
+def _init_from_diff(point: Point) -> list[str]:
+    """A point of the spec's first stage starts from the spec's init_from (an EDM pickle, an earlier run), which
+    `config_diff` does not compare (a run started from its parent in the sweep is named by another path when the
+    sweep's folder moves): the file its checkpoint started from (init_source's sha256) must be the file the spec names
+    now. If that file is gone, its path must be the one the run recorded. [] for the other points."""
+    from . import checkpoint
+    from .model import CKPT_NAME, checkpoint_path
+
+    if point.parent is not None or point.cfg.init_from is None:
+        return []
+    try:
+        src = checkpoint.init_source(Path(point.run_dir) / CKPT_NAME)
+        path = checkpoint_path(point.cfg.init_from)
+    except Exception:  # an unreadable checkpoint: training it reports the damage; a missing init_from: below
+        src, path = None, Path(point.cfg.init_from)
+    if not src:
+        return []
+    was = Path(src.get("resolved") or src["path"]).resolve()
+    if path.is_file():
+        st = path.stat()
+        if _file_sha256(str(path.resolve()), st.st_mtime_ns, st.st_size) == src["sha256"]:
+            return []
+        return [f"init_from: the spec names {path} (not the file this run started from, {was}, sha256 "
+                f"{src['sha256'][:12]}…)"]
+    return [] if was in (path.resolve(), (path / CKPT_NAME).resolve()) else [f"init_from {str(was)!r} -> {str(path)!r}"]
 
 
 def _checkpoint_holds(point: Point) -> bool:
@@ -414,12 +455,13 @@ def _start_control(point: Point) -> None:
 
 
 def _training_eval(point: Point, ev: EvalSpec, device: str | None):
-    """The eval_fn of a stage-1/2 or control run when `[eval] every` is set: dFID_t at the final evaluation's t (and
-    t′) plus 1-step FID, from EMA weights, at the spec's n and seed."""
+    """The eval_fn of a stage-1/2 or control run when `[eval] every` is set and its kind is in `[eval] kinds` (the
+    tables keep no curves of the others): dFID_t at the final evaluation's t (and t′) plus 1-step FID, from EMA
+    weights, at the spec's n and seed."""
     import torch
 
     from . import metrics
-    if not ev.every or point.stage == 0:
+    if not ev.every or point.stage == 0 or not point.evaluate:
         return None
     cfg = point.cfg
     es = _eval_set(cfg, ev, torch.device(device or "cpu").type == "cuda")

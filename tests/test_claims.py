@@ -108,6 +108,8 @@ def test_one_at_a_time_points_are_told_apart():
     stable, small = claims.boundary_strength(tb, [0.01, 0.1, 1.0], [], 0.1, None)
     assert small.verdict == REPRODUCES  # w_b = 0.01 much worse than 0.1
     assert stable.verdict == REPRODUCES  # w_b = 1 within ±15 % of the default
+    assert stable.name == "FID is stable over w_b ∈ [0.1, 1]"  # ρ was not varied: the claim does not name it
+    assert claims.boundary_strength(tb, [0.01, 0.1], [], 0.1, None)[0].verdict == NOT_RUN  # nothing in the range
     assert [r[0] for r in small.rows] == ["w_b = 0.01 (outside the claimed range)", "w_b = 0.1", "w_b = 1"]
 
 
@@ -346,3 +348,13 @@ def test_recipe_page_quotes_the_committed_sweep_tables(sweep):
         label = sweep + "".join(f", {c.split('.')[-1]} = {v}" for c, v in grid.items())
         quote = f"{float(r['mean']):.1f} ± {float(r['std']):.1f} ({label})"
         assert int(r["count"]) == seeds and quote in page, quote
+
+
+def test_a_spec_without_stage_2_is_named_and_top_level_grid_fields_are_read(tmp_path, capsys):
+    from tcmlab.sweep import load_spec
+    spec = tmp_path / "s.toml"
+    spec.write_text('preset = "ci"\nstages = [0, 1]\n')
+    assert main(["claims", str(spec), "--out", str(tmp_path)]) == 2
+    assert "has no stage 2 (its stages: 0, 1)" in capsys.readouterr().err
+    spec.write_text('preset = "ci"\n[stage2]\ngrid = { "from_scratch" = [true, false], "loss.w_b" = [0.1, 1] }\n')
+    assert claims.defaults(load_spec(spec)) == {"s2.from_scratch": False, "s2.loss.w_b": 0.1}

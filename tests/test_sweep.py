@@ -647,3 +647,42 @@ def test_a_key_given_twice_in_a_spec_table_is_refused():
     raw = tomllib.loads('preset = "ci"\n[stage2]\nset = { "loss.t_prime" = 0.5, loss.t_prime = 2 }\n')
     with pytest.raises(sweep.SpecError, match="loss.t_prime is given twice"):
         sweep.parse_spec(raw, "x.toml", None)
+
+
+def test_the_first_stage_of_a_spec_is_checked_against_the_file_its_init_from_names(tmp_path, ci_runs):
+    # a spec whose first stage starts from a file (an EDM pickle, a run outside the sweep): another file there makes
+    # the points 'changed', never scored under the new spec; the same file moved elsewhere is the same run
+    for name in ("a", "b"):
+        shutil.copytree(ci_runs / "s1", tmp_path / name)
+    (tmp_path / "b" / "latest.safetensors").write_bytes((ci_runs / "s2" / "latest.safetensors").read_bytes())
+    spec_file = tmp_path / "s2.toml"
+    write = lambda init: spec_file.write_text(f'preset = "ci"\nstages = [2]\n[stage2]\nsteps = 2\nset = {{ "init_from" '
+                                              f'= "{init}" }}\n[eval]\nn = 20\ndfid = false\nkinds = ["stage2"]\n')
+    write(tmp_path / "a")
+    spec = sweep.load_spec(spec_file, out=tmp_path / "out")
+    assert sweep.run_sweep(spec, sweep.Dispatch("inline"), png=False, log=lambda s: None).failed == {}
+    shutil.copytree(tmp_path / "a", tmp_path / "a_moved")
+    write(tmp_path / "a_moved")
+    spec = sweep.load_spec(spec_file, out=tmp_path / "out")
+    assert {sweep.status(p, spec.eval) for p in sweep.expand(spec)} == {"done"}
+    write(tmp_path / "b")  # a stage-2 run whose EMA is another network
+    spec = sweep.load_spec(spec_file, out=tmp_path / "out")
+    (point,) = sweep.expand(spec)
+    assert sweep.status(point, spec.eval) == "changed"
+    assert "init_from: the spec names" in sweep.changed_reason(point)
+
+
+def test_two_grid_values_that_would_share_a_run_directory_are_refused(tmp_path):
+    spec_file = tmp_path / "s.toml"
+    spec_file.write_text('preset = "ci"\nstages = [0]\n[stage0]\nsteps = 2\ngrid = { "name" = ["a/b", "a_b"] }\n')
+    with pytest.raises(sweep.SpecError, match="share the run directory"):
+        sweep.expand(sweep.load_spec(spec_file, out=tmp_path / "out"))
+
+
+def test_runs_of_kinds_not_evaluated_are_not_evaluated_during_training_either(tmp_path):
+    # their curves would be computed and then left out of curves.csv
+    spec_file = tmp_path / "k.toml"
+    spec_file.write_text('preset = "ci"\ncontrol = true\n[eval]\nn = 20\nevery = 10\nkinds = ["stage2", "control"]\n')
+    spec = sweep.load_spec(spec_file, out=tmp_path / "out")
+    during = {p.kind: sweep._training_eval(p, spec.eval, None) is not None for p in sweep.expand(spec)}
+    assert during == {"stage0": False, "stage1": False, "stage2": True, "control": True}

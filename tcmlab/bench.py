@@ -364,6 +364,10 @@ def main(argv=None) -> dict:
     device = torch.device(args.device)
     if args.compare_recipes and args.compare_foreach:
         raise SystemExit("--compare-recipes and --compare-foreach are separate runs: give one")
+    path = Path(args.json or f"bench-{args.net}.json")
+    if path.is_dir() or not path.parent.is_dir():  # before minutes of timing, not after
+        raise SystemExit(f"--json {path}: " + ("a folder; give a file name" if path.is_dir() else
+                                               f"the folder {path.parent} does not exist"))
     if args.compare_recipes:
         steps, ref = make_recipe_steps(args.net, args.batch, device), "stage1 fp32"
     elif args.compare_foreach:
@@ -380,7 +384,6 @@ def main(argv=None) -> dict:
     print_record(rec)
     for k, ops in rec.get("profile", {}).items():
         print_profile(k, ops)
-    path = Path(args.json or f"bench-{args.net}.json")
     path.write_text(json.dumps(rec, indent=1) + "\n")
     print(f"record written to {path}")
     return rec

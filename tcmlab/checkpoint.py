@@ -88,7 +88,11 @@ def stale_temporaries(folder: Path, names: tuple[str, ...]) -> list[Path]:
 def _temp_beside(path: Path):
     """A unique temporary file name in path's folder, with the permissions a plain `open` would give (mkstemp's are
     0600, which `os.replace` would keep: collaborators sharing the folder could not read the checkpoint); removed
-    unless the block moved it into place."""
+    unless the block moved it into place. A path that is a folder, or in a folder that does not exist, is named."""
+    if path.is_dir():
+        raise IsADirectoryError(f"{path} is a folder: give a file name to write")
+    if not path.parent.is_dir():
+        raise FileNotFoundError(f"cannot write {path}: the folder {path.parent} does not exist (create it first)")
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=temp_prefix(path.name), suffix=TEMP_SUFFIX)
     os.close(fd)
     os.chmod(tmp, 0o666 & ~_umask())
@@ -155,8 +159,9 @@ def header(path: str | Path) -> dict:
 
 
 def init_source(path: str | Path) -> dict | None:
-    """What the run of a checkpoint started from: {'path', 'step', 'sha256'} of its init_from (train.py records it),
-    or None if it has none, or if the file is missing or cannot be read (loading it for training says what to do)."""
+    """What the run of a checkpoint started from: {'path', 'resolved', 'step', 'sha256'} of its init_from (train.py
+    records it; 'resolved', the absolute path, since 2026-12-07), or None if it has none, or if the file is missing
+    or cannot be read (loading it for training says what to do)."""
     try:
         return header(path).get("init_source") if Path(path).is_file() else None
     except (OSError, SafetensorError, ValueError, KeyError):  # damaged: training it reports that, with what to do

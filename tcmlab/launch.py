@@ -9,6 +9,7 @@ says whether the run directory already holds a finished run (reused, not retrain
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import tempfile
@@ -114,8 +115,15 @@ def train_torchrun(cfg: RunConfig, run_dir: str | Path, gpus: int, *, steps: int
         _tail(run_dir / "metrics.jsonl", seen, on_log)
         if p.returncode != 0:
             log.seek(0)
-            tail = "\n".join(log.read().splitlines()[-30:])
-            raise RuntimeError(f"torchrun with {gpus} processes failed (exit {p.returncode}):\n{tail}")
+            lines = log.read().splitlines()
+            # the trainers' own `error:` lines first (a bad config, a wrong path): torchrun's summary after them is
+            # longer than the tail and names no cause
+            bare = (re.sub(r"^\[(default)?rank\d+\]:\s*", "", line.strip()) for line in lines)  # torchrun --tee
+            errors = list(dict.fromkeys(line for line in bare if line.startswith("error:")))
+            tail = "\n".join(lines[-30:])
+            cause = "".join(f"{e}\n" for e in errors)
+            raise RuntimeError(f"torchrun with {gpus} processes failed (exit {p.returncode}):\n{cause}"
+                               f"{'--- the end of its output:' if cause else ''}\n{tail}")
     finally:
         if p is not None and p.poll() is None:  # interrupted, or on_log raised: stop torchrun and its trainers
             p.terminate()  # SIGTERM, which torchrun passes on: each trainer checkpoints and exits (train.Interrupted)

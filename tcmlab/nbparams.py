@@ -6,9 +6,11 @@ A bad value raises ValueError naming the parameter and its valid range, in the c
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 import re
+import warnings
 from pathlib import Path
 
 from .config import FREE_FIELDS, PRESETS, preset, with_overrides
@@ -79,9 +81,13 @@ def preset_note(preset_name: str) -> str:
 
 
 def dfid_settings(preset_name: str, dfid_every, dfid_n) -> tuple[int, int]:
-    """dFID_t cadence and size: the parameters, or the preset's defaults where they are 0."""
+    """dFID_t cadence and size: the parameters, or the preset's defaults where they are 0. n >= 2 (a covariance of
+    one image is undefined; the CLI's --dfid-n and the sweeps' [eval] n refuse it too)."""
     every, n = DFID_DEFAULTS[check_preset(preset_name)]
-    return as_steps("dfid_every", dfid_every) or every, as_steps("dfid_n", dfid_n) or n
+    n = as_steps("dfid_n", dfid_n) or n
+    if n < 2:
+        raise ValueError(f"parameter dfid_n must be at least 2 (images per dFID_t: FD needs a covariance), got {n}")
+    return as_steps("dfid_every", dfid_every) or every, n
 
 
 def draws_setting(preset_name: str, draws) -> int:
@@ -114,6 +120,9 @@ def stage01_configs(preset_name, out, steps0=0, steps1=0, pretrain=True, init_fr
     from this notebook's stage 0. only_applicable: apply only the overrides that name a field of each stage's config
     (notebook 02 passes its stage-2 overrides)."""
     name, items = check_preset(preset_name), parse_overrides(overrides)
+    if init_from and not Path(init_from).exists():
+        raise ValueError(f"parameter init_from={str(init_from)!r} does not exist: give an EDM pickle (.pkl), a "
+                         f"stage-0/1 run directory or its latest.safetensors, or leave it empty to train stage 0 here")
     pick = (lambda cfg: applicable(cfg, items)) if only_applicable else (lambda cfg: items)
     cfg0 = None
     if PRESETS[name][0] is not None and as_bool("pretrain", pretrain) and not init_from:
@@ -166,11 +175,16 @@ def stage2_dir(out, cfg2, overrides="") -> Path:
 
 
 def check_t_mid(t_mid, cfg2) -> float:
-    """Notebook 02's 2-step time t_mid: in [t′, T) (a stage-2 model is trained on [t′, T]; the sampler starts at T)."""
+    """Notebook 02's 2-step time t_mid in (0, T); one below t′ is raised to t′ with a warning (a stage-2 model is
+    trained on [t′, T]), as `python -m tcmlab evaluate` does (docs/decisions.md §14)."""
     t_mid = as_float("t_mid", t_mid)
-    if not cfg2.loss.t_prime <= t_mid < cfg2.t_max:
-        raise ValueError(f"parameter t_mid={t_mid:g} must be in [tprime, T) = [{cfg2.loss.t_prime:g}, "
-                         f"{cfg2.t_max:g}): the 2-step sampler goes T -> t_mid, and stage 2 is trained on [t', T]")
+    if not 0 < t_mid < cfg2.t_max:
+        raise ValueError(f"parameter t_mid={t_mid:g} must be in (0, T) = (0, {cfg2.t_max:g}): the 2-step sampler goes "
+                         f"T -> t_mid")
+    if t_mid < cfg2.loss.t_prime:
+        warnings.warn(f"t_mid={t_mid:g} is below tprime={cfg2.loss.t_prime:g}: the 2-step sampler uses t_mid = "
+                      f"tprime (stage 2 is trained on [t', T]); -p t_mid sets another one", stacklevel=2)
+        t_mid = cfg2.loss.t_prime
     return t_mid
 
 
@@ -195,16 +209,39 @@ def w_b_choices(w_b: float) -> list[tuple[str, float]]:
     return [(f"{v:g}", v) for v in values]
 
 
+def _progress(path: Path) -> tuple[int, int]:
+    """(step, train.steps) of a run directory's or checkpoint file's checkpoint, from its header alone."""
+    from . import checkpoint
+    from .config import from_dict
+    from .model import checkpoint_path
+
+    head = checkpoint.header(checkpoint_path(path))
+    return int(head["step"]), from_dict(json.loads(head["config"])).train.steps
+
+
 def find_stage1(stage1_run: str | None, out: str | Path) -> Path | None:
-    """The stage-1 run to start from: the given one, or `<out>/stage1` if notebook 01 left one there."""
+    """The stage-1 run to start from: the given one (a run directory or its .safetensors file), or `<out>/stage1`
+    if it holds a finished run (notebook 01's, or this notebook's); None if there is none or it is unfinished: the
+    notebook then trains it there (a partial run resumes)."""
     if stage1_run:
         p = Path(stage1_run)
-        if not (p / "latest.safetensors").exists() and not p.is_file():
+        if not (p / "latest.safetensors").exists() and not (p.is_file() and p.suffix == ".safetensors"):
             raise ValueError(f"parameter stage1_run={stage1_run!r} holds no stage-1 checkpoint: run notebook 01 "
                              f"or give the run directory that holds latest.safetensors")
         return p
     p = Path(out) / "stage1"
-    return p if (p / "latest.safetensors").exists() else None
+    if not (p / "latest.safetensors").exists():
+        return None
+    step, steps = _progress(p)
+    return p if step >= steps else None
+
+
+def stage1_note(path: str | Path) -> str:
+    """What notebook 02 prints about the stage-1 run it starts from: its step of its steps, and whether it is done."""
+    step, steps = _progress(Path(path))
+    done = "finished" if step >= steps else (f"UNFINISHED: stage 2 starts from its EMA at step {step} (train it to "
+                                             f"its end first for a finished teacher)")
+    return f"[tcmlab] stage 1: using the run in {path} at step {step} of {steps}, {done} (reused, not retrained)"
 
 
 # The sweep notebook 04 runs per preset when no spec is given (sweeps/ in the repository).

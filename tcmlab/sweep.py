@@ -201,7 +201,8 @@ def load_spec(path: str | Path, out: str | Path | None = None) -> SweepSpec:
     training. `out` replaces the spec's output folder."""
     path = Path(path)
     if not path.is_file():
-        raise SpecError(f"sweep spec {path} does not exist: give the path of a TOML file like sweeps/ci.toml")
+        what = "is a folder, not a file" if path.is_dir() else "does not exist"
+        raise SpecError(f"sweep spec {path} {what}: give the path of a TOML file like sweeps/ci.toml")
     try:
         raw = tomllib.loads(path.read_text())
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:

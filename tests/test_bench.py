@@ -188,3 +188,11 @@ def test_performance_doc_names_every_key_of_the_record(record):
         set(rec["routed_over_full"]) | {"recipe_speedup", "foreach_speedup", "met", "profile", "op", "ms_per_step",
                                         "share", "calls_per_step"}
     assert keys <= named, sorted(keys - named)
+
+
+def test_a_json_path_that_cannot_be_written_is_refused_before_any_timing(tmp_path, monkeypatch):
+    monkeypatch.setattr(bench, "time_steps", lambda *a, **k: pytest.fail("timed before checking --json"))
+    with pytest.raises(SystemExit, match="the folder .*nowhere does not exist"):
+        bench.main(["--net", "mlp", "--json", str(tmp_path / "nowhere" / "b.json")])
+    with pytest.raises(SystemExit, match="a folder; give a file name"):
+        bench.main(["--net", "mlp", "--json", str(tmp_path)])

@@ -105,3 +105,14 @@ def test_all_reduce_max_gives_every_rank_the_largest(tmp_path):
                          env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)})
     assert out.returncode == 0, out.stderr[-2000:]
     assert sorted(out.stdout.split()) == sorted("0 2 7.5 1 2 7.5".split())
+
+
+def test_a_failed_torchrun_names_the_trainers_error_first(tmp_path, ci_runs, monkeypatch):
+    # torchrun's own summary (tens of lines, no cause) must not push the trainers' `error:` line out of the message
+    from tcmlab import launch
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    cfg = preset("ci", 1, init_from=str(ci_runs / "s0"))  # its batch of 64 does not split over 3 processes
+    with pytest.raises(RuntimeError) as failed:
+        launch.train_torchrun(cfg, tmp_path / "r", 3, poll=0.2)
+    first = str(failed.value).split("\n")[1]
+    assert first.startswith("error: ") and "divisible by the number of processes (3)" in first, str(failed.value)

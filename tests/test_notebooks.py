@@ -1,6 +1,7 @@
 import json
 import math
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -290,9 +291,11 @@ def test_step_and_t_mid_parameters_name_themselves_and_stage2_overrides_skip_sta
     assert nbparams.as_steps("steps", "12") == 12 and nbparams.as_steps("steps", 7.0) == 7
     cfg2 = nbparams.stage2_config("ci", "runs/s1", 3, 0.1, 0.25, 0.2, 0.01)
     assert nbparams.check_t_mid(3, cfg2) == 3.0
-    for bad in (80, 100, 2.9):  # T = 80 for ci: the sampler would go T -> T; below t' is outside stage 2's range
-        with pytest.raises(ValueError, match=r"parameter t_mid=.* must be in \[tprime, T\) = \[3, 80\)"):
+    for bad in (80, 100, 0):  # T = 80 for ci: the sampler would go T -> T
+        with pytest.raises(ValueError, match=r"parameter t_mid=.* must be in \(0, T\) = \(0, 80\)"):
             nbparams.check_t_mid(bad, cfg2)
+    with pytest.warns(UserWarning, match="t_mid=2.9 is below tprime=3: the 2-step sampler uses t_mid = tprime"):
+        assert nbparams.check_t_mid(2.9, cfg2) == 3.0  # stage 2 is trained on [t', T], as `evaluate` raises it
     # notebook 02's overrides are for stage 2; the stage 0/1 it trains when none is found take what applies there
     cfg0, cfg1 = nbparams.stage01_configs("ci", "out", overrides="loss.teacher_dropout=false net.dropout=0.05",
                                           only_applicable=True)
@@ -355,3 +358,26 @@ def test_notebook_02_overrides_are_applied_or_refused_never_dropped():
     assert nbparams.stage2_dir("out", cfg, twice) == base
     with pytest.raises(ValueError, match=r"init_from \(use the parameter stage1_run"):  # would replace stage1_run
         nbparams.stage2_config("ci", "runs/s1", 1, 0.1, 0.25, 0.2, 0.01, overrides="init_from=/elsewhere/s1")
+
+
+def test_notebook_02_resumes_an_unfinished_stage_1_of_its_own_and_names_a_given_one(tmp_path, ci_runs):
+    from tcmlab import nbparams
+    from tcmlab.config import preset
+    from tcmlab.train import train
+
+    assert nbparams.find_stage1("", tmp_path) is None  # none yet: trained there
+    shutil.copytree(ci_runs / "s1", tmp_path / "stage1")
+    assert nbparams.find_stage1("", tmp_path) == tmp_path / "stage1"  # finished: reused
+    assert "at step 20 of 20, finished (reused" in nbparams.stage1_note(tmp_path / "stage1")
+    partial = tmp_path / "partial"
+    train(preset("ci", 1, init_from=str(ci_runs / "s0")), partial / "stage1", steps=3, progress=False)
+    assert nbparams.find_stage1("", partial) is None  # unfinished: the notebook trains it on (run_stage resumes)
+    assert nbparams.find_stage1(str(partial / "stage1"), tmp_path) == partial / "stage1"  # given: used, and said
+    assert "at step 3 of 20, UNFINISHED: stage 2 starts from its EMA at step 3" in nbparams.stage1_note(
+        partial / "stage1")
+    with pytest.raises(ValueError, match="parameter stage1_run='.*metrics.jsonl' holds no stage-1 checkpoint"):
+        nbparams.find_stage1(str(partial / "stage1" / "metrics.jsonl"), tmp_path)
+    with pytest.raises(ValueError, match="parameter init_from='.*nowhere' does not exist"):
+        nbparams.stage01_configs("ci", tmp_path, init_from=str(tmp_path / "nowhere"))
+    with pytest.raises(ValueError, match="parameter dfid_n must be at least 2"):
+        nbparams.dfid_settings("ci", 0, 1)

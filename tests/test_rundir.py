@@ -509,3 +509,14 @@ def test_a_metrics_row_that_is_not_an_object_is_named(tmp_path):
     path.write_text('{"kind": "train", "step": 1}\n[1, 2]\n')
     with pytest.raises(ValueError, match="line 2 is JSON but not an object"):
         rundir.read_metrics(path)
+
+
+def test_a_write_to_a_folder_or_into_a_missing_folder_names_the_path(tmp_path, capsys):
+    with pytest.raises(IsADirectoryError, match=f"{tmp_path} is a folder: give a file name"):
+        checkpoint.atomic_write_text(tmp_path, "x")
+    with pytest.raises(FileNotFoundError, match="the folder .*nowhere does not exist"):
+        checkpoint.atomic_write_text(tmp_path / "nowhere" / "report.md", "x")
+    assert main(["claims", str(ROOT / "sweeps" / "ci.toml"), "--md", str(tmp_path)]) == 2  # not a temporary's name
+    assert main(["sweep", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert f"sweep spec {tmp_path} is a folder, not a file" in err

@@ -354,13 +354,13 @@ def _init_from_diff(point: Point) -> list[str]:
 
     if point.parent is not None or point.cfg.init_from is None:
         return []
-    try:
-        src = checkpoint.init_source(Path(point.run_dir) / CKPT_NAME)
-        path = checkpoint_path(point.cfg.init_from)
-    except Exception:  # an unreadable checkpoint: training it reports the damage; a missing init_from: below
-        src, path = None, Path(point.cfg.init_from)
+    src = checkpoint.init_source(Path(point.run_dir) / CKPT_NAME)  # None if unreadable: training reports that
     if not src:
         return []
+    try:
+        path = checkpoint_path(point.cfg.init_from)
+    except FileNotFoundError:  # gone: compared by path below
+        path = Path(point.cfg.init_from)
     was = Path(src.get("resolved") or src["path"]).resolve()
     if path.is_file():
         st = path.stat()
@@ -368,7 +368,8 @@ def _init_from_diff(point: Point) -> list[str]:
             return []
         return [f"init_from: the spec names {path} (not the file this run started from, {was}, sha256 "
                 f"{src['sha256'][:12]}…)"]
-    return [] if was in (path.resolve(), (path / CKPT_NAME).resolve()) else [f"init_from {str(was)!r} -> {str(path)!r}"]
+    same = was in (path.resolve(), (path / CKPT_NAME).resolve())
+    return [] if same else [f"init_from {str(was)!r} -> {str(path)!r} (which does not exist)"]
 
 
 def _checkpoint_holds(point: Point) -> bool:

@@ -670,6 +670,14 @@ def test_the_first_stage_of_a_spec_is_checked_against_the_file_its_init_from_nam
     (point,) = sweep.expand(spec)
     assert sweep.status(point, spec.eval) == "changed"
     assert "init_from: the spec names" in sweep.changed_reason(point)
+    shutil.rmtree(tmp_path / "a")  # the file the runs started from is gone: the same path is the same run
+    write(tmp_path / "a")
+    spec = sweep.load_spec(spec_file, out=tmp_path / "out")
+    assert {sweep.status(p, spec.eval) for p in sweep.expand(spec)} == {"done"}
+    write(tmp_path / "c")  # another path that does not exist either
+    spec = sweep.load_spec(spec_file, out=tmp_path / "out")
+    (point,) = sweep.expand(spec)
+    assert sweep.status(point, spec.eval) == "changed" and "(which does not exist)" in sweep.changed_reason(point)
 
 
 def test_two_grid_values_that_would_share_a_run_directory_are_refused(tmp_path):

@@ -118,7 +118,7 @@ def train_torchrun(cfg: RunConfig, run_dir: str | Path, gpus: int, *, steps: int
             lines = log.read().splitlines()
             # the trainers' own `error:` lines first (a bad config, a wrong path): torchrun's summary after them is
             # longer than the tail and names no cause
-            bare = (re.sub(r"^\[(default)?rank\d+\]:\s*", "", line.strip()) for line in lines)  # torchrun --tee
+            bare = (re.sub(r"^\[rank\d+\]:\s*", "", line.strip()) for line in lines)  # torch's excepthook prefix
             errors = list(dict.fromkeys(line for line in bare if line.startswith("error:")))
             tail = "\n".join(lines[-30:])
             cause = "".join(f"{e}\n" for e in errors)

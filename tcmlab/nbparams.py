@@ -236,6 +236,25 @@ def find_stage1(stage1_run: str | None, out: str | Path) -> Path | None:
     return p if step >= steps else None
 
 
+def stage1_to_train(preset_name: str, out: str | Path, overrides="") -> tuple:
+    """(cfg0, cfg1, note) of the stage 1 notebook 02 trains in `<out>/stage1` when `find_stage1` found none: an
+    unfinished one there is resumed with its own config (steps, overrides, init_from as notebook 01 gave them; no
+    stage 0), else the preset's stage 0 → 1 with the overrides that apply (`stage01_configs`)."""
+    from . import checkpoint
+    from .config import from_dict
+    from .model import CKPT_NAME
+
+    ckpt = Path(out) / "stage1" / CKPT_NAME
+    if ckpt.exists():
+        step, steps = _progress(ckpt)
+        cfg1 = from_dict(json.loads(checkpoint.header(ckpt)["config"]))
+        return None, cfg1, (f"[tcmlab] stage 1: resuming the unfinished run in {ckpt.parent} at step {step} of "
+                            f"{steps}, with its own config")
+    cfg0, cfg1 = stage01_configs(preset_name, out, overrides=overrides, only_applicable=True)
+    return cfg0, cfg1, (f"no stage-1 run given or found in {out}: training the {preset_name!r} stage 1 there (after "
+                        f"its stage 0, if any)")
+
+
 def stage1_note(path: str | Path) -> str:
     """What notebook 02 prints about the stage-1 run it starts from: its step of its steps, and whether it is done."""
     step, steps = _progress(Path(path))

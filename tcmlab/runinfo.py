@@ -55,7 +55,9 @@ def origin(cfg: RunConfig, source: dict | None, verify: bool) -> dict:
     kind = "edm_pickle" if str(source["path"]).endswith(".pkl") else "run"
     out = {"kind": kind, **source}
     if verify:
-        out["now"] = init_file_now(source.get("resolved", source["path"]), source["sha256"])
+        resolved = source.get("resolved")  # where it was; else (a moved tree) the recorded path from here
+        out["now"] = init_file_now(resolved if resolved and Path(resolved).is_file() else source["path"],
+                                   source["sha256"])
     return out
 
 

@@ -363,11 +363,16 @@ def _init_from_diff(point: Point) -> list[str]:
         path = Path(point.cfg.init_from)
     was = Path(src.get("resolved") or src["path"]).resolve()
     if path.is_file():
-        st = path.stat()
-        if _file_sha256(str(path.resolve()), st.st_mtime_ns, st.st_size) == src["sha256"]:
+        try:
+            st = path.stat()
+            now = _file_sha256(str(path.resolve()), st.st_mtime_ns, st.st_size)
+        except OSError:  # unreadable: compared by path below
+            now = None
+        if now == src["sha256"]:
             return []
-        return [f"init_from: the spec names {path} (not the file this run started from, {was}, sha256 "
-                f"{src['sha256'][:12]}…)"]
+        if now is not None:
+            return [f"init_from: the spec names {path} (not the file this run started from, {was}, sha256 "
+                    f"{src['sha256'][:12]}…)"]
     same = was in (path.resolve(), (path / CKPT_NAME).resolve())
     return [] if same else [f"init_from {str(was)!r} -> {str(path)!r} (which does not exist)"]
 

@@ -345,12 +345,17 @@ def _train(cfg, run_dir, rank, world, device, b_rank, b_gpu, created, steps, pro
         state_health = state.get("health") or {}  # none in a checkpoint of an older tcmlab: the window starts empty
         _restore_dropout_rng(state["rng"], rank, world, device, tc.seed, step)
         del state
+    end = tc.steps if steps is None else min(tc.steps, step + steps)
+    # A call with no step to train on a run whose config is unchanged (config_diff: speed and bookkeeping options and
+    # fields the run does not read aside) writes nothing: the checkpoint stays byte for byte (a stage 2 paired with it
+    # by init_source's sha256 stays paired), and config.json and metrics.jsonl record no change it did not make.
+    idle = stored is not None and step >= end and not rundir.config_diff(stored, cfg, init_free=True)
     if rank == 0:  # checks passed: now the run directory may change
         for tmp in checkpoint.stale_temporaries(run_dir, TRAIN_WRITES):  # a killed save's copy; we hold the lock
             warnings.warn(f"removing {tmp} ({tmp.stat().st_size / 2**20:.1f} MiB), left by a save that was killed "
                           f"mid-write; the checkpoint it would have replaced is intact", stacklevel=2)
             tmp.unlink()
-        checkpoint.atomic_write_text(run_dir / "config.json", to_json(cfg))
+        checkpoint.atomic_write_text(run_dir / "config.json", to_json(stored if idle else cfg))
         rundir.truncate_metrics(metrics_path, step)
         rundir.set_aside_outputs(run_dir, step)  # eval.jsonl rows and sample PNGs of a later state
 
@@ -362,7 +367,6 @@ def _train(cfg, run_dir, rank, world, device, b_rank, b_gpu, created, steps, pro
     # checkpoints and gradients use f itself.
     f_train, f_minus, f0_loss = compiled(f_train, f, f0) if tc.compile else (f_train, f, f0)
     fmt = memory_format(tc.channels_last, len(shape) + 1)
-    end = tc.steps if steps is None else min(tc.steps, step + steps)
     edges = loss_t_edges(cfg.t_max)
     # Compute spent on this run, across resumes: wall-clock seconds of training (evaluations left out) and the same
     # times the ranks (GPU-seconds on GPUs), counted from `since_step` (a checkpoint of an older tcmlab has none).
@@ -416,7 +420,7 @@ def _train(cfg, run_dir, rank, world, device, b_rank, b_gpu, created, steps, pro
     norm_max = state_health.get("grad_norm_max")
     if stored is not None and any(getattr(stored.train, k) != getattr(cfg.train, k) for k in RECOVERY_FIELDS):
         save()  # the checkpoint takes the new lr/precision first, so the config_change row never outlives it
-    if changes:
+    if changes and not idle:
         log({"kind": "config_change", "step": step, "changes": changes})  # visible in the run's own record
 
     bar = tqdm(total=end, initial=step, disable=not progress or rank != 0, desc=f"stage {cfg.stage} [{cfg.name}]",
@@ -522,9 +526,8 @@ def _train(cfg, run_dir, rank, world, device, b_rank, b_gpu, created, steps, pro
                 save()
         bar.close()
         # The final save, still under the stop handlers: a SIGTERM/SIGINT now waits for it (the steps since the last
-        # checkpoint are kept), and the call ends normally. A call that trained nothing leaves the checkpoint as it
-        # was, byte for byte, unless the run's config changed (config_diff: not a speed or bookkeeping option, nor a
-        # field the run does not read): a stage 2 paired with it (init_source's sha256) stays paired.
+        # checkpoint are kept), and the call ends normally. None after an idle call (above), nor after a call that
+        # trained nothing past its recovery save at the start.
         if not (step == clock["first_step"] and on_disk["config"] is not None
                 and not rundir.config_diff(on_disk["config"], cfg, init_free=True)):
             save()

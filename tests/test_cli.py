@@ -178,3 +178,9 @@ def test_info_finds_a_relative_init_from_from_any_folder(ci_runs, tmp_path, caps
     assert main(["info", str(tmp_path / "s2"), "--verify-init"]) == 0
     out = capsys.readouterr().out
     assert "started from s1/latest.safetensors at its step 20" in out and "now: same file)" in out
+    (tmp_path / "moved").mkdir()  # the whole tree moved: the recorded path, looked up from here, finds it
+    for name in ("s1", "s2"):
+        (tmp_path / name).rename(tmp_path / "moved" / name)
+    monkeypatch.chdir(tmp_path / "moved")
+    assert main(["info", "s2", "--verify-init"]) == 0
+    assert "now: same file (a relative path, looked up from the current folder))" in capsys.readouterr().out

@@ -26,7 +26,7 @@ def test_shipped_extractor_loads_and_reproduces_its_card():
 def test_reregistering_is_harmless():
     evalsets.register()
     evalsets.register()
-    importlib.reload(metrics)  # a re-run notebook cell that imports and registers again
+    importlib.reload(evalsets)  # a re-run notebook cell that imports and registers again
     evalsets.register()
 
 

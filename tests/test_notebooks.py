@@ -1,3 +1,4 @@
+import dataclasses
 import json
 import math
 import re
@@ -370,11 +371,18 @@ def test_notebook_02_resumes_an_unfinished_stage_1_of_its_own_and_names_a_given_
     assert nbparams.find_stage1("", tmp_path) == tmp_path / "stage1"  # finished: reused
     assert "at step 20 of 20, finished (reused" in nbparams.stage1_note(tmp_path / "stage1")
     partial = tmp_path / "partial"
-    train(preset("ci", 1, init_from=str(ci_runs / "s0")), partial / "stage1", steps=3, progress=False)
-    assert nbparams.find_stage1("", partial) is None  # unfinished: the notebook trains it on (run_stage resumes)
+    cfg = preset("ci", 1, init_from=str(ci_runs / "s0"))
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, steps=24))  # notebook 01's -p steps1 24
+    train(cfg, partial / "stage1", steps=3, progress=False)
     assert nbparams.find_stage1(str(partial / "stage1"), tmp_path) == partial / "stage1"  # given: used, and said
-    assert "at step 3 of 20, UNFINISHED: stage 2 starts from its EMA at step 3" in nbparams.stage1_note(
+    assert "at step 3 of 24, UNFINISHED: stage 2 starts from its EMA at step 3" in nbparams.stage1_note(
         partial / "stage1")
+    assert nbparams.find_stage1("", partial) is None  # unfinished in out: the notebook trains it on
+    cfg0, cfg1, note = nbparams.stage1_to_train("ci", partial)
+    assert cfg0 is None and cfg1 == cfg and "resuming the unfinished run" in note  # its own config, no stage 0
+    assert train(cfg1, partial / "stage1", progress=False).step == 24
+    cfg0, cfg1, note = nbparams.stage1_to_train("ci", tmp_path / "fresh")
+    assert cfg0 is not None and cfg1.train.steps == 20 and "no stage-1 run given or found" in note
     with pytest.raises(ValueError, match="parameter stage1_run='.*metrics.jsonl' holds no stage-1 checkpoint"):
         nbparams.find_stage1(str(partial / "stage1" / "metrics.jsonl"), tmp_path)
     with pytest.raises(ValueError, match="parameter init_from='.*nowhere' does not exist"):

@@ -478,9 +478,13 @@ def test_a_finished_run_called_with_other_free_or_unread_fields_keeps_its_checkp
     cfg = preset("ci", 1, init_from=str(ci_runs / "s0"))
     other = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, log_every=3, ckpt_every=7),
                                 net=dataclasses.replace(cfg.net, channel_mult=(1, 2)))  # an MLP reads no channel_mult
-    with pytest.warns(UserWarning, match="continuing with train.log_every"):
-        assert train(other, run, progress=False).step == cfg.train.steps
+    for _ in range(2):
+        with pytest.warns(UserWarning, match="continuing with train.log_every"):
+            assert train(other, run, progress=False).step == cfg.train.steps
     assert (run / "latest.safetensors").read_bytes() == before
+    # and no record of a change that was not made: config.json is the checkpoint's, no config_change row
+    assert json.loads((run / "config.json").read_text())["train"]["log_every"] == cfg.train.log_every
+    assert "config_change" not in {r["kind"] for r in rundir.read_metrics(run / "metrics.jsonl")}
     with pytest.warns(UserWarning, match="continuing with train.lr"):
         train(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, lr=1e-4)), run, progress=False,
               allow_change=("train.lr",))
@@ -520,3 +524,12 @@ def test_a_write_to_a_folder_or_into_a_missing_folder_names_the_path(tmp_path, c
     assert main(["sweep", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert f"sweep spec {tmp_path} is a folder, not a file" in err
+
+
+def test_a_run_shortened_to_its_step_is_saved_as_finished(tmp_path, ci_runs):
+    # nothing to train, but the run itself changed (train.steps 20 -> 15): the checkpoint records it
+    cfg = preset("ci", 1, init_from=str(ci_runs / "s0"))
+    train(cfg, tmp_path / "r", steps=15, progress=False)
+    short = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, steps=15))
+    assert train(short, tmp_path / "r", progress=False).step == 15
+    assert load_state(tmp_path / "r")[1].train.steps == 15

@@ -67,8 +67,8 @@ def dfid_profile(tb: Tables, t_prime: float):
 
 def over_training(tb: Tables, kind: str, title: str, start: str | None = None):
     """dFID_t at each t and the 1-step FID against the training step of one point (mean over seeds; TCM Fig. 2 for
-    stage 1, Fig. 3 for stage 2). start: a kind whose final evaluation is drawn at step 0 (stage 2 starts from
-    stage 1's end)."""
+    stage 1, Fig. 3 for stage 2). start: a kind whose last evaluation during training is drawn at step 0 (stage 2
+    starts from stage 1's end; the same one-draw estimator as the curve, not the final score's mean over draws)."""
     import plotly.graph_objects as go
 
     fig = go.Figure()
@@ -79,9 +79,9 @@ def over_training(tb: Tables, kind: str, title: str, start: str | None = None):
         grid = sorted(set.intersection(*(set(c) for c in per_seed.values()))) if per_seed else []
         ys = [statistics.fmean(c[s] for c in per_seed.values()) for s in grid]
         if start is not None:
-            first = tb.final(metric, start, t)
+            first = [c[max(c)] for c in tb.curve(metric, start, t).values() if c]
             if first:
-                grid, ys = [0] + grid, [statistics.fmean(first.values())] + ys
+                grid, ys = [0] + grid, [statistics.fmean(first)] + ys
         steps += grid
         fig.add_scatter(x=grid, y=ys, mode="lines+markers", name="1-step FID" if t is None else f"dFID at t={t:g}",
                         line_dash="dash" if t is None else None)

@@ -269,7 +269,8 @@ def psi_figure(t_prime: float, scale: float, nu: float, rho: float, w_b: float =
     log-normal; ρ (the batch share at t′) is shown in the legend, not as a mass."""
     psi = TruncatedLogStudentT(t_prime, t_max, scale, nu)
     lam = boundary_mass(w_b)
-    t = np.geomspace(0.002, t_max, 600)
+    # t′ and the float just below it on the grid: ψ̄ jumps from 0 to its peak there (no ramp drawn below t′)
+    t = np.unique(np.concatenate([np.geomspace(0.002, t_max, 600), [np.nextafter(t_prime, 0), t_prime]]))
     fig = fig if fig is not None else go.Figure()
     dens_t = t * psi.pdf(t) * (1 - lam)  # density per unit ln t
     traces = [go.Scatter(x=t, y=t * lognormal.pdf(t), name="stage 1: log-normal"),
@@ -278,7 +279,7 @@ def psi_figure(t_prime: float, scale: float, nu: float, rho: float, w_b: float =
                          name=f"λ_b·δ(t−t′): mass λ_b = w_b/(1+w_b) = {lam:.3f}<br>"
                               f"(ρ = {rho:g}: {n_boundary(1000, rho) / 10:g}% of each batch at t′)")]
     dt = float(delta_t(torch.tensor(t_prime), ratio))
-    title = (f"ψ_t (TCM Eq. 7): t′={t_prime:.3g}, scale={scale:.3g}, ν={nu:.3g}, w_b={w_b:.3g}<br>"
+    title = (f"ψ_t (TCM Eq. 7): t′={t_prime:.3g}, scale={scale:.3g}, ν={nu:.3g}, w_b={w_b:.3g}, T={t_max:g}<br>"
              f"Δt at t′ = {dt:.2e} · median ψ̄ = {float(psi.quantile(0.5)):.3g}")
     with fig.batch_update() if isinstance(fig, go.FigureWidget) else contextlib.nullcontext():
         if len(fig.data) == 3:

@@ -68,11 +68,13 @@ def summary_figures(summary: list[dict]) -> dict[str, Any]:
     import plotly.graph_objects as go
 
     fid = go.Figure()
-    for metric in ("fid_1step", "fid_2step", "fid_heun"):
+    names = {"fid_1step": "1-step FID", "fid_2step": "2-step FID (T → t_mid; stage 2: T → max(t_mid, t′))",
+             "fid_heun": "Heun FID (stage 0: EDM's sampler)"}
+    for metric, name in names.items():
         rows = [r for r in summary if r["metric"] == metric]
         if not rows:
             continue
-        fid.add_scatter(x=[_label(r) for r in rows], y=[r["mean"] for r in rows], mode="markers", name=metric,
+        fid.add_scatter(x=[_label(r) for r in rows], y=[r["mean"] for r in rows], mode="markers", name=name,
                         error_y=dict(array=[r["std"] or 0 for r in rows]))
     dfid = go.Figure()
     for label, rows in itertools.groupby(sorted((r for r in summary if r["metric"] == "dfid"), key=_label), _label):

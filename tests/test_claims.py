@@ -257,6 +257,8 @@ def test_report_figures_have_titled_axes_and_the_sweep_points():
         assert fig.layout.title.text and fig.layout.xaxis.title.text and fig.layout.yaxis.title.text, name
     assert list(figs["tprime"].data[0].x) == [0.5, 1.0, 1.5] and list(figs["tprime"].data[0].y) == [81.0, 81.5, 82.0]
     assert list(figs["stage2_training"].data[0].x) == [0, 500, 1000]  # step 0 = the end of stage 1
+    # ... read off stage 1's curve (one draw, as the rest of the curve), not its final score (a mean over draws)
+    assert figs["stage2_training"].data[0].y[0] == 100.0
     assert [b for b in figs["ablations"].data[0].x] == ["stage 1", "control", "defaults", "t_prime = 0.5",
                                                         "t_prime = 1.5"]
 

@@ -83,6 +83,19 @@ def test_explorer_plots_the_dirac_mass_from_w_b_not_rho():
     assert max(plots.psi_figure(1.0, 0.2, 0.01, rho=0.1, w_b=1.0).data[2].y) == pytest.approx(0.5)
 
 
+def test_the_psi_curve_jumps_at_t_prime_and_names_T():
+    # ψ̄ is 0 below t′ and peaks at t′: the grid holds t′ (a ramp drawn from the grid point below it would show
+    # density below t′ and a peak too low)
+    import numpy as np
+
+    from tcmlab import plots
+    from tcmlab.schedules import TruncatedLogStudentT
+    fig = plots.psi_figure(1.3, 0.2, 0.01, rho=0.25, w_b=0.1, t_max=10.0)
+    x, y = np.asarray(fig.data[1].x), np.asarray(fig.data[1].y)
+    peak = 1.3 * float(TruncatedLogStudentT(1.3, 10.0, 0.2, 0.01).pdf(np.array([1.3]))[0]) / 1.1
+    assert y.max() == pytest.approx(peak) and y[x < 1.3].max() == 0 and "T=10" in fig.layout.title.text
+
+
 def test_code_cites_decisions_that_exist():
     import re
     root = Path(__file__).resolve().parents[1]

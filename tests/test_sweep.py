@@ -416,7 +416,8 @@ def test_an_evaluated_stage0_point_is_scored_with_the_heun_sampler(tmp_path):
     heun = next(row for row in r.table if row["metric"] == "fid_heun")
     assert len(json.loads(heun["card"])["steps"]) == 18 and heun["n"] == 20 and heun["floor"] > 0
     assert "| fid_heun |" in (tmp_path / "out" / "summary.md").read_text()
-    assert [tr.name for tr in sweep.summary_figures(r.summary)["fid"].data] == ["fid_heun", "real-vs-real floor"]
+    assert [tr.name for tr in sweep.summary_figures(r.summary)["fid"].data] == ["Heun FID (stage 0: EDM's sampler)",
+                                                                             "real-vs-real floor"]
 
 
 def test_results_written_before_a_config_field_existed_stay_done(tmp_path):

@@ -129,7 +129,8 @@ def make_foreach_steps(net_name: str, batch: int, device) -> dict:
 
 
 def sync_fn(device):
-    return torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    """Wait for `device`'s queued work (the device itself: a bare synchronize waits on the current one only)."""
+    return (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
 
 
 def time_steps(steps: dict, rounds: int, per_round: int, device, warmup: int = 2) -> dict:

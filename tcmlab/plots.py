@@ -174,20 +174,25 @@ def dfid_over_training(run: str | Path, t_prime: float | None = None) -> go.Figu
 
 
 def dfid_curves(runs: dict[str, str | Path], t_prime: float | None = None) -> go.Figure:
-    """Final dFID_t against t for several runs (from their last eval rows), with t′ marked; a run without eval rows
-    is named in the title instead of silently missing."""
+    """Final dFID_t against t for several runs (from their last eval rows), with t′ marked: `t_prime`, or where it is
+    None the t′ of each stage-2 run among them (their config.json; named in the legend); a run without eval rows is
+    named in the title instead of silently missing."""
     fig = go.Figure()
-    missing = []
+    missing, own = [], set()
     for label, run in runs.items():
         ev = read_metrics(run, "eval")
+        cfg = run_config(run) if (Path(run) / "config.json").exists() else None
+        tp = cfg.loss.t_prime if cfg is not None and cfg.stage == 2 else None
         if ev:
             d = ev[-1]["dfid"]
             fig.add_scatter(x=[float(t) for t in d], y=list(d.values()), mode="lines+markers",
-                            name=f"{label} (step {ev[-1]['step']}, n={ev[-1].get('n', '?')})")
+                            name=f"{label} (step {ev[-1]['step']}, n={ev[-1].get('n', '?')}"
+                                 + (f", t′={tp:g})" if tp is not None and t_prime is None else ")"))
+            own |= {tp} - {None}
         else:
             missing.append(label)
-    if t_prime is not None:
-        mark_x(fig, t_prime, "t′", log=True)
+    for tp in sorted(own) if t_prime is None else [t_prime]:
+        mark_x(fig, tp, "t′" if t_prime is not None or len(own) == 1 else f"t′={tp:g}", log=True)
     fig.update_layout(yaxis_type="log", showlegend=True)
     title = "dFID_t across t (last evaluation of each run)"
     if missing:

@@ -22,18 +22,37 @@ import torch
 AUTOCAST = {"fp32": None, "tf32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+# torch >= 2.9 sets TF32 per backend through `fp32_precision` ('ieee' | 'tf32' | 'none': as its parent). Once it (or
+# `torch.set_float32_matmul_precision`) has been used, reading the legacy `allow_tf32` flags raises, and setting them
+# breaks `torch.get_float32_matmul_precision()`: so the new API where torch has it, the legacy flags before that.
+_NEW_API = hasattr(torch.backends.cuda.matmul, "fp32_precision") and hasattr(torch.backends.cudnn, "conv")
+
+
+def _raw() -> dict:
+    """The flags as torch holds them, to restore exactly."""
+    m, c = torch.backends.cuda.matmul, torch.backends.cudnn
+    tf32 = ({"matmul": m.fp32_precision, "conv": c.conv.fp32_precision} if _NEW_API
+            else {"matmul": m.allow_tf32, "conv": c.allow_tf32})
+    return {**tf32, "fp16_reduced_reduction": m.allow_fp16_reduced_precision_reduction,
+            "cudnn_benchmark": c.benchmark}
+
+
+def _set_raw(raw: dict) -> None:
+    m, c = torch.backends.cuda.matmul, torch.backends.cudnn
+    if _NEW_API:
+        m.fp32_precision, c.conv.fp32_precision = raw["matmul"], raw["conv"]
+    else:
+        m.allow_tf32, c.allow_tf32 = raw["matmul"], raw["conv"]
+    m.allow_fp16_reduced_precision_reduction = raw["fp16_reduced_reduction"]
+    c.benchmark = raw["cudnn_benchmark"]
+
+
 def math_flags() -> dict:
-    """torch's current float32-matmul and cuDNN flags (the ones `float32_math` sets)."""
-    return {"matmul_tf32": torch.backends.cuda.matmul.allow_tf32, "cudnn_tf32": torch.backends.cudnn.allow_tf32,
-            "fp16_reduced_reduction": torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction,
-            "cudnn_benchmark": torch.backends.cudnn.benchmark}
-
-
-def _set(flags: dict) -> None:
-    torch.backends.cuda.matmul.allow_tf32 = flags["matmul_tf32"]
-    torch.backends.cudnn.allow_tf32 = flags["cudnn_tf32"]
-    torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction = flags["fp16_reduced_reduction"]
-    torch.backends.cudnn.benchmark = flags["cudnn_benchmark"]
+    """torch's current float32-matmul and cuDNN flags (the ones `float32_math` sets), as booleans."""
+    raw = _raw()
+    tf32 = (lambda v: v == "tf32") if _NEW_API else bool
+    return {"matmul_tf32": tf32(raw["matmul"]), "cudnn_tf32": tf32(raw["conv"]),
+            "fp16_reduced_reduction": raw["fp16_reduced_reduction"], "cudnn_benchmark": raw["cudnn_benchmark"]}
 
 
 @contextlib.contextmanager
@@ -43,11 +62,11 @@ def float32_math(precision: str, cudnn_benchmark: bool):
     cuDNN's benchmark mode as given. torch's previous flags are restored on exit (they are process-wide)."""
     if precision not in AUTOCAST:
         raise ValueError(f"precision must be one of {sorted(AUTOCAST)}, got {precision!r}")
-    before = math_flags()
+    before = _raw()
     tf32 = precision == "tf32"
-    _set({"matmul_tf32": tf32, "cudnn_tf32": tf32, "fp16_reduced_reduction": tf32,
-          "cudnn_benchmark": bool(cudnn_benchmark)})
+    mode = ("tf32" if tf32 else "ieee") if _NEW_API else tf32
+    _set_raw({"matmul": mode, "conv": mode, "fp16_reduced_reduction": tf32, "cudnn_benchmark": bool(cudnn_benchmark)})
     try:
         yield
     finally:
-        _set(before)
+        _set_raw(before)

@@ -196,3 +196,10 @@ def test_a_json_path_that_cannot_be_written_is_refused_before_any_timing(tmp_pat
         bench.main(["--net", "mlp", "--json", str(tmp_path / "nowhere" / "b.json")])
     with pytest.raises(SystemExit, match="a folder; give a file name"):
         bench.main(["--net", "mlp", "--json", str(tmp_path)])
+
+
+def test_cuda_timing_waits_on_the_benchmarked_device(monkeypatch):
+    seen = []
+    monkeypatch.setattr(bench.torch.cuda, "synchronize", lambda device=None: seen.append(device))
+    bench.sync_fn(bench.torch.device("cuda", 1))()
+    assert seen == [bench.torch.device("cuda", 1)]  # not the current device (cuda:0)

@@ -402,3 +402,24 @@ def test_notebook_02_resumes_an_unfinished_stage_1_of_its_own_and_names_a_given_
         nbparams.stage01_configs("ci", tmp_path, init_from=str(tmp_path / "nowhere"))
     with pytest.raises(ValueError, match="parameter dfid_n must be at least 2"):
         nbparams.dfid_settings("ci", 0, 1)
+
+
+def test_dfid_curves_mark_each_stage_2_runs_own_t_prime(tmp_path, ci_runs):
+    # notebook 03 plots every stage2-* run of its folder: one t′ line at the notebook's parameter could match none
+    from tcmlab import plots
+    from tcmlab.config import from_dict, to_json
+    cfg = from_dict(json.loads((ci_runs / "s2" / "config.json").read_text()))
+    runs = {}
+    for tp in (0.5, 2.0):
+        run = tmp_path / f"stage2-tp{tp:g}"
+        run.mkdir()
+        (run / "config.json").write_text(to_json(dataclasses.replace(cfg, loss=dataclasses.replace(cfg.loss,
+                                                                                                   t_prime=tp))))
+        (run / "metrics.jsonl").write_text(json.dumps({"kind": "eval", "step": 5, "dfid": {"1.0": 50.0}}) + "\n")
+        runs[run.name] = run
+    runs["stage 1"] = ci_runs / "s1"  # no eval rows: named in the title
+    fig = plots.dfid_curves(runs)
+    assert sorted(s.x0 for s in fig.layout.shapes) == [0.5, 2.0]
+    assert [a.text for a in fig.layout.annotations] == ["t′=0.5", "t′=2"]
+    assert "t′=0.5)" in fig.data[0].name and "no dFID rows in: stage 1" in fig.layout.title.text
+    assert [s.x0 for s in plots.dfid_curves(runs, t_prime=1.0).layout.shapes] == [1.0]  # notebook 02: the one given

@@ -34,9 +34,10 @@ def test_gpu_check_script_runs_every_part_and_writes_its_records(tmp_path):
                        timeout=900)
     log = (tmp_path / "gpu-check.log").read_text()
     assert r.returncode == 0, log[-3000:]
-    parts = ["env", "bench-fp32", "recipes", "bench-bf16", "train-paper", "tests-gpu", "bench-bf16-fast"]
+    parts = ["env", "bench-fp32", "recipes", "bench-bf16", "bench-bf16-fast", "tests-gpu", "train-paper"]
     for name in parts:
         assert f"== {name}: rc=0 in" in log, (name, log[-3000:])
+    assert sorted(parts, key=lambda name: log.index(f"== {name} (limit")) == parts  # the most wanted first
     recs = {p.name: json.loads(p.read_text()) for p in tmp_path.glob("*.json")}
     assert set(recs) == {"bench-ddpmpp-fp32.json", "bench-ddpmpp-recipes.json", "bench-ddpmpp-bf16.json",
                          "bench-ddpmpp-bf16-fast.json"}

@@ -95,3 +95,26 @@ def test_fp16_steps_the_scaler_skips_are_logged(tmp_path, ci_runs, monkeypatch):
     assert [row["step"] for row in skips] == [0, 1, 2] and r.step == 3
     assert [row["scale"] for row in skips] == [2.0**100, 2.0**99, 2.0**98]
     assert all(row["next_scale"] == row["scale"] / 2 and row["nonfinite_grads"] > 0 for row in skips)
+
+
+def test_float32_math_works_after_the_new_tf32_api_was_used():
+    # torch >= 2.9: after `fp32_precision` or `set_float32_matmul_precision`, reading the legacy allow_tf32 flags
+    # raises and setting them breaks get_float32_matmul_precision; a fresh process, as the flags are process-wide
+    import subprocess
+    import sys
+
+    script = (
+        "import torch\n"
+        "from tcmlab.precision import float32_math, math_flags\n"
+        "torch.set_float32_matmul_precision('high')\n"
+        "torch.backends.cuda.matmul.fp32_precision = 'tf32'\n"
+        "with float32_math('fp32', True):\n"
+        "    assert not math_flags()['matmul_tf32'] and not math_flags()['cudnn_tf32']\n"
+        "    torch.get_float32_matmul_precision()\n"
+        "assert torch.backends.cuda.matmul.fp32_precision == 'tf32' and math_flags()['matmul_tf32']\n"
+        "print('ok')\n")
+    if not hasattr(torch.backends.cuda.matmul, "fp32_precision"):
+        pytest.skip("this torch has only the legacy allow_tf32 flags")
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                       cwd=str(__import__("pathlib").Path(__file__).resolve().parents[1]))
+    assert r.stdout.strip() == "ok", r.stderr[-2000:]

@@ -525,7 +525,8 @@ def test_evaluation_runs_under_the_runs_own_float32_flags(ci_runs, monkeypatch):
     from tcmlab import evalsets, metrics
     from tcmlab.model import load_model
     seen = []
-    monkeypatch.setattr(metrics, "sample_quality", lambda *a, **k: seen.append(torch.backends.cudnn.allow_tf32) or [])
+    from tcmlab.precision import math_flags
+    monkeypatch.setattr(metrics, "sample_quality", lambda *a, **k: seen.append(math_flags()["cudnn_tf32"]) or [])
     before = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = True
     try:

@@ -8,6 +8,7 @@ against t′ with the chosen point marked, and 1-step samples of that model besi
 
 from __future__ import annotations
 
+import json
 import math
 import statistics
 from pathlib import Path
@@ -137,4 +138,13 @@ class TPrimeSweep:
         if self._select("stage1", None, "fid_1step"):  # a sweep may leave stage 1 out of its evaluation
             models["stage 1"] = load_model(self.run_dir("stage1"), device=device)
         models[f"stage 2, t′ = {t_prime:g}"] = load_model(self.run_dir("stage2", t_prime), device=device)
-        return sample_panels(models, t_mid=max(1.0, t_prime), n=n)
+        return sample_panels(models, t_mid=max(self.t_mid(), t_prime), n=n)
+
+    def t_mid(self) -> float:
+        """The sweep's 2-step time (`[eval] t_mid`, read off the stage-1/control 2-step FID cards; 1.0, the paper's
+        CIFAR-10 value, where the tables have none): the samples match the 2-step FID the sweep reported."""
+        for r in self._select("stage1", None, "fid_2step") + self._select("control", None, "fid_2step"):
+            steps = json.loads(r.get("card") or "{}").get("steps") or []
+            if len(steps) == 2:
+                return float(steps[1])
+        return 1.0

@@ -423,3 +423,21 @@ def test_dfid_curves_mark_each_stage_2_runs_own_t_prime(tmp_path, ci_runs):
     assert [a.text for a in fig.layout.annotations] == ["t′=0.5", "t′=2"]
     assert "t′=0.5)" in fig.data[0].name and "no dFID rows in: stage 1" in fig.layout.title.text
     assert [s.x0 for s in plots.dfid_curves(runs, t_prime=1.0).layout.shapes] == [1.0]  # notebook 02: the one given
+
+
+def test_tprime_sweep_samples_at_the_sweeps_own_t_mid(tmp_path):
+    # the explorer's 2-step samples go T -> the sweep's [eval] t_mid (from its cards), not a hard-coded 1
+    from tcmlab.explore import TPrimeSweep
+    from tcmlab.sweep_table import write_csv
+    base = {"point": "seed0/s1", "kind": "stage1", "stage": 1, "seed": 0, "s2.loss.t_prime": "", "t": "",
+            "floor": 35, "card": ""}
+    rows = [{**base, "metric": "fid_1step", "value": 100},
+            {**base, "point": "seed0/a", "kind": "stage2", "stage": 2, "s2.loss.t_prime": 0.5, "metric": "fid_1step",
+             "value": 90},
+            {**base, "point": "seed0/b", "kind": "stage2", "stage": 2, "s2.loss.t_prime": 1.0, "metric": "fid_1step",
+             "value": 80}]
+    write_csv(tmp_path / "results.csv", rows)
+    assert TPrimeSweep(tmp_path).t_mid() == 1.0  # no 2-step card: the paper's CIFAR-10 value
+    rows.append({**base, "metric": "fid_2step", "value": 95, "card": json.dumps({"steps": [80.0, 0.821]})})
+    write_csv(tmp_path / "results.csv", rows)
+    assert TPrimeSweep(tmp_path).t_mid() == 0.821

@@ -78,13 +78,16 @@ def over_training(tb: Tables, kind: str, title: str, start: str | None = None):
         per_seed = tb.curve(metric, kind, t)
         grid = sorted(set.intersection(*(set(c) for c in per_seed.values()))) if per_seed else []
         ys = [statistics.fmean(c[s] for c in per_seed.values()) for s in grid]
-        if start is not None:
-            first = [c[max(c)] for c in tb.curve(metric, start, t).values() if c]
-            if first:
-                grid, ys = [0] + grid, [statistics.fmean(first)] + ys
+        name = "1-step FID" if t is None else f"dFID at t={t:g}"
+        if start is not None and grid:  # over the seeds of the curve: stage 1's last curve point, else its final score
+            ends = {s: c[max(c)] for s, c in tb.curve(metric, start, t).items() if c and s in per_seed}
+            if len(ends) < len(per_seed):
+                ends, name = tb.final(metric, start, t), name + " (step 0: stage 1's final score)"
+                ends = {s: v for s, v in ends.items() if s in per_seed}
+            if len(ends) == len(per_seed):
+                grid, ys = [0] + grid, [statistics.fmean(ends.values())] + ys
         steps += grid
-        fig.add_scatter(x=grid, y=ys, mode="lines+markers", name="1-step FID" if t is None else f"dFID at t={t:g}",
-                        line_dash="dash" if t is None else None)
+        fig.add_scatter(x=grid, y=ys, mode="lines+markers", name=name, line_dash="dash" if t is None else None)
     if steps:
         _floor_line(fig, tb, min(steps), max(steps))
     fig.update_layout(title=title, height=450, width=900, xaxis_title="training step of this stage",

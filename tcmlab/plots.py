@@ -181,7 +181,10 @@ def dfid_curves(runs: dict[str, str | Path], t_prime: float | None = None) -> go
     missing, own = [], set()
     for label, run in runs.items():
         ev = read_metrics(run, "eval")
-        cfg = run_config(run) if (Path(run) / "config.json").exists() else None
+        try:  # a run without a readable config.json gets no t′ line
+            cfg = run_config(run)
+        except (OSError, ValueError, KeyError, TypeError):
+            cfg = None
         tp = cfg.loss.t_prime if cfg is not None and cfg.stage == 2 else None
         if ev:
             d = ev[-1]["dfid"]

@@ -38,9 +38,15 @@ def _raw() -> dict:
 
 
 def _set_raw(raw: dict) -> None:
+    """Set the flags; with the new API a value that its parents give (a backend's 'none' reads as the value it
+    inherits) is restored as 'none', so that it follows later changes of torch.backends.fp32_precision again. cuDNN
+    convolutions' own default ('tf32' in a fresh process) cannot be written back: it is restored as 'tf32'."""
     m, c = torch.backends.cuda.matmul, torch.backends.cudnn
     if _NEW_API:
-        m.fp32_precision, c.conv.fp32_precision = raw["matmul"], raw["conv"]
+        for backend, value in ((m, raw["matmul"]), (c.conv, raw["conv"])):
+            backend.fp32_precision = "none"
+            if backend.fp32_precision != value:
+                backend.fp32_precision = value
     else:
         m.allow_tf32, c.allow_tf32 = raw["matmul"], raw["conv"]
     m.allow_fp16_reduced_precision_reduction = raw["fp16_reduced_reduction"]

@@ -259,6 +259,10 @@ def test_report_figures_have_titled_axes_and_the_sweep_points():
     assert list(figs["stage2_training"].data[0].x) == [0, 500, 1000]  # step 0 = the end of stage 1
     # ... read off stage 1's curve (one draw, as the rest of the curve), not its final score (a mean over draws)
     assert figs["stage2_training"].data[0].y[0] == 100.0
+    # without stage-1 curves: its final score, and the trace says so (not a silently missing step 0)
+    no_s1 = Tables(rows, [c for c in curves if c["kind"] != "stage1"], [], DEFAULT)
+    trace = claims_plots.over_training(no_s1, "stage2", "t", start="stage1").data[0]
+    assert list(trace.x) == [0, 500, 1000] and trace.y[0] == 100.5 and "stage 1's final score" in trace.name
     assert [b for b in figs["ablations"].data[0].x] == ["stage 1", "control", "defaults", "t_prime = 0.5",
                                                         "t_prime = 1.5"]
 

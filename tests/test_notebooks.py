@@ -418,6 +418,11 @@ def test_dfid_curves_mark_each_stage_2_runs_own_t_prime(tmp_path, ci_runs):
         (run / "metrics.jsonl").write_text(json.dumps({"kind": "eval", "step": 5, "dfid": {"1.0": 50.0}}) + "\n")
         runs[run.name] = run
     runs["stage 1"] = ci_runs / "s1"  # no eval rows: named in the title
+    torn = tmp_path / "torn"
+    torn.mkdir()
+    (torn / "config.json").write_text("{")  # unreadable: plotted without a t′ line, not a failed figure
+    (torn / "metrics.jsonl").write_text(json.dumps({"kind": "eval", "step": 5, "dfid": {"1.0": 60.0}}) + "\n")
+    runs["torn"] = torn
     fig = plots.dfid_curves(runs)
     assert sorted(s.x0 for s in fig.layout.shapes) == [0.5, 2.0]
     assert [a.text for a in fig.layout.annotations] == ["t′=0.5", "t′=2"]

@@ -112,6 +112,12 @@ def test_float32_math_works_after_the_new_tf32_api_was_used():
         "    assert not math_flags()['matmul_tf32'] and not math_flags()['cudnn_tf32']\n"
         "    torch.get_float32_matmul_precision()\n"
         "assert torch.backends.cuda.matmul.fp32_precision == 'tf32' and math_flags()['matmul_tf32']\n"
+        "torch.backends.cuda.matmul.fp32_precision = 'none'\n"  # inherits the global setting
+        "torch.backends.fp32_precision = 'tf32'\n"
+        "with float32_math('fp32', True):\n"
+        "    assert not math_flags()['matmul_tf32']\n"
+        "torch.backends.fp32_precision = 'ieee'\n"
+        "assert torch.backends.cuda.matmul.fp32_precision == 'ieee'\n"  # it follows the global setting again
         "print('ok')\n")
     if not hasattr(torch.backends.cuda.matmul, "fp32_precision"):
         pytest.skip("this torch has only the legacy allow_tf32 flags")

@@ -13,7 +13,7 @@ import re
 import warnings
 from pathlib import Path
 
-from .config import FREE_FIELDS, PRESETS, preset, with_overrides
+from .config import FREE_FIELDS, PRESETS, RunConfig, preset, with_overrides
 
 
 def as_float(name: str, value) -> float:
@@ -209,14 +209,14 @@ def w_b_choices(w_b: float) -> list[tuple[str, float]]:
     return [(f"{v:g}", v) for v in values]
 
 
-def _progress(path: Path) -> tuple[int, int]:
-    """(step, train.steps) of a run directory's or checkpoint file's checkpoint, from its header alone."""
+def _stored(path: Path) -> tuple[int, RunConfig]:
+    """(step, config) of a run directory's or checkpoint file's checkpoint, from its header alone."""
     from . import checkpoint
     from .config import from_dict
     from .model import checkpoint_path
 
     head = checkpoint.header(checkpoint_path(path))
-    return int(head["step"]), from_dict(json.loads(head["config"])).train.steps
+    return int(head["step"]), from_dict(json.loads(head["config"]))
 
 
 def find_stage1(stage1_run: str | None, out: str | Path) -> Path | None:
@@ -232,24 +232,21 @@ def find_stage1(stage1_run: str | None, out: str | Path) -> Path | None:
     p = Path(out) / "stage1"
     if not (p / "latest.safetensors").exists():
         return None
-    step, steps = _progress(p)
-    return p if step >= steps else None
+    step, cfg = _stored(p)
+    return p if step >= cfg.train.steps else None
 
 
 def stage1_to_train(preset_name: str, out: str | Path, overrides="") -> tuple:
     """(cfg0, cfg1, note) of the stage 1 notebook 02 trains in `<out>/stage1` when `find_stage1` found none: an
     unfinished one there is resumed with its own config (steps, overrides, init_from as notebook 01 gave them; no
     stage 0), else the preset's stage 0 → 1 with the overrides that apply (`stage01_configs`)."""
-    from . import checkpoint
-    from .config import from_dict
     from .model import CKPT_NAME
 
     ckpt = Path(out) / "stage1" / CKPT_NAME
     if ckpt.exists():
-        step, steps = _progress(ckpt)
-        cfg1 = from_dict(json.loads(checkpoint.header(ckpt)["config"]))
+        step, cfg1 = _stored(ckpt)
         return None, cfg1, (f"[tcmlab] stage 1: resuming the unfinished run in {ckpt.parent} at step {step} of "
-                            f"{steps}, with its own config")
+                            f"{cfg1.train.steps}, with its own config")
     cfg0, cfg1 = stage01_configs(preset_name, out, overrides=overrides, only_applicable=True)
     return cfg0, cfg1, (f"no stage-1 run given or found in {out}: training the {preset_name!r} stage 1 there (after "
                         f"its stage 0, if any)")
@@ -257,7 +254,8 @@ def stage1_to_train(preset_name: str, out: str | Path, overrides="") -> tuple:
 
 def stage1_note(path: str | Path) -> str:
     """What notebook 02 prints about the stage-1 run it starts from: its step of its steps, and whether it is done."""
-    step, steps = _progress(Path(path))
+    step, cfg = _stored(Path(path))
+    steps = cfg.train.steps
     done = "finished" if step >= steps else (f"UNFINISHED: stage 2 starts from its EMA at step {step} (train it to "
                                              f"its end first for a finished teacher)")
     return f"[tcmlab] stage 1: using the run in {path} at step {step} of {steps}, {done} (reused, not retrained)"

@@ -207,11 +207,17 @@ def truncate_metrics(path: Path, step: int) -> None:
     of the steps after it (a `nonfinite` report of the step that failed among them, `ATTEMPT_KINDS`) are appended to
     metrics.discarded.jsonl beside it, each with `resumed_from: step`: what a failed stretch logged is never lost."""
     rows = read_metrics(path)
-    cut = [r for r in rows if after_step(r, step)]
-    for r in cut:
-        append_metrics(path.with_name(DISCARDED_NAME), {**r, "resumed_from": step})
     if rows or path.exists():
-        checkpoint.atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows if not after_step(r, step)))
+        _set_aside_rows(path, rows, [after_step(r, step) for r in rows], path.with_name(DISCARDED_NAME), step)
+
+
+def _set_aside_rows(path: Path, rows: list[dict], cut: list[bool], discarded: Path, step: int) -> None:
+    """Append the rows flagged in `cut` to `discarded`, each with `resumed_from: step`, then rewrite `path` with the
+    others (atomically)."""
+    for r, c in zip(rows, cut):
+        if c:
+            append_metrics(discarded, {**r, "resumed_from": step})
+    checkpoint.atomic_write_text(path, "".join(json.dumps(r) + "\n" for r, c in zip(rows, cut) if not c))
 
 
 EVAL_NAME = "eval.jsonl"
@@ -252,10 +258,7 @@ def set_aside_outputs(run_dir: Path, step: int) -> list[str]:
             rows = []
         later = [(eval_step(r) or -1) > step for r in rows]
         if any(later):
-            for r, cut in zip(rows, later):
-                if cut:
-                    append_metrics(run_dir / "eval.discarded.jsonl", {**r, "resumed_from": step})
-            checkpoint.atomic_write_text(path, "".join(json.dumps(r) + "\n" for r, cut in zip(rows, later) if not cut))
+            _set_aside_rows(path, rows, later, run_dir / "eval.discarded.jsonl", step)
             moved.append(f"{sum(later)} row(s) of {EVAL_NAME} -> eval.discarded.jsonl")
     for name in SAMPLE_NAMES:
         path = run_dir / name

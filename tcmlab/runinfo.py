@@ -68,13 +68,13 @@ def metrics_summary(path: Path, step: int) -> dict:
     if not path.exists():
         return {"present": False}
     try:
-        rows = [r for r in read_metrics(path) if isinstance(r, dict)]
+        rows = read_metrics(path)  # every row an object (read_metrics refuses others)
     except ValueError as e:
         return {"present": True, "error": str(e)}
     kept = [r for r in rows if not after_step(r, step)]
     train_rows = [r for r in kept if r.get("kind") == "train"]
     try:  # what earlier starts set aside: the stretch after a checkpoint that a stopped call did (a nonfinite stop)
-        discarded = [r for r in read_metrics(path.with_name(DISCARDED_NAME)) if isinstance(r, dict)]
+        discarded = read_metrics(path.with_name(DISCARDED_NAME))
     except ValueError:
         discarded = []
     return {"present": True, "last_train": train_rows[-1] if train_rows else None,

@@ -381,10 +381,7 @@ def _train(cfg, run_dir, rank, world, device, b_rank, b_gpu, created, steps, pro
         return {**compute, "train_seconds": compute["train_seconds"] + seconds,
                 "device_seconds": compute["device_seconds"] + seconds * world}
 
-    on_disk = {"config": stored}  # the config the checkpoint in the run directory holds
-
     def save():
-        on_disk["config"] = cfg
         # Every rank's dropout RNG goes into the checkpoint, so a resumed DDP run continues each rank's stream.
         rng_torch = [torch.get_rng_state()]
         rng_cuda = [torch.cuda.get_rng_state(device)] if device.type == "cuda" else []
@@ -418,7 +415,8 @@ def _train(cfg, run_dir, rank, world, device, b_rank, b_gpu, created, steps, pro
     # health.grad_spike's window and the largest norm since the last row, carried by the checkpoint
     recent_norms = collections.deque(state_health.get("recent_grad_norms", ()), maxlen=SPIKE_WINDOW)
     norm_max = state_health.get("grad_norm_max")
-    if stored is not None and any(getattr(stored.train, k) != getattr(cfg.train, k) for k in RECOVERY_FIELDS):
+    recovered = stored is not None and any(getattr(stored.train, k) != getattr(cfg.train, k) for k in RECOVERY_FIELDS)
+    if recovered:
         save()  # the checkpoint takes the new lr/precision first, so the config_change row never outlives it
     if changes and not idle:
         log({"kind": "config_change", "step": step, "changes": changes})  # visible in the run's own record
@@ -528,8 +526,7 @@ def _train(cfg, run_dir, rank, world, device, b_rank, b_gpu, created, steps, pro
         # The final save, still under the stop handlers: a SIGTERM/SIGINT now waits for it (the steps since the last
         # checkpoint are kept), and the call ends normally. None after an idle call (above), nor after a call that
         # trained nothing past its recovery save at the start.
-        if not (step == clock["first_step"] and on_disk["config"] is not None
-                and not rundir.config_diff(on_disk["config"], cfg, init_free=True)):
+        if not (step == clock["first_step"] and (idle or recovered)):
             save()
     if world > 1:
         dist.barrier()

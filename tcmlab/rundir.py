@@ -16,6 +16,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import socket
@@ -184,8 +185,12 @@ def read_metrics(path: str | Path) -> list[dict]:
 
 def append_metrics(path: Path, row: dict) -> None:
     """Append one row as one line, written and flushed in one call."""
+    append_metrics_text(path, json.dumps(row) + "\n")
+
+
+def append_metrics_text(path: Path, text: str) -> None:
     with open(path, "a") as fh:
-        fh.write(json.dumps(row) + "\n")
+        fh.write(text)
         fh.flush()
 
 
@@ -211,12 +216,35 @@ def truncate_metrics(path: Path, step: int) -> None:
         _set_aside_rows(path, rows, [after_step(r, step) for r in rows], path.with_name(DISCARDED_NAME), step)
 
 
+def _cut_id(path: Path) -> str:
+    """Names one cut of `path` as the file is now (its bytes, inode and modification time). A cut rewrites `path` into
+    a new file, so the next cut has another id, also when a deterministic resume logged the same rows again."""
+    st = path.stat()
+    return f"{hashlib.sha256(path.read_bytes()).hexdigest()[:16]}-{st.st_ino}-{st.st_mtime_ns}"
+
+
+def _rows_of_cut(discarded: Path, cut_id: str) -> int:
+    """How many rows of the cut `cut_id` `discarded` holds already (lines that are not JSON objects are skipped)."""
+    n = 0
+    for line in discarded.read_text().splitlines() if discarded.exists() else ():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        n += isinstance(row, dict) and row.get("cut") == cut_id
+    return n
+
+
 def _set_aside_rows(path: Path, rows: list[dict], cut: list[bool], discarded: Path, step: int) -> None:
-    """Append the rows flagged in `cut` to `discarded`, each with `resumed_from: step`, then rewrite `path` with the
-    others (atomically)."""
-    for r, c in zip(rows, cut):
-        if c:
-            append_metrics(discarded, {**r, "resumed_from": step})
+    """Append the rows flagged in `cut` to `discarded`, each with `resumed_from: step` and the cut's id (`_cut_id`),
+    then rewrite `path` with the others (atomically). A start killed between the two left `path` as it was: the next
+    start finds the same id in `discarded` and appends only the rows that are not there yet, so no row is kept twice."""
+    if any(cut):
+        cut_id = _cut_id(path)
+        if discarded.exists() and discarded.stat().st_size and not discarded.read_bytes().endswith(b"\n"):
+            append_metrics_text(discarded, "\n")  # a torn last line stays a line of its own
+        for r in [r for r, c in zip(rows, cut) if c][_rows_of_cut(discarded, cut_id):]:
+            append_metrics(discarded, {**r, "resumed_from": step, "cut": cut_id})
     checkpoint.atomic_write_text(path, "".join(json.dumps(r) + "\n" for r, c in zip(rows, cut) if not c))
 
 

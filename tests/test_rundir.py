@@ -20,6 +20,7 @@ import torch
 from tcmlab import checkpoint, rundir
 from tcmlab.__main__ import main
 from tcmlab.config import TrainConfig, preset
+from tcmlab.rundir import DISCARDED_NAME as DISCARDED
 from tcmlab.model import load_model, load_state
 from tcmlab.train import train
 
@@ -130,10 +131,39 @@ def test_the_report_of_the_step_that_failed_goes_with_the_cut_rows(tmp_path):
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     rundir.truncate_metrics(path, 10)
     assert rundir.read_metrics(path) == rows[:2]
-    assert rundir.read_metrics(tmp_path / "metrics.discarded.jsonl") == [{**r, "resumed_from": 10} for r in rows[2:]]
+    assert [{k: v for k, v in r.items() if k != "cut"} for r in rundir.read_metrics(tmp_path / DISCARDED)] == [
+        {**r, "resumed_from": 10} for r in rows[2:]]
     path.write_text('{"kind": "nonfinite", "step": 0}\n')  # failed on its first step, before any checkpoint
     rundir.truncate_metrics(path, 0)
     assert rundir.read_metrics(path) == []
+
+
+def test_a_start_killed_mid_cut_keeps_no_row_twice(tmp_path, monkeypatch):
+    path = tmp_path / "metrics.jsonl"
+    rows = [{"kind": "train", "step": s} for s in (5, 10, 15, 20)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    write = rundir.checkpoint.atomic_write_text
+
+    def killed(p, text):
+        raise KeyboardInterrupt  # the start dies after the cut rows were appended, before metrics.jsonl is rewritten
+
+    monkeypatch.setattr(rundir.checkpoint, "atomic_write_text", killed)
+    with pytest.raises(KeyboardInterrupt):
+        rundir.truncate_metrics(path, 10)
+    with open(tmp_path / DISCARDED) as fh:  # and one more row had been torn: it is appended again
+        kept = fh.readlines()
+    (tmp_path / DISCARDED).write_text(kept[0] + kept[1][:9])
+    monkeypatch.setattr(rundir.checkpoint, "atomic_write_text", write)
+    rundir.truncate_metrics(path, 10)
+    assert rundir.read_metrics(path) == rows[:2]
+    discarded = (tmp_path / DISCARDED).read_text().splitlines()
+    assert [json.loads(l)["step"] for l in discarded if l.endswith("}")] == [15, 20]
+    # a deterministic resume that logs the same rows again and is cut again: a second cut, kept
+    with open(path, "a") as fh:
+        fh.write("".join(json.dumps(r) + "\n" for r in rows[2:]))
+    rundir.truncate_metrics(path, 10)
+    assert [json.loads(l)["step"] for l in (tmp_path / DISCARDED).read_text().splitlines() if l.endswith("}")] == [
+        15, 20, 15, 20]
 
 
 def test_a_bad_metrics_line_names_the_file(tmp_path):
@@ -232,7 +262,8 @@ def test_a_restarted_run_sets_aside_the_scores_and_pictures_of_the_old_state(tmp
         train(cfg, run, steps=6, progress=False)
     assert any("1 row(s) of eval.jsonl -> eval.discarded.jsonl" in str(x.message) for x in w)
     assert rundir.read_metrics(run / "eval.jsonl") == rows[:2]
-    assert rundir.read_metrics(run / "eval.discarded.jsonl") == [{**rows[2], "resumed_from": 4}]
+    assert [{k: v for k, v in r.items() if k != "cut"} for r in rundir.read_metrics(run / "eval.discarded.jsonl")] == [
+        {**rows[2], "resumed_from": 4}]
     assert png_step(run / "samples_1step.png") == 4  # kept: step 4 is a state this run went through
     assert (run / "samples_2step.png").read_bytes() == b"not a tcmlab PNG"
     (run / "latest.safetensors").unlink()  # e.g. a damaged checkpoint deleted, as its error advises: from step 0

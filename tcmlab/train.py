@@ -6,7 +6,8 @@ iteration i = step + train.step_offset (docs/decisions.md §11). Then gradient n
 gradient (reported in metrics.jsonl, never zeroed; docs/decisions.md §20), the optimiser step with lr =
 inverse_sqrt_lr(i) (under fp16, a step the gradient scaler skips is logged as `fp16_skip`), and the EMA update.
 A checkpoint (model, EMA, optimiser, step, all RNG states, in stage 2 θ0 with its source, and the compute spent) is
-written atomically every `ckpt_every` steps, at the end of every call, and when SIGTERM/SIGINT asks the run to stop.
+written atomically every `ckpt_every` steps, before every evaluation during training (`eval_fn`), at the end of every
+call, and when SIGTERM/SIGINT asks the run to stop.
 Every `log_every` steps a `train` row goes to metrics.jsonl: loss (and per-t-bin losses), lr, gradient norm and
 grad_norm_max (the largest since the last row; a spike gets a `grad_spike` row of its own, `tcmlab.health`), EMA β,
 sec_per_step, and the compute that reached this state, summed over the calls that trained the run: images_seen
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import datetime
 import math
 import shutil
 import signal
@@ -176,6 +178,7 @@ def _warn_unpaired(cfg: RunConfig, src: RunConfig) -> None:
                       f"TCM App. E keeps them; set them equal (--set) unless this is the experiment", stacklevel=4)
 
 
+EVAL_WAIT = datetime.timedelta(hours=6)  # how long the other ranks wait for rank 0's evaluation during training
 TRAIN_WRITES = (CKPT_NAME, "config.json", "metrics.jsonl", rundir.HOLDER_NAME)  # the files train() writes atomically
 
 
@@ -326,6 +329,13 @@ def _train(cfg, run_dir, rank, world, device, b_rank, b_gpu, created, steps, pro
         if rank == 0 and created and run_dir.exists() and _only_lock_files(run_dir):
             shutil.rmtree(run_dir, ignore_errors=True)  # a failed first start leaves no folder behind
         raise
+    if world > 1:  # every rank continues the same state (a node that cannot see rank 0's checkpoint would start over)
+        seen = [None] * world
+        dist.all_gather_object(seen, None if state is None else int(state["step"]))
+        if len(set(seen)) > 1:
+            which = ", ".join(f"rank {r}: " + ("none" if s is None else f"step {s}") for r, s in enumerate(seen))
+            raise ValueError(f"the processes of this run read different checkpoints in {run_dir} ({which}): every "
+                             f"node must see the same run directory; put --outdir on a file system all nodes share")
     ema = frozen_copy(f).eval()
     opt = make_optimizer(f.parameters(), tc)
     scaler = torch.amp.GradScaler(device.type, enabled=tc.precision == "fp16")
@@ -374,6 +384,7 @@ def _train(cfg, run_dir, rank, world, device, b_rank, b_gpu, created, steps, pro
                                                          "since_step": step}
     # start: when the loop begins; peak: CUDA memory peak of the training steps before an evaluation since the last row
     clock = {"start": time.perf_counter(), "first_step": step, "peak": 0}
+    saved_at = None  # the step of this call's last save
 
     def spent() -> dict:
         # a call that trains no step adds nothing
@@ -383,6 +394,8 @@ def _train(cfg, run_dir, rank, world, device, b_rank, b_gpu, created, steps, pro
 
     def save():
         # Every rank's dropout RNG goes into the checkpoint, so a resumed DDP run continues each rank's stream.
+        nonlocal saved_at
+        saved_at = step
         rng_torch = [torch.get_rng_state()]
         rng_cuda = [torch.cuda.get_rng_state(device)] if device.type == "cuda" else []
         if world > 1:
@@ -421,6 +434,14 @@ def _train(cfg, run_dir, rank, world, device, b_rank, b_gpu, created, steps, pro
     if changes and not idle:
         log({"kind": "config_change", "step": step, "changes": changes})  # visible in the run's own record
 
+    # Evaluations during training run on rank 0 alone; a checkpoint is written before each, so that an evaluation
+    # that fails or is killed loses no training. The other ranks wait for it in a collective of their own group,
+    # whose timeout (EVAL_WAIT) is far longer than the default group's (NCCL: 10 minutes; dFID on 50,000 CIFAR-10
+    # images at 10 times can take longer), so that the wait does not end the job.
+    evaluates = eval_fn is not None and eval_every > 0
+    if world > 1:  # the same decision on every rank: the save before an evaluation is a collective
+        evaluates = bool(all_reduce_max(float(evaluates), device))
+    eval_group = dist.new_group(timeout=EVAL_WAIT) if world > 1 and evaluates else None
     bar = tqdm(total=end, initial=step, disable=not progress or rank != 0, desc=f"stage {cfg.stage} [{cfg.name}]",
                dynamic_ncols=True)
     t_last, step_last = time.perf_counter(), step
@@ -457,7 +478,7 @@ def _train(cfg, run_dir, rank, world, device, b_rank, b_gpu, created, steps, pro
             finite = bool(torch.isfinite(loss_value)) and (scaler.is_enabled() or math.isfinite(g))
             if not finite:  # reported, never patched: how many per-sample losses and gradient tensors were non-finite
                 log({"kind": "nonfinite", "step": step, "loss": float(loss_value), "grad_norm": float(grad_norm),
-                     "nonfinite_samples": int(sum((~torch.isfinite(o.per_sample)).sum() for o in outs)),
+                     "nonfinite_samples": int(all_reduce_sum(sum((~torch.isfinite(o.per_sample)).sum() for o in outs))),
                      "nonfinite_grads": _nonfinite_grads(f)})
                 bar.close()
                 raise NonFiniteError(f"non-finite loss or gradient at step {step} (loss={float(loss_value)}, grad "
@@ -498,35 +519,39 @@ def _train(cfg, run_dir, rank, world, device, b_rank, b_gpu, created, steps, pro
                 t_last, step_last, norm_max = now, step, None
                 bar.set_postfix(loss=f"{row['loss']:.4g}")
                 log(row)
-            if eval_fn is not None and eval_every and (step % eval_every == 0 or step == end) and rank == 0:
-                # the evaluation's random draws (torch-fidelity's DataLoader seeds itself from the global RNG) must
-                # not change the training that follows: the same run with or without eval_every trains the same
+            due_eval = evaluates and (step % eval_every == 0 or step == end)
+            if due_eval:
                 t_eval = time.perf_counter()
                 peak_before_eval = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
-                with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-                    log({"kind": "eval", "step": step, **eval_fn(step, ema)})
+                save()  # the state evaluated is on disk first
+                if rank == 0 and eval_fn is not None:
+                    # the evaluation's random draws (torch-fidelity's DataLoader seeds itself from the global RNG)
+                    # must not change the training that follows: the same run with or without eval_every trains the same
+                    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+                        log({"kind": "eval", "step": step, **eval_fn(step, ema)})
                 t_eval = time.perf_counter() - t_eval
-                t_last += t_eval  # sec_per_step times training steps, not the evaluation; so does the compute record
-                clock["start"] += t_eval
+                t_last += t_eval  # sec_per_step times training steps, not the evaluation and its save; nor does the
+                clock["start"] += t_eval  # compute record
                 if device.type == "cuda":  # and so does peak_memory_mib: the steps' peak kept, the evaluation's not
                     clock["peak"] = max(clock["peak"], peak_before_eval)
                     torch.cuda.reset_peak_memory_stats(device)
             signum = stop[0] if stop else 0
             if world > 1:  # every rank stops after the same step, or the checkpoint's collectives would hang
                 flag = torch.tensor([signum], device=device)
-                dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+                dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=eval_group if due_eval else None)
                 signum = int(flag.item())
             if signum and step < end:  # at `end` the call has done its work: the final save below, then a normal end
                 bar.close()
-                save()
+                if saved_at != step:
+                    save()
                 raise Interrupted(signum, step, run_dir, tc.steps, sliced=steps is not None and end < tc.steps)
-            if step % tc.ckpt_every == 0 and step < end:
+            if step % tc.ckpt_every == 0 and step < end and saved_at != step:
                 save()
         bar.close()
         # The final save, still under the stop handlers: a SIGTERM/SIGINT now waits for it (the steps since the last
         # checkpoint are kept), and the call ends normally. None after an idle call (above), nor after a call that
         # trained nothing past its recovery save at the start.
-        if not (step == clock["first_step"] and (idle or recovered)):
+        if not idle and saved_at != step:
             save()
     if world > 1:
         dist.barrier()

@@ -1,5 +1,6 @@
 """Training under torchrun: the CLI verbatim, 2 CPU processes (gloo) = 1 process, one metrics stream."""
 
+import json
 import os
 import subprocess
 import sys
@@ -117,3 +118,69 @@ def test_a_failed_torchrun_names_the_trainers_error_first(tmp_path, ci_runs, mon
         launch.train_torchrun(cfg, tmp_path / "r", 3, poll=0.2)
     first = str(failed.value).split("\n")[1]
     assert first.startswith("error: ") and "divisible by the number of processes (3)" in first, str(failed.value)
+
+
+RANKS_SCRIPT = '''
+import datetime, json, sys, time
+from pathlib import Path
+import torch.distributed as dist
+import tcmlab.stages as stages
+from tcmlab.config import preset, with_overrides
+from tcmlab.model import load_state
+from tcmlab.train import NonFiniteError, train
+
+root, s0 = Path(sys.argv[1]), sys.argv[2]
+dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=15))  # used as it is by train()
+rank = dist.get_rank()
+cfg = with_overrides(preset("ci", 1, init_from=s0), ["train.steps=4", "train.log_every=2", "train.ckpt_every=100"])
+said = []
+# 1. a node that does not see rank 0's run directory (no shared file system) must not start over on its own
+try:
+    train(cfg, root / ("ahead" if rank == 0 else "elsewhere"), progress=False)
+except ValueError as e:
+    said.append(str(e))
+# 2. rank 0's evaluation outlasts the group's timeout (15 s): the other rank waits for it; a checkpoint comes first
+def slow(step, ema):
+    saved = load_state(root / "ev")[0]["step"]  # the state being evaluated is on disk (ckpt_every is 100)
+    time.sleep(20)
+    return {"saved": saved}
+r = train(cfg, root / "ev", progress=False, eval_fn=slow, eval_every=4)
+said.append(f"ev {r.step}")
+# 3. non-finite per-sample losses on rank 1 only: the report counts every rank's
+real = stages.ect_loss
+def poisoned(*a, **k):
+    out = real(*a, **k)
+    if rank == 1:
+        out.per_sample = out.per_sample.clone()
+        out.per_sample[:3] = float("nan")
+        out.loss = out.loss * float("nan")
+    return out
+stages.ect_loss = poisoned
+try:
+    train(cfg, root / "nan", progress=False)
+except NonFiniteError:
+    said.append("nonfinite")
+(root / f"rank{rank}.json").write_text(json.dumps(said))
+dist.destroy_process_group()
+'''
+
+
+def test_ranks_agree_on_the_checkpoint_wait_for_evaluations_and_count_all_nonfinite_rows(tmp_path, ci_runs):
+    script = tmp_path / "ranks.py"
+    script.write_text(RANKS_SCRIPT)
+    cfg = with_overrides(preset("ci", 1, init_from=str(ci_runs / "s0")),
+                         ["train.steps=4", "train.log_every=2", "train.ckpt_every=100"])
+    train(cfg, tmp_path / "ahead", steps=2, progress=False)  # rank 0's run directory, which rank 1 will not see
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                          str(script), str(tmp_path), str(ci_runs / "s0")], capture_output=True, text=True, cwd=ROOT,
+                         env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    said = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    for s in said:  # every rank refused, named both ranks' steps and said what to do
+        assert "read different checkpoints" in s[0] and "rank 0: step 2, rank 1: none" in s[0] and "share" in s[0]
+        assert s[1:] == ["ev 4", "nonfinite"]
+    assert load_state(tmp_path / "ahead")[0]["step"] == 2  # nothing trained on
+    rows = rundir.read_metrics(tmp_path / "ev" / "metrics.jsonl")
+    assert [r["kind"] for r in rows] == ["train", "train", "eval"] and rows[-1]["saved"] == 4
+    (report,) = [r for r in rundir.read_metrics(tmp_path / "nan" / "metrics.jsonl") if r["kind"] == "nonfinite"]
+    assert report["nonfinite_samples"] == 3  # rank 1's rows (rank 0's were finite)

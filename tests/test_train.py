@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from tcmlab import checkpoint, rundir
-from tcmlab.config import NetConfig, preset
+from tcmlab.config import NetConfig, preset, with_overrides
 from tcmlab.model import load_model, load_state
 from tcmlab.train import NonFiniteError, train
 
@@ -44,6 +44,20 @@ def test_evaluation_during_training_does_not_change_the_training(tmp_path, ci_ru
     assert states_equal(a["model"], b["model"]) and states_equal(a["ema"], b["ema"])
     rows = [json.loads(l) for l in (tmp_path / "evaluated" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if r["kind"] == "eval"] == [3, 6, 9, 12, 15, 18, 20]
+
+
+def test_a_failed_evaluation_during_training_loses_no_training(tmp_path, ci_runs):
+    """The state an evaluation looks at is checkpointed first: an evaluation that fails (or is killed) costs no step."""
+    cfg = with_overrides(preset("ci", 1, init_from=str(ci_runs / "s0")), ["train.ckpt_every=100"])
+
+    def fails_at_14(step, ema):
+        if step == 14:
+            raise RuntimeError("evaluation failed")
+        return {}
+    with pytest.raises(RuntimeError, match="evaluation failed"):
+        train(cfg, tmp_path / "run", progress=False, eval_fn=fails_at_14, eval_every=7)
+    assert load_state(tmp_path / "run")[0]["step"] == 14
+    assert train(cfg, tmp_path / "run", progress=False).step == cfg.train.steps  # and it resumes from there
 
 
 def test_sec_per_step_leaves_out_the_time_of_evaluations(tmp_path, ci_runs):

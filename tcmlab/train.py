@@ -438,7 +438,7 @@ def _train(cfg, run_dir, rank, world, device, b_rank, b_gpu, created, steps, pro
     # that fails or is killed loses no training. The other ranks wait for it in a collective of their own group,
     # whose timeout (EVAL_WAIT) is far longer than the default group's (NCCL: 10 minutes; dFID on 50,000 CIFAR-10
     # images at 10 times can take longer), so that the wait does not end the job.
-    evaluates = eval_fn is not None and eval_every > 0
+    evaluates = eval_fn is not None and bool(eval_every)
     if world > 1:  # the same decision on every rank: the save before an evaluation is a collective
         evaluates = bool(all_reduce_max(float(evaluates), device))
     eval_group = dist.new_group(timeout=EVAL_WAIT) if world > 1 and evaluates else None
@@ -549,8 +549,8 @@ def _train(cfg, run_dir, rank, world, device, b_rank, b_gpu, created, steps, pro
                 save()
         bar.close()
         # The final save, still under the stop handlers: a SIGTERM/SIGINT now waits for it (the steps since the last
-        # checkpoint are kept), and the call ends normally. None after an idle call (above), nor after a call that
-        # trained nothing past its recovery save at the start.
+        # checkpoint are kept), and the call ends normally. None after an idle call (above), nor at a step saved
+        # already (the recovery save at the start of a call that trained nothing, the save before an evaluation).
         if not idle and saved_at != step:
             save()
     if world > 1:

@@ -176,9 +176,23 @@ def test_log_quantile_slope_is_the_derivative():
     assert np.allclose(psi.log_quantile_slope(p), fd, rtol=1e-6)
 
 
-def test_quantile_table_refuses_what_it_cannot_reach(monkeypatch):
+def test_without_a_table_within_tolerance_psi_draws_the_exact_inverse_cdf(monkeypatch):
     from tcmlab import schedules
     monkeypatch.setattr(schedules, "TABLE_SIZES", (5, 9))
     psi = TruncatedLogStudentT(1.0, 80.0, 0.3, 0.7)  # not cached by another test
-    with pytest.raises(ValueError, match="quantile table"):
-        schedules.log_quantile_table(psi)
+    assert schedules.log_quantile_table(psi) is None
+    t = psi.sample(1000, torch.Generator().manual_seed(4))
+    u = torch.rand(1000, generator=torch.Generator().manual_seed(4), dtype=torch.float64).numpy()
+    assert torch.equal(t, torch.from_numpy(psi.quantile(u)).clamp(1.0, 80.0).float())
+
+
+@pytest.mark.parametrize("nu", [5.0, 10.0, 1e4])
+def test_psi_with_large_nu_reaches_T_and_samples_its_cdf(nu):
+    # F_ν(z(T)) rounds to 1 for large ν at scale 0.2 (F_ν⁻¹(1) = inf): the quantile comes from the survival function
+    from scipy import stats
+    psi = TruncatedLogStudentT(1.0, 80.0, 0.2, nu)
+    assert psi.log_quantile(np.array([0.0, 1.0])) == pytest.approx([0.0, math.log(80.0)], abs=1e-9)
+    p = np.array([0.1, 0.5, 0.9, 0.999999])
+    assert np.allclose(psi.cdf(psi.quantile(p)), p, rtol=0, atol=1e-9)
+    t = psi.sample(20_000, torch.Generator().manual_seed(12)).double().numpy()
+    assert np.isfinite(t).all() and stats.kstest(t, psi.cdf).pvalue > 1e-3

@@ -16,7 +16,7 @@ import hashlib
 import json
 import os
 import tempfile
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import torch
@@ -104,13 +104,22 @@ def _temp_beside(path: Path):
 
 
 def atomic_write_text(path: Path, text: str) -> None:
-    path = Path(path)
-    with _temp_beside(path) as tmp:
-        with open(tmp, "w") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
+    atomic_write_files({Path(path): text.encode()})
+
+
+def atomic_write_files(files: dict[Path, bytes]) -> None:
+    """Write each file's bytes to a temporary file beside it (synced to disk), then rename them all into place: a
+    failure while writing (a full disk) leaves every file as it was, so files written together stay a pair."""
+    with ExitStack() as stack:
+        temps = {}
+        for path, data in files.items():
+            temps[Path(path)] = tmp = stack.enter_context(_temp_beside(Path(path)))
+            with open(tmp, "wb") as fh:
+                fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())
+        for path, tmp in temps.items():
+            os.replace(tmp, path)
 
 
 def sha256(path: str | Path) -> str:

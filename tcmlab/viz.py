@@ -3,11 +3,14 @@ run's 1-/2-step sample grids (`sample_grids`)."""
 
 from __future__ import annotations
 
+import io
 import math
 from pathlib import Path
 
 import torch
 from PIL import Image, ImageDraw, PngImagePlugin
+
+from .checkpoint import atomic_write_files
 
 
 def to_uint8(x: torch.Tensor) -> torch.Tensor:
@@ -41,17 +44,26 @@ STEP_TAG = "tcmlab-step"  # PNG text entry: the training step of the checkpoint 
 SAMPLE_NAMES = ("samples_1step.png", "samples_2step.png")  # what `sample_grids` writes
 
 
-def save_samples(x: torch.Tensor, path: str | Path, step: int | None = None) -> Path:
-    """Save samples as a PNG: an image grid for [N, C, H, W], a scatter plot for [N, 2]; `step`, the training step
-    of the model that drew them, is stored in the PNG (`png_step` reads it)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+def png_bytes(x: torch.Tensor, step: int | None = None) -> bytes:
+    """Samples as PNG bytes: an image grid for [N, C, H, W], a scatter plot for [N, 2]; `step`, the training step of
+    the model that drew them, is stored in the PNG (`png_step` reads it)."""
     img = scatter(x) if x.ndim == 2 else image_grid(x, scale=max(1, 64 // x.shape[-1]))
     info = PngImagePlugin.PngInfo()
     if step is not None:
         info.add_text(STEP_TAG, str(int(step)))
-    img.save(path, pnginfo=info)
-    return path
+    buf = io.BytesIO()
+    img.save(buf, format="PNG", pnginfo=info)
+    return buf.getvalue()
+
+
+def save_samples(samples: dict[str | Path, torch.Tensor], step: int | None = None) -> list[Path]:
+    """Save each path's samples as a PNG (`png_bytes`), all or none: a failed write (a full disk) leaves every
+    earlier file as it was (`checkpoint.atomic_write_files`)."""
+    files = {Path(path): png_bytes(x, step) for path, x in samples.items()}
+    for path in files:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_files(files)
+    return list(files)
 
 
 def png_step(path: str | Path) -> int | None:
@@ -74,4 +86,4 @@ def sample_grids(run, out: str | Path, t_mid: float, n: int = 64, seed: int = 0,
     m = run if isinstance(run, TrainedModel) else load_model(
         run, device=device or ("cuda" if torch.cuda.is_available() else "cpu"))
     samples = one_and_two_step(m, n, t_mid, seed, batch=batch)
-    return [save_samples(x, Path(out) / name, m.step) for name, x in zip(SAMPLE_NAMES, samples.values())]
+    return save_samples({Path(out) / name: x for name, x in zip(SAMPLE_NAMES, samples.values())}, m.step)

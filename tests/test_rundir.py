@@ -564,3 +564,27 @@ def test_a_run_shortened_to_its_step_is_saved_as_finished(tmp_path, ci_runs):
     short = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, steps=15))
     assert train(short, tmp_path / "r", progress=False).step == 15
     assert load_state(tmp_path / "r")[1].train.steps == 15
+
+
+def test_sample_grids_are_written_as_a_pair_or_not_at_all(tmp_path, ci_runs, monkeypatch):
+    # a full disk while the second grid is written must not leave a truncated PNG, nor a new 1-step grid beside an
+    # old 2-step one
+    from tcmlab.viz import SAMPLE_NAMES, png_step, sample_grids
+
+    sample_grids(ci_runs / "s1", tmp_path, t_mid=1.0, n=4, device="cpu")
+    before = {name: (tmp_path / name).read_bytes() for name in SAMPLE_NAMES}
+    calls, fsync = [], os.fsync
+
+    def full_disk(fd):
+        calls.append(fd)
+        if len(calls) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        fsync(fd)
+    monkeypatch.setattr(os, "fsync", full_disk)
+    with pytest.raises(OSError, match="No space"):
+        sample_grids(ci_runs / "s2", tmp_path, t_mid=1.0, n=9, seed=3, device="cpu")
+    assert {name: (tmp_path / name).read_bytes() for name in SAMPLE_NAMES} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(SAMPLE_NAMES)  # no temporary file left
+    monkeypatch.setattr(os, "fsync", fsync)
+    sample_grids(ci_runs / "s2", tmp_path, t_mid=1.0, n=9, seed=3, device="cpu")
+    assert all(png_step(tmp_path / name) == 20 for name in SAMPLE_NAMES)

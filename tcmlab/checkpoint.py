@@ -12,9 +12,11 @@ with the tensor it hit named (docs/decisions.md §21). Checkpoints written befor
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
+import re
 import tempfile
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
@@ -152,7 +154,11 @@ def save(path: str | Path, state: dict) -> None:
     skeleton = json.dumps(flatten(state, "s", tensors))
     sums = json.dumps(checksums(tensors, skeleton))
     with _temp_beside(path) as tmp:
-        save_file(tensors, tmp, metadata={STATE_KEY: skeleton, SUMS_KEY: sums})
+        try:
+            save_file(tensors, tmp, metadata={STATE_KEY: skeleton, SUMS_KEY: sums})
+        except SafetensorError as e:  # e.g. "I/O error: No space left on device (os error 28)": an OSError of path
+            code = re.search(r"os error (\d+)", str(e))
+            raise OSError(int(code.group(1)) if code else errno.EIO, str(e), str(path)) from e
         os.chmod(tmp, 0o666 & ~_umask())  # safetensors writes its file 0600 as well
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())

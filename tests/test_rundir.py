@@ -588,3 +588,19 @@ def test_sample_grids_are_written_as_a_pair_or_not_at_all(tmp_path, ci_runs, mon
     monkeypatch.setattr(os, "fsync", fsync)
     sample_grids(ci_runs / "s2", tmp_path, t_mid=1.0, n=9, seed=3, device="cpu")
     assert all(png_step(tmp_path / name) == 20 for name in SAMPLE_NAMES)
+
+
+def test_a_full_disk_during_a_checkpoint_save_is_named_as_one(tmp_path, monkeypatch, capsys):
+    # safetensors reports I/O errors as SafetensorError("... (os error 28)"): the CLI must say "no space left"
+    from safetensors import SafetensorError
+
+    def full(*a, **k):
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+    monkeypatch.setattr(checkpoint, "save_file", full)
+    with pytest.raises(OSError) as e:
+        checkpoint.save(tmp_path / "latest.safetensors", {"w": torch.zeros(2)})
+    assert e.value.errno == errno.ENOSPC and e.value.filename == str(tmp_path / "latest.safetensors")
+    assert list(tmp_path.iterdir()) == []  # nothing left behind
+    assert main(["train", "--preset", "ci", "--stage", "0", "--outdir", str(tmp_path / "r")]) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("error: no space left on the device writing") and str(tmp_path / "r") in last

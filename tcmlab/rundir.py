@@ -149,7 +149,7 @@ def check_same_run(run_dir: Path, cfg: RunConfig, ckpt_state: dict | None,
                if getattr(old.train, k) != getattr(cfg.train, k)]
     if cfg.data.root != old.data.root:
         changed.append(f"data.root {old.data.root!r} -> {cfg.data.root!r}")
-    if init_free and cfg.init_from != old.init_from:
+    if init_free and cfg.init_from is not None and cfg.init_from != old.init_from:  # None: not given, nothing to say
         changed.append(f"init_from {old.init_from!r} -> {cfg.init_from!r} (not read: the run continues from its "
                        f"checkpoint and keeps {old.init_from!r} in its config)")
     if changed:

@@ -151,9 +151,15 @@ def _init_state(cfg: RunConfig, model, shape) -> tuple[dict, dict]:
                      "sha256": checkpoint.sha256(path)}
 
 
-def _recovery_hint(run_dir: Path, ckpt_file: Path, tc) -> str:
-    """What to do after a non-finite step: from the last checkpoint with a lower lr (or in fp32), named."""
+def _recovery_hint(run_dir: Path, ckpt_file: Path, tc, step: int) -> str:
+    """What to do after a non-finite step: from the last checkpoint with a lower lr (or in fp32), named. At step 0 no
+    update has been made, so the lr cannot be the cause."""
     fp32 = "" if tc.precision == "fp32" else " (or --set train.precision=fp32 --allow-change train.precision)"
+    if step == 0 and not ckpt_file.exists():
+        return (f"It failed at step 0, before any update, so the learning rate is not the cause: check the loss "
+                f"settings (loss.*, e.g. a value at the edge of its range), the data and init_from"
+                f"{'' if tc.precision == 'fp32' else ', or train in fp32'}. No checkpoint was written, so the same "
+                f"--outdir {run_dir} takes the changed config.")
     if not ckpt_file.exists():
         return (f"No checkpoint was written yet, so nothing is lost: check the data, or run again with a lower "
                 f"train.lr{'' if tc.precision == 'fp32' else ' or precision fp32'} (the same --outdir {run_dir} "
@@ -247,7 +253,7 @@ def train(cfg: RunConfig, run_dir: str | Path, *, steps: int | None = None, devi
     kind='config_change'). Raises `Interrupted` (a KeyboardInterrupt) after checkpointing on SIGTERM/SIGINT.
     """
     run_dir = Path(run_dir)
-    if cfg.stage == 2 and cfg.init_from is None:
+    if cfg.stage == 2 and cfg.init_from is None and not (run_dir / CKPT_NAME).exists():  # a checkpoint holds θ0
         raise ValueError("stage 2 needs init_from: the stage-1 run directory (or its latest.safetensors) whose EMA "
                          "weights become θ0 and the student's initialisation")
     if cfg.stage == 1 and cfg.data.name == "cifar10" and cfg.init_from is None and not cfg.from_scratch:
@@ -482,7 +488,7 @@ def _train(cfg, run_dir, rank, world, device, b_rank, b_gpu, created, steps, pro
                      "nonfinite_grads": _nonfinite_grads(f)})
                 bar.close()
                 raise NonFiniteError(f"non-finite loss or gradient at step {step} (loss={float(loss_value)}, grad "
-                                     f"norm={float(grad_norm)}).", _recovery_hint(run_dir, ckpt_file, tc))
+                                     f"norm={float(grad_norm)}).", _recovery_hint(run_dir, ckpt_file, tc, step))
             scale = scaler.get_scale() if scaler.is_enabled() else None
             scaler.step(opt)
             scaler.update()

@@ -265,12 +265,25 @@ def test_nonfinite_loss_stops_and_keeps_checkpoint(tmp_path, ci_runs, nan_loss):
     assert train(lower, tmp_path / "r", steps=1, progress=False).step == 8  # the run is now the lower-lr run
 
 
+def test_a_stage2_run_resumes_without_init_from(tmp_path, ci_runs):
+    # θ0 is kept in the run's checkpoint: the resume needs no teacher path (and a fresh stage 2 still does)
+    cfg = preset("ci", 2, init_from=str(ci_runs / "s1"))
+    train(cfg, tmp_path / "r", steps=2, progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing to warn about: init_from was not given, not changed
+        r = train(preset("ci", 2), tmp_path / "r", progress=False)
+    assert r.step == cfg.train.steps and load_state(tmp_path / "r")[1].init_from == cfg.init_from
+    with pytest.raises(ValueError, match="stage 2 needs init_from"):
+        train(preset("ci", 2), tmp_path / "fresh", progress=False)
+
+
 def test_a_run_that_fails_before_its_first_checkpoint_takes_the_fix(tmp_path, ci_runs, nan_loss):
     # nothing was trained under the config.json it left: the corrected command may start in the same folder
     poison, heal = nan_loss
     cfg = preset("ci", 1, init_from=str(ci_runs / "s0"))
     poison("ect_loss")
-    with pytest.raises(NonFiniteError, match="No checkpoint was written yet, so nothing is lost"):
+    with pytest.raises(NonFiniteError, match="at step 0, before any update, so the learning rate is not the cause"
+                                             ".* No checkpoint was written, so the same --outdir"):
         train(cfg, tmp_path / "r", progress=False)
     assert (tmp_path / "r" / "config.json").exists() and not (tmp_path / "r" / "latest.safetensors").exists()
     heal("ect_loss")

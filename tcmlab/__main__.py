@@ -48,6 +48,10 @@ def cmd_demo(args) -> None:
     out = Path(args.out or ("runs/demo" if args.preset == "digits" else f"runs/demo/{args.preset}"))
     t0 = time.perf_counter()
     s0, s1, s2 = out / "stage0", out / "stage1", out / "stage2"
+    tcm = preset(args.preset, 2).loss  # the last step samples stage 2 T -> t_mid: checked before the training
+    if not tcm.t_prime <= args.t_mid < tcm.t_max:
+        raise ValueError(f"--t-mid {args.t_mid:g} must be in [t′, T) = [{tcm.t_prime:g}, {tcm.t_max:g}) of preset "
+                         f"{args.preset!r}: the demo's stage 2 is trained on [t′, T] only")
     print(f"[tcmlab] preset {args.preset!r}: stage 0 (EDM) -> stage 1 (ECT) -> stage 2 (TCM) in {out}", flush=True)
     train(preset(args.preset, 0), s0)
     train(preset(args.preset, 1, init_from=str(s0)), s1)
@@ -74,6 +78,12 @@ def cmd_train(args) -> None:
     else:
         cfg = preset(args.preset or "digits", args.stage)
     cfg = with_overrides(cfg, args.set + ([f"init_from={args.init_from}"] if args.init_from else []))
+    unused = [f"--{k.replace('_', '-')}" for k in ("dfid_n", "dfid_t_prime", "data_root", "inception_weights")
+              if getattr(args, k) is not None]
+    if unused and not args.dfid_every:
+        them = "them" if len(unused) > 1 else "it"
+        raise ValueError(f"{', '.join(unused)} set{'s' if len(unused) == 1 else ''} up the dFID_t evaluation during "
+                         f"training, which runs only with --dfid-every N: add it, or leave {them} out")
     eval_fn = None
     if args.dfid_every:
         from . import evalsets, metrics
@@ -232,6 +242,13 @@ def _positive(min_value: int):
     return parse
 
 
+def _path(text: str) -> str:
+    """A path argument: not empty (an empty path would mean the current folder without saying so)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("expected a path, got an empty one (give . for the current folder)")
+    return text
+
+
 def _describe(e: BaseException) -> str:
     """One line saying what went wrong and what to do."""
     if isinstance(e, PermissionError):
@@ -251,14 +268,16 @@ def build_parser() -> argparse.ArgumentParser:
     sub = ap.add_subparsers(dest="cmd", required=True)
     d = sub.add_parser("demo", help="stage 0 -> 1 -> 2 on a preset, with sample grids")
     d.add_argument("--preset", default="digits")
-    d.add_argument("--out", help="folder of the three run directories (default runs/demo; another preset than digits: "
+    d.add_argument("--out", type=_path, help="folder of the three run directories (default runs/demo; another preset "
+                                             "than digits: "
                                  "runs/demo/PRESET)")
     d.add_argument("--t-mid", type=float, default=1.0, help="intermediate time of 2-step sampling (TCM App. E)")
     t = sub.add_parser("train", help="train (or continue) one stage; works under torchrun")
     t.add_argument("--preset", help="a preset's name (default digits), with --stage")
     t.add_argument("--stage", type=int, choices=(0, 1, 2), help="stage of the preset (or give --config)")
     t.add_argument("--config", help="a RunConfig JSON file (a run's config.json) instead of --preset/--stage")
-    t.add_argument("--outdir", required=True, help="run directory (created, or resumed if it holds a checkpoint)")
+    t.add_argument("--outdir", required=True, type=_path,
+                   help="run directory (created, or resumed if it holds a checkpoint)")
     t.add_argument("--init-from", help="run directory (or checkpoint file) of the previous stage")
     t.add_argument("--steps", type=_positive(1), help="at most this many more steps in this call")
     t.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
@@ -277,14 +296,14 @@ def build_parser() -> argparse.ArgumentParser:
                         ("evaluate", "1-/2-step FID/KID (a stage-0 run: EDM's Heun sampler) and dFID_t of a run, "
                                      "with eval cards (eval.jsonl)")):
         s = sub.add_parser(name, help=help_)
-        s.add_argument("run", help="run directory or checkpoint file")
+        s.add_argument("run", type=_path, help="run directory or checkpoint file")
         s.add_argument("--seed", type=int, default=0)
         s.add_argument("--t-mid", type=float, default=1.0, help="intermediate time of 2-step sampling (TCM App. E; "
                        "evaluate raises it to t′ for a stage-2 model with t′ > t_mid)")
         s.add_argument("--device", default=_default_device(), help="default: CUDA when present")
         s.add_argument("--batch", type=_positive(1), default=1024, help="images per network call")
     s = sub.choices["sample"]
-    s.add_argument("--out", help="folder for the PNGs (default: the run directory)")
+    s.add_argument("--out", type=_path, help="folder for the PNGs (default: the run directory)")
     s.add_argument("--n", type=_positive(1), default=64)
     e = sub.choices["evaluate"]
     e.add_argument("--raw", action="store_true", help="score the raw weights instead of the EMA")
@@ -298,7 +317,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--inception-weights", help="local Inception weights file (CIFAR-10; or $TCMLAB_INCEPTION_WEIGHTS)")
     i = sub.add_parser("info", help="what a run directory holds: step, config against its preset, origin, compute, "
                                     "reported events, scores (checks the checkpoint's checksums; writes nothing)")
-    i.add_argument("run", help="run directory or checkpoint file")
+    i.add_argument("run", type=_path, help="run directory or checkpoint file")
     i.add_argument("--verify-init", action="store_true",
                    help="also hash the file the run started from and say whether it is still that file")
     i.add_argument("--json", action="store_true", help="print the description as JSON")
@@ -306,7 +325,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Train and evaluate every point of a sweep spec not yet done (resumable), then "
                                    "rebuild results.csv, summary.csv and figures/ in the output folder.")
     w.add_argument("spec", help="sweep spec, a TOML file (format: tcmlab/sweep.py, example: sweeps/ci.toml)")
-    w.add_argument("--out", help="output folder (default: the spec's `out`)")
+    w.add_argument("--out", type=_path, help="output folder (default: the spec's `out`)")
     w.add_argument("--executor", choices=EXECUTORS, default="processes",
                    help="processes: worker processes here (default); submitit-local: submitit's local executor; "
                         "slurm: SLURM jobs through submitit; inline: this process, one task at a time")
@@ -324,11 +343,12 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Read a sweep's results.csv, curves.csv and timing.csv and write each claim's "
                                    "numbers and verdict (rules: tcmlab/claims.py).")
     c.add_argument("spec", help="the sweep's spec (e.g. sweeps/digits_claims.toml)")
-    c.add_argument("--out", help="folder holding the sweep's CSV files (default: the spec's `out`)")
-    c.add_argument("--md", help="write the report to this file (default: print it)")
-    c.add_argument("--readme", help="also replace this README's claims block with the summary table")
+    c.add_argument("--out", type=_path, help="folder holding the sweep's CSV files (default: the spec's `out`)")
+    c.add_argument("--md", type=_path, help="write the report to this file (default: print it)")
+    c.add_argument("--readme", type=_path, help="also replace this README's claims block with the summary table")
     c.add_argument("--command", help="the command the report names as the one that regenerates it")
-    c.add_argument("--figures", help="write the report's figures here (plotly JSON and PNG) and show them in it")
+    c.add_argument("--figures", type=_path,
+                   help="write the report's figures here (plotly JSON and PNG) and show them in it")
     c.add_argument("--where", action="append", default=[], metavar="COLUMN=VALUE",
                    help="one value of a stage-0/1 grid field, e.g. s1.loss.d=250 (needed where such a field has "
                         "several values; repeatable)")

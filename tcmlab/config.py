@@ -13,12 +13,13 @@ import difflib
 import json
 import math
 import os
+import sys
 import warnings
 from dataclasses import dataclass, field
 from typing import Union
 
 from .precond import T_MAX
-from .schedules import n_boundary
+from .schedules import R_MIN, n_boundary
 
 
 def _require(ok: bool, name: str, rule: str, value) -> None:
@@ -132,6 +133,9 @@ class TrainConfig:
                  "'fp32', 'tf32', 'bf16' or 'fp16'", self.precision)
         for name in SPEED_FIELDS:
             _require(isinstance(getattr(self, name), bool), f"train.{name}", "true or false", getattr(self, name))
+        # train.py seeds with seed·1000 + rank and, resuming on more ranks, (seed·1000 + rank)·1_000_003 + step:
+        # below 2^32 both stay far below torch.manual_seed's 2^64 (and int64's 2^63) for any rank < 1000
+        _require(0 <= self.seed < 2**32, "train.seed", "an integer in [0, 2**32)", self.seed)
         _require(self.log_every >= 1, "train.log_every", ">= 1", self.log_every)
         _require(self.ckpt_every >= 1, "train.ckpt_every", ">= 1", self.ckpt_every)
         _require(self.step_offset >= 0, "train.step_offset", ">= 0", self.step_offset)
@@ -147,6 +151,11 @@ class EDMConfig:
     def __post_init__(self):
         _require_finite(self, "loss")
         _require(self.P_std > 0, "loss.P_std", "> 0", self.P_std)
+
+
+# schedules.R_MIN: r = t − Δt is clamped at 1e-6 (official code), so at t <= 1e-6 r >= t and the weight 1/Δt of
+# the loss is negative or infinite (training would ascend the loss)
+_ABOVE_R_MIN = f"> {R_MIN:g} (r = t − Δt is clamped at {R_MIN:g}, so below it the weight 1/Δt is negative)"
 
 
 @dataclass(frozen=True)
@@ -167,6 +176,7 @@ class ECTConfig:
         _require_finite(self, "loss")
         _require(self.P_std > 0, "loss.P_std", "> 0", self.P_std)
         _require(0 < self.t_min < self.t_max, "loss.t_min", f"in (0, t_max={self.t_max})", self.t_min)
+        _require(self.t_min > R_MIN, "loss.t_min", _ABOVE_R_MIN, self.t_min)
         _require(self.q > 1, "loss.q", "> 1", self.q)
         _require(self.d >= 1, "loss.d", ">= 1", self.d)
         _require(0 < self.ratio_max < 1, "loss.ratio_max", "in (0, 1)", self.ratio_max)
@@ -193,6 +203,7 @@ class TCMConfig:
     def __post_init__(self):
         _require_finite(self, "loss")
         _require(0 < self.t_prime < self.t_max, "tprime (loss.t_prime)", f"in (0, T={self.t_max:g})", self.t_prime)
+        _require(self.t_prime > R_MIN, "tprime (loss.t_prime)", _ABOVE_R_MIN, self.t_prime)
         _require(self.w_b >= 0, "w_b (loss.w_b)", ">= 0", self.w_b)
         _require(0 < self.rho < 1, "rho (loss.rho)", "in (0, 1)", self.rho)
         _require(self.psi_scale > 0, "psi_scale (loss.psi_scale)", "> 0", self.psi_scale)
@@ -225,6 +236,8 @@ class RunConfig:
     def __post_init__(self):
         if isinstance(self.init_from, str) and self.init_from:  # "runs/s1/" and "runs/s1" are one run (on resume)
             object.__setattr__(self, "init_from", os.path.normpath(self.init_from))
+        _require(isinstance(self.name, str) and self.name != "", "name", "a non-empty string (the preset's name)",
+                 self.name)
         _require(type(self.loss) in STAGE_OF, "loss", "an EDMConfig, ECTConfig or TCMConfig", self.loss)
         _require(self.stage > 0 or self.init_from is None, "init_from",
                  "empty for stage 0 (diffusion pretraining starts from random weights; init_from is for stages 1, 2)",
@@ -262,32 +275,61 @@ def with_free_fields_of(cfg: RunConfig, other: RunConfig) -> RunConfig:
         data=dataclasses.replace(cfg.data, root=other.data.root))
 
 
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)  # JSON's true/false load as bools, a subclass of int
+
+
+def _is_number(v) -> bool:
+    return (_is_int(v) or isinstance(v, float)) and abs(v) <= sys.float_info.max  # finite; a huge int compares exactly
+
+
+# A JSON value of a field, by the field's annotation: (accepts, stored as, the rule its error states). JSON has lists
+# for tuples, and a hand-written 1 for 1.0.
+_JSON_TYPES = {
+    "int": (_is_int, int, "an integer"),
+    "float": (_is_number, float, "a finite number"),
+    "bool": (lambda v: isinstance(v, bool), bool, "true or false"),
+    "str": (lambda v: isinstance(v, str), str, "a string"),
+    "str | None": (lambda v: v is None or isinstance(v, str), lambda v: v, "a string or null"),
+    "tuple[int, ...]": (lambda v: isinstance(v, (list, tuple)) and all(map(_is_int, v)), tuple, "a list of integers"),
+    "tuple[float, float]": (lambda v: isinstance(v, (list, tuple)) and len(v) == 2 and all(map(_is_number, v)),
+                            lambda v: tuple(map(float, v)), "a list of two numbers"),
+}
+
+
+def _json_value(value, annotation: str, path: str):
+    """A config file's value of a field, checked against the field's annotation (`_JSON_TYPES`), in that type."""
+    accepts, stored_as, rule = _JSON_TYPES[annotation]
+    _require(accepts(value), path, rule, value)
+    return stored_as(value)
+
+
 def from_dict(d: dict, strict: bool = False) -> RunConfig:
     """The RunConfig of `to_dict`'s output. A missing field takes its default (a checkpoint written before the field
     existed). strict: refuse keys that name no field (a config file a person wrote: a typo must not be dropped);
-    otherwise they are ignored (a checkpoint of a newer tcmlab, read by an older one)."""
+    otherwise they are ignored (a checkpoint of a newer tcmlab, read by an older one). Every value must have its
+    field's type (`_JSON_TYPES`): a ValueError names the field, the value and the type."""
     d = dict(d)
     stage = d.pop("stage")
+    _require(_is_int(stage) and stage in LOSS_OF_STAGE, "stage", "0, 1 or 2", stage)
     top = {"name", "data", "net", "train", "loss", "init_from", "from_scratch"}
     unknown = [k for k in d if k not in top]
 
     def build(cls, values, section):
-        kw = {}
+        _require(isinstance(values, dict), section, f"an object of {cls.__name__} fields", values)
         names = {f.name for f in dataclasses.fields(cls)}
         unknown.extend(f"{section}.{k}" for k in values if k not in names)
-        for f in dataclasses.fields(cls):
-            if f.name in values:
-                v = values[f.name]
-                kw[f.name] = tuple(v) if isinstance(v, list) else v
-        return cls(**kw)
+        return cls(**{f.name: _json_value(values[f.name], f.type, f"{section}.{f.name}")
+                      for f in dataclasses.fields(cls) if f.name in values})
 
     parts = {s: build(cls, d[s], s) for s, cls in (("data", DataConfig), ("net", NetConfig), ("train", TrainConfig),
                                                    ("loss", LOSS_OF_STAGE[stage]))}
     if strict and unknown:
         raise ValueError(f"unknown config field(s) {', '.join(unknown)} (stage {stage}): check the spelling; the "
                          f"fields are those of a run's config.json")
-    return RunConfig(name=d["name"], **parts, init_from=d.get("init_from"),
-                     from_scratch=bool(d.get("from_scratch", False)))
+    annotation = {f.name: f.type for f in dataclasses.fields(RunConfig)}
+    return RunConfig(name=_json_value(d["name"], annotation["name"], "name"), **parts,
+                     **{k: _json_value(d[k], annotation[k], k) for k in ("init_from", "from_scratch") if k in d})
 
 
 def to_json(cfg: RunConfig) -> str:

@@ -184,3 +184,30 @@ def test_info_finds_a_relative_init_from_from_any_folder(ci_runs, tmp_path, caps
     monkeypatch.chdir(tmp_path / "moved")
     assert main(["info", "s2", "--verify-init"]) == 0
     assert "now: same file (a relative path, looked up from the current folder))" in capsys.readouterr().out
+
+
+def test_paths_must_not_be_empty_and_dfid_options_need_dfid_every(tmp_path, ci_runs, capsys):
+    # "" would mean the current folder without saying so; --dfid-n without --dfid-every would be ignored
+    for argv in (["train", "--preset", "ci", "--stage", "0", "--outdir", ""], ["sample", ""],
+                 ["sample", str(ci_runs / "s1"), "--out", " "], ["demo", "--out", ""], ["sweep", "x.toml", "--out", ""]):
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        assert e.value.code == 2 and "expected a path, got an empty one" in capsys.readouterr().err
+    assert main(["train", "--preset", "ci", "--stage", "1", "--outdir", str(tmp_path / "r"), "--init-from",
+                 str(ci_runs / "s0"), "--dfid-n", "5", "--dfid-t-prime", "1.0"]) == 2
+    err = capsys.readouterr().err
+    assert "--dfid-n, --dfid-t-prime set up the dFID_t evaluation" in err and "--dfid-every" in err
+    assert not (tmp_path / "r").exists()
+
+
+def test_demo_checks_t_mid_before_training(tmp_path, capsys):
+    for bad in ("nan", "0.5", "80"):  # below the ci preset's t′ = 1, or not below T
+        assert main(["demo", "--preset", "ci", "--out", str(tmp_path), "--t-mid", bad]) == 2
+        assert "--t-mid" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []  # nothing trained
+
+
+def test_sample_says_how_many_samples_are_not_finite(tmp_path, ci_runs):
+    with pytest.warns(UserWarning, match=r"samples_2step.png: \d+ of 4 samples hold non-finite values"):
+        assert main(["sample", str(ci_runs / "s1"), "--out", str(tmp_path), "--n", "4", "--t-mid", "1e-300",
+                     "--device", "cpu"]) == 0

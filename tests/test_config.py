@@ -1,11 +1,12 @@
 import dataclasses
+import json
 import re
 from pathlib import Path
 
 import pytest
 
 from tcmlab.config import (DataConfig, ECTConfig, EDMConfig, NetConfig, RunConfig, TCMConfig, TrainConfig, from_dict,
-                           preset, to_dict, PRESETS)
+                           preset, to_dict, to_json, PRESETS)
 
 
 def test_cifar10_preset_matches_paper_row_by_row():
@@ -84,7 +85,71 @@ def test_stage2_needs_init_from(tmp_path):
 def test_json_roundtrip(name):
     for c in PRESETS[name]:
         if c is not None:
-            assert from_dict(to_dict(c)) == c
+            assert from_dict(to_dict(c)) == c == from_dict(json.loads(to_json(c)), strict=True)
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("net.channels", 8.5, "net.channels must be an integer, got 8.5"),
+    ("init_from", 5, "init_from must be a string or null, got 5"),
+    ("train.steps", 3.5, "train.steps must be an integer, got 3.5"),
+    ("train.steps", True, "train.steps must be an integer, got True"),
+    ("train.log_every", 2.5, "train.log_every must be an integer"), ("name", 5, "name must be a string, got 5"),
+    ("from_scratch", "false", "from_scratch must be true or false, got 'false'"),
+    ("train.batch", 16.5, "train.batch must be an integer"), ("train.seed", 0.5, "train.seed must be an integer"),
+    ("stage", 9, "stage must be 0, 1 or 2, got 9"), ("stage", True, "stage must be 0, 1 or 2"),
+    ("train.lr", True, "train.lr must be a finite number, got True"), ("loss.t_prime", "1", "loss.t_prime must be a"),
+    ("train.betas", [0.9], "train.betas must be a list of two numbers"),
+    ("net.channel_mult", [1, 2.0], "net.channel_mult must be a list of integers"),
+    ("train.cudnn_benchmark", 1, "train.cudnn_benchmark must be true or false, got 1"), ("data", [], "data must be"),
+])
+def test_a_config_file_value_of_the_wrong_type_is_refused_naming_the_field(key, value, message):
+    d = json.loads(to_json(preset("ci", 2, init_from="runs/s1")))
+    section, _, name = key.rpartition(".")
+    (d[section] if section else d)[name] = value
+    with pytest.raises(ValueError, match=re.escape(message)):
+        from_dict(d, strict=True)
+
+
+def test_a_config_file_may_write_a_whole_float_as_an_integer():
+    d = to_dict(preset("ci", 1))
+    d["train"]["lr"], d["loss"]["t_max"] = 1, 80
+    cfg = from_dict(d)
+    assert (cfg.train.lr, cfg.loss.t_max) == (1.0, 80.0) and type(cfg.train.lr) is type(cfg.loss.t_max) is float
+
+
+def test_train_seed_keeps_the_dropout_seeds_of_train_py_in_range():
+    from tcmlab.config import with_overrides
+    for seed in ("9223372036854775806", "4294967296", "-1"):
+        with pytest.raises(ValueError, match=re.escape(f"train.seed must be an integer in [0, 2**32), got {seed}")):
+            with_overrides(preset("ci", 1), [f"train.seed={seed}"])
+    assert with_overrides(preset("ci", 1), ["train.seed=4294967295"]).train.seed == 2**32 - 1
+    # train.py: torch.manual_seed(seed·1000 + rank), resuming on more ranks (seed·1000 + rank)·1_000_003 + step
+    assert ((2**32 - 1) * 1000 + 999) * 1_000_003 + 10**15 < 2**63
+
+
+def test_name_is_a_non_empty_string():
+    from tcmlab.config import with_overrides
+    for item in ("name=", "name=none"):
+        with pytest.raises(ValueError, match="name must be a non-empty string"):
+            with_overrides(preset("ci", 1), [item])
+    with pytest.raises(ValueError, match="name must be a non-empty string"):
+        from_dict({**to_dict(preset("ci", 1)), "name": ""})
+
+
+def test_t_prime_and_t_min_lie_above_the_clamp_of_r():
+    """r = t − Δt is clamped at schedules.R_MIN (official code): at t below it Δt < 0, the 1/Δt weight turns negative
+    and training ascends the loss."""
+    from tcmlab.config import with_overrides
+    from tcmlab.schedules import R_MIN, delta_t
+    assert delta_t(R_MIN / 2, 0.999) < 0 < delta_t(2 * R_MIN, 0.999)
+    because = "must be > 1e-06 (r = t − Δt is clamped at 1e-06, so below it the weight 1/Δt is negative)"
+    with pytest.raises(ValueError, match=re.escape(f"tprime (loss.t_prime) {because}, got 1e-08")):
+        with_overrides(preset("ci", 2, init_from="runs/s1"), ["loss.t_prime=1e-8"])
+    with pytest.raises(ValueError, match=re.escape(f"loss.t_min {because}, got 1e-12")):
+        with_overrides(preset("ci", 1), ["loss.t_min=1e-12"])
+    with pytest.raises(ValueError, match=re.escape(f"loss.t_min {because}, got 1e-06")):
+        ECTConfig(t_min=R_MIN)
+    assert ECTConfig(t_min=2 * R_MIN).t_min == TCMConfig(t_prime=2 * R_MIN).t_prime == 2 * R_MIN
 
 
 def test_every_config_field_is_read_somewhere(tmp_path, monkeypatch):

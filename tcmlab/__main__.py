@@ -28,7 +28,7 @@ from safetensors import SafetensorError
 
 from . import rundir
 from .config import from_dict, preset, with_overrides
-from .model import load_model
+from .model import CKPT_NAME, load_model
 from .sweep import EXECUTORS, Dispatch, load_spec, run_sweep
 from .train import Interrupted, train
 from .viz import sample_grids
@@ -42,6 +42,17 @@ def run_dir_of(run: str | Path) -> Path:
     """The run directory of a run directory or of a checkpoint file inside one."""
     run = Path(run)
     return run if run.is_dir() else run.parent
+
+
+def own_folder(run: str | Path, what: str) -> Path:
+    """The folder where `what` of the checkpoint `run` go: its run directory, unless `run` is another checkpoint file
+    lying in a run directory that has its own (the outputs would be read as that run's)."""
+    folder = run_dir_of(run)
+    if Path(run).is_file() and Path(run).name != CKPT_NAME and (folder / CKPT_NAME).exists():
+        raise ValueError(f"{run} lies in the run directory {folder}, which holds another checkpoint ({CKPT_NAME}): "
+                         f"{what} would be read as that run's. Give this checkpoint a folder of its own, or the "
+                         f"run directory itself")
+    return folder
 
 
 def cmd_demo(args) -> None:
@@ -106,9 +117,12 @@ def _writable(folder: Path) -> None:
 
 def cmd_sample(args) -> None:
     m = load_model(args.run, device=args.device)  # a wrong or damaged path fails before any folder is made
-    out = Path(args.out) if args.out else run_dir_of(args.run)
+    out = Path(args.out) if args.out else own_folder(args.run, "its sample grids")
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} is a file: give a folder for the PNGs (it is created if missing)")
+    if (out / CKPT_NAME).exists() and out.resolve() != run_dir_of(args.run).resolve():
+        raise ValueError(f"--out {out} is another run's directory: its samples_*.png are that run's (info and resumes "
+                         f"read them as such). Give another folder, or leave out --out to write beside {args.run}")
     out.mkdir(parents=True, exist_ok=True)
     _writable(out)
     for p in sample_grids(m, out, args.t_mid, n=args.n, seed=args.seed, batch=args.batch):
@@ -121,7 +135,7 @@ def cmd_evaluate(args) -> None:
 
     t0 = time.perf_counter()
     m = load_model(args.run, which="raw" if args.raw else "ema", device=args.device)
-    run_dir = run_dir_of(args.run)
+    run_dir = own_folder(args.run, "its scores (eval.jsonl)")
     _writable(run_dir)
     # A checkpoint's stored paths are data: shown, never followed; the CIFAR-10 folder comes from --data-root.
     es = evalsets.eval_set(m.cfg.data, data_root=args.data_root, inception_weights=args.inception_weights)

@@ -162,7 +162,11 @@ def read_metrics(path: str | Path) -> list[dict]:
     path = Path(path)
     if not path.exists():
         return []
-    lines = path.read_text().split("\n")  # a complete file ends with "\n", so its last element is ""
+    try:
+        lines = path.read_text().split("\n")  # a complete file ends with "\n", so its last element is ""
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start}): it is not a tcmlab record; "
+                         f"move it aside (the checkpoint does not depend on it)") from None
     rows = []
     for k, line in enumerate(lines):
         if not line.strip():
@@ -180,6 +184,10 @@ def read_metrics(path: str | Path) -> list[dict]:
             raise ValueError(f"{path} line {k + 1} is JSON but not an object (a row is {{\"kind\": ..., \"step\": "
                              f"...}}): repair or delete that line (metrics are diagnostics; the checkpoint does not "
                              f"depend on them).")
+        step = rows[-1].get("step", 0)
+        if not isinstance(step, int) or isinstance(step, bool):
+            raise ValueError(f"{path} line {k + 1}: its step is {step!r}, not an integer: repair or delete that line "
+                             f"(metrics are diagnostics; the checkpoint does not depend on them).")
     return rows
 
 

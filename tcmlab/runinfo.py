@@ -83,15 +83,27 @@ def metrics_summary(path: Path, step: int) -> dict:
             "set_aside_earlier": dict(Counter(str(r.get("kind")) for r in discarded))}
 
 
+def _readable_rows(path: Path) -> tuple[list[dict], str | None]:
+    """eval.jsonl's rows and None; where a line cannot be read, the rows of the lines that can, and what is wrong."""
+    try:
+        return read_metrics(path), None
+    except ValueError as e:
+        rows = []
+        for line in path.read_text(errors="replace").splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(row, dict) and eval_step(row) is not None:
+                rows.append(row)
+        return rows, str(e)
+
+
 def scores_at(path: Path, step: int) -> list[dict]:
     """The scores eval.jsonl holds for the checkpoint's `step`: the latest row of each eval card (cards that differ
     in anything, n, weights, seed or draws included, are kept apart), EMA weights first."""
     latest = {}
-    try:
-        rows = read_metrics(path)
-    except ValueError:
-        return []
-    for r in rows:
+    for r in _readable_rows(path)[0]:
         if eval_step(r) == step:
             latest[json.dumps({k: v for k, v in r["card"].items() if k != "step"}, sort_keys=True)] = r
 
@@ -118,7 +130,7 @@ def describe(run: str | Path, verify_init: bool = False) -> dict:
             "step": step, "steps": cfg.train.steps, "batch": cfg.train.batch, "changed": preset_diff(cfg), **about,
             "origin": origin(cfg, state.get("init_source"), verify_init), "compute": state.get("compute"),
             "metrics": metrics_summary(ckpt.parent / "metrics.jsonl", step),
-            "eval": scores_at(ckpt.parent / EVAL_NAME, step)}
+            "eval": scores_at(ckpt.parent / EVAL_NAME, step), "eval_error": _readable_rows(ckpt.parent / EVAL_NAME)[1]}
 
 
 def finite_or_none(obj):
@@ -206,6 +218,8 @@ def report(d: dict) -> str:
         if m["set_aside_earlier"]:
             earlier = ", ".join(f"{n} {kind}" for kind, n in sorted(m["set_aside_earlier"].items()))
             lines.append(f"  set aside by earlier resumes ({DISCARDED_NAME}): {earlier}")
+    if d.get("eval_error"):
+        lines.append(f"  eval.jsonl: {d['eval_error']} The scores below are those of its readable lines.")
     if d["eval"]:
         lines.append(f"  eval.jsonl at step {d['step']}:\n{_scores_line(d['eval'])}")
     else:

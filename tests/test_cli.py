@@ -211,3 +211,44 @@ def test_sample_says_how_many_samples_are_not_finite(tmp_path, ci_runs):
     with pytest.warns(UserWarning, match=r"samples_2step.png: \d+ of 4 samples hold non-finite values"):
         assert main(["sample", str(ci_runs / "s1"), "--out", str(tmp_path), "--n", "4", "--t-mid", "1e-300",
                      "--device", "cpu"]) == 0
+
+
+def test_info_shows_the_scores_of_an_eval_jsonl_with_a_bad_line_and_says_so(tmp_path, ci_runs, capsys):
+    import shutil
+    run = tmp_path / "s1"
+    shutil.copytree(ci_runs / "s1", run)
+    (run / "eval.jsonl").write_text("x\n")  # a damaged first line; evaluate appends after it
+    assert main(["evaluate", str(run), "--n", "40", "--device", "cpu"]) == 0
+    capsys.readouterr()
+    assert main(["info", str(run)]) == 0
+    out = capsys.readouterr().out
+    assert "eval.jsonl line 1 is not valid JSON" in out and "scores below are those of its readable lines" in out
+    assert "eval.jsonl at step 20:" in out and "FID 1-step" in out
+
+
+def test_a_metrics_row_with_a_bad_step_or_bytes_is_named(tmp_path, ci_runs, capsys):
+    import shutil
+    run = tmp_path / "s1"
+    shutil.copytree(ci_runs / "s1", run)
+    for bad, said in (('{"kind": "train", "step": "abc"}\n', "line 1: its step is 'abc', not an integer"),
+                      (b"\xb8\xff\n", "is not UTF-8 text")):
+        (run / "metrics.jsonl").write_bytes(bad if isinstance(bad, bytes) else bad.encode())
+        assert main(["train", "--preset", "ci", "--stage", "1", "--outdir", str(run)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()[-1]
+        assert err.startswith("error: ") and str(run / "metrics.jsonl") in err and said in err, err
+
+
+def test_outputs_of_one_checkpoint_are_never_filed_under_another_run(tmp_path, ci_runs, capsys):
+    import shutil
+    s1, s2 = tmp_path / "s1", tmp_path / "s2"
+    shutil.copytree(ci_runs / "s1", s1)
+    shutil.copytree(ci_runs / "s2", s2)
+    before = sorted(p.name for p in s1.iterdir())
+    assert main(["sample", str(s2), "--out", str(s1), "--n", "4", "--device", "cpu"]) == 2
+    assert "is another run's directory" in capsys.readouterr().err
+    shutil.copy(s2 / "latest.safetensors", s1 / "other.safetensors")
+    for cmd in (["evaluate", str(s1 / "other.safetensors"), "--n", "20"], ["sample", str(s1 / "other.safetensors")]):
+        assert main([*cmd, "--device", "cpu"]) == 2
+        assert "holds another checkpoint" in capsys.readouterr().err
+    assert sorted(p.name for p in s1.iterdir()) == sorted(before + ["other.safetensors"])  # nothing written
+    assert main(["sample", str(s1 / "latest.safetensors"), "--n", "4", "--device", "cpu"]) == 0  # its own: fine

@@ -36,6 +36,7 @@ import shlex
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -362,13 +363,23 @@ def parse_args(argv):
 def main(argv=None) -> dict:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
-    device = torch.device(args.device)
+    try:
+        device = torch.device(args.device)
+    except RuntimeError as e:
+        raise SystemExit(f"--device {args.device}: {e} (e.g. cpu, cuda, cuda:1)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"--device {args.device}: this torch ({torch.__version__}) sees no CUDA device")
     if args.compare_recipes and args.compare_foreach:
         raise SystemExit("--compare-recipes and --compare-foreach are separate runs: give one")
     path = Path(args.json or f"bench-{args.net}.json")
     if path.is_dir() or not path.parent.is_dir():  # before minutes of timing, not after
         raise SystemExit(f"--json {path}: " + ("a folder; give a file name" if path.is_dir() else
                                                f"the folder {path.parent} does not exist"))
+    try:
+        with tempfile.TemporaryFile(dir=path.parent):
+            pass
+    except OSError as e:
+        raise SystemExit(f"--json {path}: cannot write in {path.parent} ({e.strerror}); give another path") from None
     if args.compare_recipes:
         steps, ref = make_recipe_steps(args.net, args.batch, device), "stage1 fp32"
     elif args.compare_foreach:

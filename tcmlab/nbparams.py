@@ -224,10 +224,16 @@ def find_stage1(stage1_run: str | None, out: str | Path) -> Path | None:
     if it holds a finished run (notebook 01's, or this notebook's); None if there is none or it is unfinished: the
     notebook then trains it there (a partial run resumes)."""
     if stage1_run:
+        if not isinstance(stage1_run, (str, Path)):  # papermill -p stage1_run 5 gives an int
+            raise ValueError(f"parameter stage1_run={stage1_run!r} must be a path (a stage-1 run directory)")
         p = Path(stage1_run)
         if not (p / "latest.safetensors").exists() and not (p.is_file() and p.suffix == ".safetensors"):
             raise ValueError(f"parameter stage1_run={stage1_run!r} holds no stage-1 checkpoint: run notebook 01 "
                              f"or give the run directory that holds latest.safetensors")
+        stage = _stored(p)[1].stage
+        if stage != 1:
+            raise ValueError(f"parameter stage1_run={stage1_run!r} holds a stage-{stage} run: stage 2 starts from a "
+                             f"stage-1 (ECT) run, e.g. notebook 01's <out>/stage1")
         return p
     p = Path(out) / "stage1"
     if not (p / "latest.safetensors").exists():

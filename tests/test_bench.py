@@ -196,6 +196,19 @@ def test_a_json_path_that_cannot_be_written_is_refused_before_any_timing(tmp_pat
         bench.main(["--net", "mlp", "--json", str(tmp_path / "nowhere" / "b.json")])
     with pytest.raises(SystemExit, match="a folder; give a file name"):
         bench.main(["--net", "mlp", "--json", str(tmp_path)])
+    monkeypatch.setattr(bench.tempfile, "TemporaryFile", lambda **k: (_ for _ in ()).throw(
+        PermissionError(13, "Permission denied")))
+    with pytest.raises(SystemExit, match="cannot write in .* \\(Permission denied\\); give another path"):
+        bench.main(["--net", "mlp", "--json", str(tmp_path / "b.json")])
+
+
+def test_a_device_that_is_not_there_is_refused_before_any_timing(monkeypatch):
+    monkeypatch.setattr(bench, "time_steps", lambda *a, **k: pytest.fail("timed before checking --device"))
+    with pytest.raises(SystemExit, match="--device foo: .*e.g. cpu, cuda"):
+        bench.main(["--device", "foo"])
+    monkeypatch.setattr(bench.torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit, match="--device cuda: this torch .* sees no CUDA device"):
+        bench.main(["--device", "cuda"])
 
 
 def test_cuda_timing_waits_on_the_benchmarked_device(monkeypatch):

@@ -398,6 +398,11 @@ def test_notebook_02_resumes_an_unfinished_stage_1_of_its_own_and_names_a_given_
     assert cfg0 is not None and cfg1.train.steps == 20 and "no stage-1 run given or found" in note
     with pytest.raises(ValueError, match="parameter stage1_run='.*metrics.jsonl' holds no stage-1 checkpoint"):
         nbparams.find_stage1(str(partial / "stage1" / "metrics.jsonl"), tmp_path)
+    with pytest.raises(ValueError, match="parameter stage1_run='.*s0' holds a stage-0 run: stage 2 starts from a "
+                                         "stage-1"):
+        nbparams.find_stage1(str(ci_runs / "s0"), tmp_path)
+    with pytest.raises(ValueError, match="parameter stage1_run=5 must be a path"):
+        nbparams.find_stage1(5, tmp_path)  # papermill -p stage1_run 5
     with pytest.raises(ValueError, match="parameter init_from='.*nowhere' does not exist"):
         nbparams.stage01_configs("ci", tmp_path, init_from=str(tmp_path / "nowhere"))
     with pytest.raises(ValueError, match="parameter dfid_n must be at least 2"):

@@ -230,7 +230,8 @@ class RunConfig:
     train: TrainConfig
     loss: LossConfig = field(default_factory=ECTConfig)
     init_from: str | None = None
-    # CIFAR-10 stage 1 refuses to start from random weights unless asked (App. E starts it from EDM's checkpoint).
+    # Stage 1 from random weights is asked for: CIFAR-10 refuses without it (App. E starts from EDM's checkpoint),
+    # other data warn (train.py).
     from_scratch: bool = False
 
     def __post_init__(self):

@@ -260,6 +260,10 @@ def train(cfg: RunConfig, run_dir: str | Path, *, steps: int | None = None, devi
         raise ValueError("CIFAR-10 stage 1 starts from a diffusion model (TCM App. E): set init_from to EDM's "
                          "edm-cifar10-32x32-uncond-vp.pkl (or a tcmlab stage-0/1 run), or say from_scratch=True "
                          "(CLI: --set from_scratch=true)")
+    if cfg.stage == 1 and cfg.init_from is None and not cfg.from_scratch and not (run_dir / CKPT_NAME).exists():
+        warnings.warn("stage 1 starts from random weights: no init_from was given. ECT tunes a diffusion model "
+                      "(TCM App. E): give the stage-0 run (or EDM's checkpoint) as init_from, or set from_scratch=True "
+                      "(CLI: --set from_scratch=true) to train from scratch without this warning", stacklevel=2)
     if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
         raise ValueError(f"steps must be a positive integer (more steps to run in this call), got {steps!r}")
     if run_dir.exists() and not run_dir.is_dir():

@@ -277,6 +277,15 @@ def test_a_stage2_run_resumes_without_init_from(tmp_path, ci_runs):
         train(preset("ci", 2), tmp_path / "fresh", progress=False)
 
 
+def test_stage1_without_init_from_says_it_starts_from_random_weights(tmp_path):
+    cfg = dataclasses.replace(preset("ci", 1), train=dataclasses.replace(preset("ci", 1).train, steps=1))
+    with pytest.warns(UserWarning, match="stage 1 starts from random weights: no init_from was given"):
+        train(cfg, tmp_path / "a", progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # asked for: no warning
+        train(dataclasses.replace(cfg, from_scratch=True), tmp_path / "b", progress=False)
+
+
 def test_a_run_that_fails_before_its_first_checkpoint_takes_the_fix(tmp_path, ci_runs, nan_loss):
     # nothing was trained under the config.json it left: the corrected command may start in the same folder
     poison, heal = nan_loss

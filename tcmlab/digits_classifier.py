@@ -9,6 +9,7 @@ registered with torch-fidelity as `tcmlab-digits-cnn`. Train (deterministic, sec
 from __future__ import annotations
 
 import argparse
+import tempfile
 from pathlib import Path
 
 import torch
@@ -95,9 +96,16 @@ def main(argv=None):
         ap.error(f"{' and '.join(map(str, there))} exist{'s' if len(there) == 1 else ''} (a retrained network is "
                  f"another extractor: other torch versions and CPUs give other weights, so scores would not "
                  f"compare). Give --out NEW_PATH, or --force to replace {'it' if len(there) == 1 else 'them'}")
+    if out.is_dir() or card.is_dir():
+        ap.error(f"--out {out}: {out if out.is_dir() else card} is a folder; give a file name")
+    try:  # before the training, not after
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out.parent):
+            pass
+    except OSError as e:
+        ap.error(f"--out {out}: cannot write in {out.parent} ({e.strerror}); give another path")
     torch.set_num_threads(1)  # deterministic reductions
     net = train_classifier()
-    out.parent.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(out))
     acc = accuracy(load(out))
     card.write_text(

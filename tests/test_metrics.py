@@ -248,3 +248,13 @@ def test_retraining_the_digits_extractor_never_replaces_a_file_unasked(tmp_path,
     with pytest.raises(SystemExit) as e:
         digits_classifier.main(["--out", str(tmp_path / "new.safetensors")])
     assert e.value.code == 2 and f"{tmp_path / 'new.md'} exists" in capsys.readouterr().err
+
+
+def test_digits_classifier_refuses_an_output_it_cannot_write_before_training(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(digits_classifier, "train_classifier", lambda: pytest.fail("trained before checking --out"))
+    (tmp_path / "w.safetensors").mkdir()
+    for out in (tmp_path / "w.safetensors", "/proc/tcmlab/w.safetensors"):
+        with pytest.raises(SystemExit):
+            digits_classifier.main(["--out", str(out), "--force"])
+        err = capsys.readouterr().err
+        assert "is a folder" in err or "cannot write in" in err, err

@@ -39,7 +39,11 @@ written before this was counted), floor (real-vs-real FD at floor_n; None for KI
 and `<out>/summary.md` (its sample-quality rows as a markdown table); with `[eval] every`, `<out>/curves.csv` (dFID_t
 and 1-step FID during training, `curves_table`); `<out>/timing.csv` (steps each run trained itself and their median
 seconds per step, `timing_table`); `<out>/figures/` (FID and dFID_t, mean ± std over seeds, and one
-figure over training per point); `<out>/failures.txt` (the tracebacks of this call's failed tasks, if any).
+figure over training per point); `<out>/failures.txt` (the tracebacks of this call's failed tasks, if any). A table
+that would lose rows of the one there (a grid value gone, a point left out or not evaluated now) or has none is first
+renamed NAME.stale (results.csv with its summary.csv and summary.md), and so is an evaluation about to be replaced
+(other eval settings, config or step): `<point>.json.stale`; an earlier `.stale` is never overwritten (.stale.2, …),
+and each call says in one line what it set aside.
 
 Resuming: a point whose checkpoint is at its target step and whose JSON matches its config and the eval settings
 is skipped; a partial run resumes from its checkpoint (`train` does that); a trained run without a current JSON is
@@ -57,6 +61,7 @@ are no longer paired, and the tables leave them out.
 
 from __future__ import annotations
 
+import csv
 import dataclasses
 import functools
 import json
@@ -622,12 +627,48 @@ def timing_table(points: list[Point], columns: list[str], leave_out=()) -> list[
     return rows
 
 
-def _set_aside(path: Path, log) -> None:
-    """A table of an earlier call that this call has no rows for (the points or eval settings changed): renamed to
-    NAME.stale, so that `claims` and the figures never read it as current; nothing is deleted."""
-    if path.exists():
-        path.replace(path.with_name(path.name + ".stale"))
-        log(f"{path.name}: no current rows; the earlier table is kept as {path.name}.stale")
+def _to_stale(path: Path) -> Path:
+    """Rename path to NAME.stale (NAME.stale.2, .3, … where that is taken: an earlier one is never overwritten)."""
+    stale, i = path.with_name(path.name + ".stale"), 1
+    while stale.exists():
+        i += 1
+        stale = path.with_name(f"{path.name}.stale.{i}")
+    path.replace(stale)
+    return stale
+
+
+def _set_aside(paths: list[Path], why: str, log) -> None:
+    """Tables of an earlier call that this call would drop rows of (the points or eval settings changed, a point
+    left out or not evaluated now): renamed (`_to_stale`), so that `claims` and the figures never read them as
+    current; nothing is deleted. One line says which."""
+    kept = [f"{p.name} as {_to_stale(p).name}" for p in paths if p.exists()]
+    if kept:
+        log(f"{why}; the earlier table{'s are' if len(kept) > 1 else ' is'} kept: {', '.join(kept)}")
+
+
+def _write_table(path: Path, rows: list[dict], key: tuple[str, ...], log, derived: tuple[Path, ...] = ()) -> None:
+    """Write a table; where it has no rows, or the earlier table there has rows this one lacks (compared by the
+    `key` columns), that table and the files `derived` from it are set aside first (`_set_aside`)."""
+    new = {tuple("" if r.get(c) is None else str(r[c]) for c in key) for r in rows}
+    try:
+        lost = [k for k in (tuple(r.get(c) or "" for c in key) for r in read_csv(path)) if k not in new]
+    except (OSError, ValueError, csv.Error):  # none yet, or unreadable: nothing to keep
+        lost = []
+    if lost or not rows:
+        why = (f"{path.name}: {len(lost)} row(s) of the earlier table are not in this call's (e.g. {lost[0][0]})"
+               if rows else f"{path.name}: no current rows")
+        _set_aside([path, *derived], why, log)
+    if rows:
+        write_csv(path, rows)
+
+
+def _set_aside_evaluations(points: list[Point], log) -> None:
+    """The JSONs of points about to be evaluated again (written for other eval settings, another config or step, or
+    unreadable): each renamed beside its point (`_to_stale`) first, so that no earlier score is lost."""
+    kept = [_to_stale(p.results_path) for p in points if p.results_path.exists()]
+    if kept:
+        log(f"{len(kept)} earlier evaluation(s) (other eval settings, config or step) set aside beside their points "
+            f"as <point>.json.stale, e.g. {kept[0]}")
 
 
 def report(spec: SweepSpec, points: list[Point], log: Callable[[str], None], png: bool = True
@@ -648,23 +689,17 @@ def report(spec: SweepSpec, points: list[Point], log: Callable[[str], None], png
         log(f"{len(gone)} point(s) left out of the tables as not of this spec's chain (see the warnings above)")
     if not table:
         log("no evaluated points yet: no table written")
-        for name in ("results.csv", "summary.csv", "summary.md", "curves.csv", "timing.csv"):
-            _set_aside(out / name, log)
+        _set_aside([out / name for name in ("results.csv", "summary.csv", "summary.md", "curves.csv", "timing.csv")],
+                   "no current rows", log)
         return table, summary
-    write_csv(out / "results.csv", table)
+    _write_table(out / "results.csv", table, ("point", "metric", "t"), log, (out / "summary.csv", out / "summary.md"))
     write_csv(out / "summary.csv", summary)
     from .checkpoint import atomic_write_text
     atomic_write_text(out / "summary.md", summary_markdown(summary) + "\n")
     curves = curves_table(points, grid_columns(spec), leave_out=gone.keys() | unfinished)
-    if curves:
-        write_csv(out / "curves.csv", curves)
-    else:
-        _set_aside(out / "curves.csv", log)
+    _write_table(out / "curves.csv", curves, ("point", "step", "metric", "t"), log)
     timing = timing_table(points, grid_columns(spec), leave_out=gone.keys() | unfinished)
-    if timing:
-        write_csv(out / "timing.csv", timing)
-    else:
-        _set_aside(out / "timing.csv", log)
+    _write_table(out / "timing.csv", timing, ("point",), log)
     paths, note = figures(summary, out / "figures", png, curves=summarize(curves))
     log(f"table: {out / 'results.csv'} ({len(table)} rows), summary: {out / 'summary.csv'} ({len(summary)} rows), "
         + (f"curves over training: {out / 'curves.csv'} ({len(curves)} rows), " if curves else "")
@@ -688,6 +723,24 @@ def _write_failures(path: Path, details: dict[str, str], log) -> None:
         path.unlink(missing_ok=True)
 
 
+def check_device(device: str | None, here: bool = True) -> None:
+    """Refuse, before any task starts, a device torch cannot parse, and where the tasks run on this machine (`here`:
+    not on SLURM's nodes) a CUDA device it does not have: every task would fail on it."""
+    if device is None:
+        return
+    import torch
+
+    try:
+        d = torch.device(device)
+    except RuntimeError as e:
+        raise ValueError(f"device {device!r} (--device): {e}; give e.g. cpu, cuda or cuda:1") from None
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if here and d.type == "cuda" and (d.index or 0) >= count:
+        have = f"{count} CUDA device(s) (cuda:0 to cuda:{count - 1})" if count else "no CUDA device"
+        raise ValueError(f"device {device!r} (--device): this machine has {have}: give --device cpu, or leave "
+                         f"--device out (CUDA when present)")
+
+
 @dataclass
 class SweepResult:
     points: list[Point]
@@ -704,6 +757,7 @@ def run_sweep(spec: SweepSpec, dispatch: Dispatch = Dispatch(), *, dry_run: bool
     tasks (and those depending on them) are listed in the result; everything else still runs. Where out holds runs
     of another config than the spec gives ('changed'), nothing runs and the tables are left as they are: each
     changed point's train task is failed with what differs, the other tasks as not run."""
+    check_device(dispatch.device, here=False)
     points = expand(spec)
     tasks, states = plan(points, spec.eval)
     counts = {s: sum(v == s for v in states.values()) for s in ("done", "trained", "partial", "new", "changed")}
@@ -726,7 +780,9 @@ def run_sweep(spec: SweepSpec, dispatch: Dispatch = Dispatch(), *, dry_run: bool
             f"); the tables there stay those of the spec that trained them. Use a new out for this spec")
         return SweepResult(points, states, failed, [], [])
     if tasks and not (dry_run or report_only):
+        check_device(dispatch.device, here=dispatch.executor != "slurm")
         Path(spec.out).mkdir(parents=True, exist_ok=True)
+        _set_aside_evaluations([t.point for t in tasks if t.action == "evaluate"], log)
         run = dict(ev=spec.eval, device=dispatch.device)
         runner = submitter(dispatch, Path(spec.out) / "submitit", functools.partial(do_task, **run),
                            functools.partial(run_task, **run))

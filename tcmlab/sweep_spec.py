@@ -225,7 +225,7 @@ def _eval_spec(path: str, table: dict) -> EvalSpec:
     if "t_mid" in kw:
         kw["t_mid"] = float(_typed(f"{where} t_mid", kw["t_mid"], (int, float), "a number > 0", lambda v: v > 0))
     if "seed" in kw:
-        _typed(f"{where} seed", kw["seed"], int, "an integer")
+        _typed(f"{where} seed", kw["seed"], int, "an integer 0 <= seed < 2**53", _seed_ok)
     if "batch" in kw:
         _typed(f"{where} batch", kw["batch"], int, "an integer >= 1", lambda v: v >= 1)
     if "every" in kw:
@@ -262,9 +262,35 @@ def parse_spec(raw: dict, path: str = "<spec>", out: str | Path | None = None) -
     control = _typed(f"{path}: control", raw.get("control", False), bool, "true or false")
     if control and not {1, 2} <= set(stages):
         raise SpecError(f"{path}: control = true needs stages 1 and 2 (it continues stage 1 for stage 2's steps)")
-    seeds = _int_list(f"{path}: seeds", raw.get("seeds", [0]), "integers >= 0", lambda v: v >= 0)
+    seeds = _int_list(f"{path}: seeds", raw.get("seeds", [0]), "integers 0 <= seed < 2**32 (train.seed's range)",
+                      lambda v: 0 <= v < 2 ** 32)
+    if out is not None and not str(out).strip():
+        raise SpecError(f"{path}: the output folder (--out) is empty: give a folder path, e.g. runs/sweeps/NAME")
     out = str(out) if out is not None else _typed(f"{path}: out", raw.get("out", f"runs/sweeps/{Path(path).stem}"),
-                                                  str, "a folder path (string)")
-    return SweepSpec(path, name, seeds, out,
-                     tuple((k, _stage_spec(path, name, k, raw.get(f"stage{k}", {}), k == stages[0])) for k in stages),
-                     control, _eval_spec(path, raw.get("eval", {})))
+                                                  str, "a folder path (string)", lambda v: bool(v.strip()))
+    specs = tuple((k, _stage_spec(path, name, k, raw.get(f"stage{k}", {}), k == stages[0])) for k in stages)
+    _check_start(path, name, list(stages), *specs[0])
+    return SweepSpec(path, name, seeds, out, specs, control, _eval_spec(path, raw.get("eval", {})))
+
+
+def _seed_ok(v: int) -> bool:
+    """An [eval] seed torch takes (manual_seed: below 2**64; an evaluation adds its draws) and JSON keeps exact."""
+    return 0 <= v < 2 ** 53
+
+
+def _check_start(path: str, name: str, stages: list[int], k: int, st: StageSpec) -> None:
+    """The spec's first stage gives what train() needs to start it: every stage-2 point, and a CIFAR-10 stage-1
+    point not trained from scratch, starts from init_from (without it, each of those points would fail)."""
+    base = preset(name, k)
+    for combo in st.combos:
+        v = {key: _field_value(base, key) for key in ("init_from", "from_scratch", "data.name")}
+        v.update(st.set + combo)
+        if v["init_from"] is not None:
+            continue
+        if k == 2:
+            raise SpecError(f"{path}: stages = {stages} has no stage 1, and stage 2 starts from a stage-1 run: add 1 "
+                            f'to stages, or give that run as [stage2] set = {{ "init_from" = "RUN_DIR" }}')
+        if k == 1 and v["data.name"] == "cifar10" and not v["from_scratch"]:
+            raise SpecError(f"{path}: CIFAR-10 stage 1 starts from a diffusion model (TCM App. E): give [stage1] set = "
+                            f'{{ "init_from" = "edm-cifar10-32x32-uncond-vp.pkl" }} (or a stage-0/1 run), or set '
+                            f'"from_scratch" = true')

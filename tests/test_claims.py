@@ -364,3 +364,33 @@ def test_a_spec_without_stage_2_is_named_and_top_level_grid_fields_are_read(tmp_
     assert "has no stage 2 (its stages: 0, 1)" in capsys.readouterr().err
     spec.write_text('preset = "ci"\n[stage2]\ngrid = { "from_scratch" = [true, false], "loss.w_b" = [0.1, 1] }\n')
     assert claims.defaults(load_spec(spec)) == {"s2.from_scratch": False, "s2.loss.w_b": 0.1}
+
+
+def test_a_damaged_table_is_an_error_and_nothing_is_written(tmp_path, capsys, monkeypatch):
+    """An empty, cut or garbled results.csv (a full disk, `head -c`) must not read as a sweep whose points were not
+    run: claims names the file (line, column) and the command that rebuilds it, and writes no report, README block
+    or figure. A table that lacks a point's rows whole still reports it as not run."""
+    from tcmlab.sweep import load_spec
+    monkeypatch.chdir(ROOT)
+    good = (ROOT / "docs" / "results" / "digits_claims" / "results.csv").read_text()
+    lines = good.splitlines(keepends=True)
+    head, row, tail = "".join(lines[:4]), lines[4].split(","), "".join(lines[5:])
+    cases = {"": "results.csv is empty", lines[0]: "results.csv has a header but no rows",
+             good[:3000]: "results.csv ends mid-row (cut short",
+             head + ",".join(row[:5]) + "\n": "results.csv line 5: 5 fields where the header has 21 columns",
+             head + ",".join(row[:13] + ["abc"] + row[14:]) + tail: "line 5: column value = 'abc' is not a number"}
+    readme = tmp_path / "README.md"
+    shutil.copy(ROOT / "README.md", readme)
+    for text, message in cases.items():
+        (tmp_path / "t").mkdir(exist_ok=True)
+        (tmp_path / "t" / "results.csv").write_text(text)
+        args = ["claims", "sweeps/digits_claims.toml", "--out", str(tmp_path / "t"), "--md", str(tmp_path / "r.md"),
+                "--readme", str(readme), "--figures", str(tmp_path / "figs")]
+        assert main(args) == 2, message
+        err = capsys.readouterr().err
+        assert message in err and "sweep sweeps/digits_claims.toml --out " in err and "--report-only" in err, err
+        assert not (tmp_path / "r.md").exists() and not (tmp_path / "figs").exists()
+        assert readme.read_text() == (ROOT / "README.md").read_text()
+    (tmp_path / "t" / "results.csv").write_text("".join(r for r in lines if ",control," not in r))  # no control yet
+    _, found = claims.report(load_spec("sweeps/digits_claims.toml"), tmp_path / "t")
+    assert found[0].verdict == NOT_RUN

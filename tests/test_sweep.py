@@ -137,6 +137,10 @@ def test_ci_spec_file_expands_to_ten_points(tmp_path):
     ('preset = "nope"', ["preset", "ci"]),
     ('preset = "ci', ["not valid TOML"]),
     (None, ["does not exist"]),
+    ('preset = "ci"\nstages = [2]', ["stages = [2] has no stage 1", "add 1 to stages", '{ "init_from" = "RUN_DIR" }']),
+    ('preset = "cifar10"', ["CIFAR-10 stage 1", '"init_from" = "edm-cifar10', '"from_scratch" = true']),
+    ('preset = "ci"\nseeds = [9223372036854775807]', ["seeds must be integers 0 <= seed < 2**32"]),
+    ('preset = "ci"\n[eval]\nseed = 9007199254740992', ["[eval] seed must be an integer 0 <= seed < 2**53"]),
 ])
 def test_bad_spec_is_one_error_line(tmp_path, capsys, text, expected):
     path = tmp_path / "spec.toml"
@@ -696,3 +700,63 @@ def test_runs_of_kinds_not_evaluated_are_not_evaluated_during_training_either(tm
     spec = sweep.load_spec(spec_file, out=tmp_path / "out")
     during = {p.kind: sweep._training_eval(p, spec.eval, None) is not None for p in sweep.expand(spec)}
     assert during == {"stage0": False, "stage1": False, "stage2": True, "control": True}
+
+
+def test_a_device_or_an_out_that_cannot_work_is_refused_before_anything_runs(tmp_path, capsys, monkeypatch):
+    # every task would fail on it (or plan into the working directory): one error line, nothing written
+    monkeypatch.chdir(tmp_path)
+    for device, message in (("foo", "device 'foo' (--device): Expected one of"),
+                            ("cuda:99", "device 'cuda:99' (--device): this machine has ")):
+        assert main(["sweep", str(CI_SPEC), "--out", "o", "--workers", "1", "--device", device]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0], err
+        assert not list(tmp_path.iterdir())
+    with pytest.raises(sweep.SpecError, match=r"the output folder \(--out\) is empty"):
+        sweep.load_spec(CI_SPEC, out="")
+    (tmp_path / "e.toml").write_text('preset = "ci"\nout = " "\n')
+    with pytest.raises(sweep.SpecError, match="out must be a folder path"):
+        sweep.load_spec(tmp_path / "e.toml")
+    (tmp_path / "e.toml").unlink()
+    spec = sweep.load_spec(CI_SPEC, out=tmp_path / "o")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    sweep.check_device("cuda", here=False)  # SLURM: the jobs' nodes have the GPUs, not this one
+    with pytest.raises(ValueError, match="this machine has no CUDA device: give --device cpu"):
+        sweep.run_sweep(spec, sweep.Dispatch("inline", device="cuda"), log=lambda s: None)
+    assert not list(tmp_path.iterdir())
+
+
+def test_earlier_scores_and_table_rows_are_set_aside_never_lost(tmp_path):
+    """Evaluations replaced under other [eval] settings are kept beside their points (<point>.json.stale, then
+    .stale.2: never overwritten), and a table that would lose rows (a grid value gone) is kept as NAME.stale with the
+    summary made from it; each said in one line."""
+    spec_file = tmp_path / "s0.toml"
+    text = ('preset = "ci"\nstages = [0]\n[stage0]\nsteps = 2\ngrid = { "train.lr" = [1e-3, 2e-3] }\n'
+            '[eval]\nn = 20\ndfid = false\nkinds = ["stage0"]\n')
+    spec_file.write_text(text)
+    out = tmp_path / "out"
+    assert inline(spec_file, out).failed == {}
+    points = [p for p in sweep.expand(sweep.load_spec(spec_file, out=out)) if p.evaluate]
+    n20 = {p.id: p.results_path.read_text() for p in points}
+    for n, suffix in ((30, ".stale"), (20, ".stale.2")):
+        spec_file.write_text(text.replace("n = 20", f"n = {n}"))
+        lines = []
+        r = inline(spec_file, out, lines.append)
+        assert r.failed == {} and {row["n"] for row in r.table} == {n}
+        assert sum(line.startswith("2 earlier evaluation(s) (other eval settings, config or step) set aside beside "
+                                   "their points as <point>.json.stale") for line in lines) == 1, lines
+        for p in points:
+            assert json.loads(p.results_path.read_text())["eval"]["n"] == n
+    for p in points:  # the n = 20 scores, then the n = 30 ones
+        assert Path(f"{p.results_path}.stale").read_text() == n20[p.id]
+        assert json.loads(Path(f"{p.results_path}.stale.2").read_text())["eval"]["n"] == 30
+    assert not (out / "results.csv.stale").exists()  # the same rows, newly scored: nothing left the table
+
+    before = {name: (out / name).read_text() for name in ("results.csv", "summary.csv", "summary.md")}
+    spec_file.write_text(text.replace("2e-3", "4e-3"))  # lr = 2e-3 leaves the grid; its run and JSON stay
+    lines = []
+    sweep.run_sweep(sweep.load_spec(spec_file, out=out), report_only=True, png=False, log=lines.append)
+    assert {row["point"] for row in _read_csv(out / "results.csv")} == {"seed0/s0__lr=0.001"}
+    assert {name: (out / f"{name}.stale").read_text() for name in before} == before
+    (line,) = [line for line in lines if "results.csv.stale" in line]
+    assert line.startswith("results.csv: 2 row(s) of the earlier table are not in this call's (e.g. "
+                           "seed0/s0__lr=0.002)")

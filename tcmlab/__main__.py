@@ -44,11 +44,18 @@ def run_dir_of(run: str | Path) -> Path:
     return run if run.is_dir() else run.parent
 
 
+def home_of(run: str | Path) -> Path | None:
+    """The run directory whose own checkpoint `run` is (a run directory itself, or the folder of its checkpoint
+    file); None for any other checkpoint file."""
+    run = Path(run)
+    return run if run.is_dir() else run.parent if run.name == CKPT_NAME else None
+
+
 def own_folder(run: str | Path, what: str) -> Path:
     """The folder where `what` of the checkpoint `run` go: its run directory, unless `run` is another checkpoint file
     lying in a run directory that has its own (the outputs would be read as that run's)."""
     folder = run_dir_of(run)
-    if Path(run).is_file() and Path(run).name != CKPT_NAME and (folder / CKPT_NAME).exists():
+    if home_of(run) is None and (folder / CKPT_NAME).exists():
         raise ValueError(f"{run} lies in the run directory {folder}, which holds another checkpoint ({CKPT_NAME}): "
                          f"{what} would be read as that run's. Give this checkpoint a folder of its own, or the "
                          f"run directory itself")
@@ -120,9 +127,10 @@ def cmd_sample(args) -> None:
     out = Path(args.out) if args.out else own_folder(args.run, "its sample grids")
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} is a file: give a folder for the PNGs (it is created if missing)")
-    if (out / CKPT_NAME).exists() and out.resolve() != run_dir_of(args.run).resolve():
+    home = home_of(args.run)
+    if (out / CKPT_NAME).exists() and (home is None or out.resolve() != home.resolve()):
         raise ValueError(f"--out {out} is another run's directory: its samples_*.png are that run's (info and resumes "
-                         f"read them as such). Give another folder, or leave out --out to write beside {args.run}")
+                         f"read them as such). Give another folder")
     out.mkdir(parents=True, exist_ok=True)
     _writable(out)
     for p in sample_grids(m, out, args.t_mid, n=args.n, seed=args.seed, batch=args.batch):

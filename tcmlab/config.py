@@ -27,10 +27,42 @@ def _require(ok: bool, name: str, rule: str, value) -> None:
         raise ValueError(f"{name} must be {rule}, got {value!r}")
 
 
-def _require_finite(cfg, prefix: str) -> None:
-    """Every number of a config (also inside tuples) must be finite: nan and inf pass `> 0`-style range checks."""
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)  # JSON's true/false load as bools, a subclass of int
+
+
+def _is_number(v) -> bool:
+    return (_is_int(v) or isinstance(v, float)) and abs(v) <= sys.float_info.max  # finite; a huge int compares exactly
+
+
+# A JSON value of a field, by the field's annotation: (accepts, stored as, the rule its error states). JSON has lists
+# for tuples, and a hand-written 1 for 1.0.
+_JSON_TYPES = {
+    "int": (_is_int, int, "an integer"),
+    "float": (_is_number, float, "a finite number"),
+    "bool": (lambda v: isinstance(v, bool), bool, "true or false"),
+    "str": (lambda v: isinstance(v, str), str, "a string"),
+    "str | None": (lambda v: v is None or isinstance(v, str), lambda v: v, "a string or null"),
+    "tuple[int, ...]": (lambda v: isinstance(v, (list, tuple)) and all(map(_is_int, v)), tuple, "a list of integers"),
+    "tuple[float, float]": (lambda v: isinstance(v, (list, tuple)) and len(v) == 2 and all(map(_is_number, v)),
+                            lambda v: tuple(map(float, v)), "a list of two numbers"),
+}
+
+
+def _json_value(value, annotation: str, path: str):
+    """A config file's value of a field, checked against the field's annotation (`_JSON_TYPES`), in that type."""
+    accepts, stored_as, rule = _JSON_TYPES[annotation]
+    _require(accepts(value), path, rule, value)
+    return stored_as(value)
+
+
+def _require_fields(cfg, prefix: str) -> None:
+    """Every field of a config section has its annotation's type (`_JSON_TYPES`: a config built in Python is checked
+    as strictly as one read from a file, so every config that trains can be read back), and every number (also
+    inside tuples) is finite: nan and inf pass `> 0`-style range checks."""
     for f in dataclasses.fields(cfg):
         v = getattr(cfg, f.name)
+        _require(_JSON_TYPES[f.type][0](v), f"{prefix}.{f.name}", _JSON_TYPES[f.type][2], v)
         for x in v if isinstance(v, tuple) else (v,):
             if isinstance(x, bool) or not isinstance(x, (int, float)):
                 continue
@@ -45,7 +77,7 @@ class DataConfig:
     synthetic_n: int = 4096  # synthetic only: number of random CIFAR-shaped images
 
     def __post_init__(self):
-        _require_finite(self, "data")
+        _require_fields(self, "data")
         _require(self.name in ("digits", "toy2d", "cifar10", "synthetic"), "data.name",
                  "one of 'digits', 'toy2d', 'cifar10', 'synthetic'", self.name)
         _require(self.toy in ("moons", "gaussians8"), "data.toy", "'moons' or 'gaussians8'", self.toy)
@@ -63,7 +95,7 @@ class NetConfig:
     dropout: float = 0.2  # TCM/ECT CIFAR-10 (docs/decisions.md §15)
 
     def __post_init__(self):
-        _require_finite(self, "net")
+        _require_fields(self, "net")
         _require(self.arch in ("mlp", "ddpmpp"), "net.arch", "'mlp' or 'ddpmpp'", self.arch)
         _require(self.channels >= 1, "net.channels", ">= 1", self.channels)
         _require(self.depth >= 1, "net.depth", ">= 1", self.depth)
@@ -117,7 +149,7 @@ class TrainConfig:
     step_offset: int = 0
 
     def __post_init__(self):
-        _require_finite(self, "train")
+        _require_fields(self, "train")
         _require(self.steps >= 1, "train.steps", ">= 1", self.steps)
         _require(self.batch >= 2, "train.batch", ">= 2", self.batch)
         _require(self.batch_gpu >= 0, "train.batch_gpu", ">= 0", self.batch_gpu)
@@ -149,7 +181,7 @@ class EDMConfig:
     P_std: float = 1.2  # EDM
 
     def __post_init__(self):
-        _require_finite(self, "loss")
+        _require_fields(self, "loss")
         _require(self.P_std > 0, "loss.P_std", "> 0", self.P_std)
 
 
@@ -173,7 +205,7 @@ class ECTConfig:
     weighting: str = "inv_dt"  # ω(t)/Δt: 'inv_dt' (ω = 1, CIFAR-10) | 'cout_sq' (ImageNet)
 
     def __post_init__(self):
-        _require_finite(self, "loss")
+        _require_fields(self, "loss")
         _require(self.P_std > 0, "loss.P_std", "> 0", self.P_std)
         _require(0 < self.t_min < self.t_max, "loss.t_min", f"in (0, t_max={self.t_max})", self.t_min)
         _require(self.t_min > R_MIN, "loss.t_min", _ABOVE_R_MIN, self.t_min)
@@ -201,7 +233,7 @@ class TCMConfig:
     teacher_passes: str = "routed"  # 'routed' (ours) | 'full' (official: θ0 and θ⁻ on the whole batch), decisions §7
 
     def __post_init__(self):
-        _require_finite(self, "loss")
+        _require_fields(self, "loss")
         _require(0 < self.t_prime < self.t_max, "tprime (loss.t_prime)", f"in (0, T={self.t_max:g})", self.t_prime)
         _require(self.t_prime > R_MIN, "tprime (loss.t_prime)", _ABOVE_R_MIN, self.t_prime)
         _require(self.w_b >= 0, "w_b (loss.w_b)", ">= 0", self.w_b)
@@ -239,6 +271,9 @@ class RunConfig:
             object.__setattr__(self, "init_from", os.path.normpath(self.init_from))
         _require(isinstance(self.name, str) and self.name != "", "name", "a non-empty string (the preset's name)",
                  self.name)
+        _require(self.init_from is None or isinstance(self.init_from, str), "init_from", "a path or None",
+                 self.init_from)
+        _require(isinstance(self.from_scratch, bool), "from_scratch", "true or false", self.from_scratch)
         _require(type(self.loss) in STAGE_OF, "loss", "an EDMConfig, ECTConfig or TCMConfig", self.loss)
         _require(self.stage > 0 or self.init_from is None, "init_from",
                  "empty for stage 0 (diffusion pretraining starts from random weights; init_from is for stages 1, 2)",
@@ -274,35 +309,6 @@ def with_free_fields_of(cfg: RunConfig, other: RunConfig) -> RunConfig:
     return dataclasses.replace(cfg, train=dataclasses.replace(
         cfg.train, **{k: getattr(other.train, k) for k in FREE_FIELDS}),
         data=dataclasses.replace(cfg.data, root=other.data.root))
-
-
-def _is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)  # JSON's true/false load as bools, a subclass of int
-
-
-def _is_number(v) -> bool:
-    return (_is_int(v) or isinstance(v, float)) and abs(v) <= sys.float_info.max  # finite; a huge int compares exactly
-
-
-# A JSON value of a field, by the field's annotation: (accepts, stored as, the rule its error states). JSON has lists
-# for tuples, and a hand-written 1 for 1.0.
-_JSON_TYPES = {
-    "int": (_is_int, int, "an integer"),
-    "float": (_is_number, float, "a finite number"),
-    "bool": (lambda v: isinstance(v, bool), bool, "true or false"),
-    "str": (lambda v: isinstance(v, str), str, "a string"),
-    "str | None": (lambda v: v is None or isinstance(v, str), lambda v: v, "a string or null"),
-    "tuple[int, ...]": (lambda v: isinstance(v, (list, tuple)) and all(map(_is_int, v)), tuple, "a list of integers"),
-    "tuple[float, float]": (lambda v: isinstance(v, (list, tuple)) and len(v) == 2 and all(map(_is_number, v)),
-                            lambda v: tuple(map(float, v)), "a list of two numbers"),
-}
-
-
-def _json_value(value, annotation: str, path: str):
-    """A config file's value of a field, checked against the field's annotation (`_JSON_TYPES`), in that type."""
-    accepts, stored_as, rule = _JSON_TYPES[annotation]
-    _require(accepts(value), path, rule, value)
-    return stored_as(value)
 
 
 def from_dict(d: dict, strict: bool = False) -> RunConfig:

@@ -224,11 +224,12 @@ def truncate_metrics(path: Path, step: int) -> None:
         _set_aside_rows(path, rows, [after_step(r, step) for r in rows], path.with_name(DISCARDED_NAME), step)
 
 
-def _cut_id(path: Path) -> str:
-    """Names one cut of `path` as the file is now (its bytes, inode and modification time). A cut rewrites `path` into
-    a new file, so the next cut has another id, also when a deterministic resume logged the same rows again."""
+def _cut_id(path: Path, step: int) -> str:
+    """Names one cut of `path` back to `step` as the file is now (its bytes, inode and modification time). A cut
+    rewrites `path` into a new file, so the next cut has another id, also when a deterministic resume logged the same
+    rows again; a cut to another step (a deleted checkpoint: back to 0) is another cut of the same file."""
     st = path.stat()
-    return f"{hashlib.sha256(path.read_bytes()).hexdigest()[:16]}-{st.st_ino}-{st.st_mtime_ns}"
+    return f"{hashlib.sha256(path.read_bytes()).hexdigest()[:16]}-{st.st_ino}-{st.st_mtime_ns}-{step}"
 
 
 def _rows_of_cut(discarded: Path, cut_id: str) -> int:
@@ -248,7 +249,7 @@ def _set_aside_rows(path: Path, rows: list[dict], cut: list[bool], discarded: Pa
     then rewrite `path` with the others (atomically). A start killed between the two left `path` as it was: the next
     start finds the same id in `discarded` and appends only the rows that are not there yet, so no row is kept twice."""
     if any(cut):
-        cut_id = _cut_id(path)
+        cut_id = _cut_id(path, step)
         if discarded.exists() and discarded.stat().st_size and not discarded.read_bytes().endswith(b"\n"):
             append_metrics_text(discarded, "\n")  # a torn last line stays a line of its own
         for r in [r for r, c in zip(rows, cut) if c][_rows_of_cut(discarded, cut_id):]:

@@ -73,10 +73,8 @@ def metrics_summary(path: Path, step: int) -> dict:
         return {"present": True, "error": str(e)}
     kept = [r for r in rows if not after_step(r, step)]
     train_rows = [r for r in kept if r.get("kind") == "train"]
-    try:  # what earlier starts set aside: the stretch after a checkpoint that a stopped call did (a nonfinite stop)
-        discarded = read_metrics(path.with_name(DISCARDED_NAME))
-    except ValueError:
-        discarded = []
+    # what earlier starts set aside: the stretch after a checkpoint that a stopped call did (a nonfinite stop)
+    discarded = _readable_rows(path.with_name(DISCARDED_NAME))[0]
     return {"present": True, "last_train": train_rows[-1] if train_rows else None,
             "reported": dict(Counter(r["kind"] for r in kept if r.get("kind") in REPORTED_KINDS)),
             "after_checkpoint": dict(Counter(str(r.get("kind")) for r in rows if after_step(r, step))),
@@ -84,7 +82,8 @@ def metrics_summary(path: Path, step: int) -> dict:
 
 
 def _readable_rows(path: Path) -> tuple[list[dict], str | None]:
-    """eval.jsonl's rows and None; where a line cannot be read, the rows of the lines that can, and what is wrong."""
+    """A JSON-lines record's rows and None; where a line cannot be read, the rows of the lines that can, and what is
+    wrong."""
     try:
         return read_metrics(path), None
     except ValueError as e:
@@ -94,7 +93,7 @@ def _readable_rows(path: Path) -> tuple[list[dict], str | None]:
                 row = json.loads(line)
             except json.JSONDecodeError:
                 continue
-            if isinstance(row, dict) and eval_step(row) is not None:
+            if isinstance(row, dict):
                 rows.append(row)
         return rows, str(e)
 

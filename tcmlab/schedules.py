@@ -163,7 +163,7 @@ class TruncatedLogStudentT:
 
     def _z_of(self, p) -> tuple[np.ndarray, float]:
         """z = F_ν⁻¹(F_ν(z(t′)) + (F_ν(z(T)) − F_ν(z(t′)))·p) and the truncated mass F_ν(z(T)) − F_ν(z(t′)). Where
-        F_ν(z(T)) is within 1e-3 of 1 (large ν: ν ≥ 3 at scale 0.2, T = 80) the same point is found from the survival
+        F_ν(z(T)) is within 1e-3 of 1 (large ν: from ν ≈ 2 at scale 0.2, T = 80) the same point is found from the survival
         function, z = S_ν⁻¹(S_ν(z(T)) + (S_ν(z(t′)) − S_ν(z(T)))·(1 − p)): F_ν⁻¹ of a probability that close to 1
         loses its digits."""
         p = np.asarray(p, dtype=np.float64)

@@ -303,6 +303,9 @@ def _train(cfg, run_dir, rank, world, device, b_rank, b_gpu, created, steps, pro
     try:  # every check before anything is written into the run directory
         # The checkpoint is read on the CPU (RNG states must be CPU byte tensors); load_state_dict copies to device.
         state, stored = load_state(ckpt_file, "cpu") if ckpt_file.exists() else (None, None)
+        if cfg.stage == 2 and cfg.init_from is None and state is not None and "teacher" not in state:
+            raise ValueError(f"{ckpt_file} holds no copy of θ0 (written by an older tcmlab): give the stage-1 run "
+                             f"it started from as init_from ({stored.init_from}) once; the run keeps θ0 from then on")
         changes = rundir.check_same_run(run_dir, cfg, state, allow_change)
         if stored is not None:  # init_from is not read again (or it was refused): the run keeps its own origin
             cfg = replace(cfg, init_from=stored.init_from)
@@ -335,17 +338,18 @@ def _train(cfg, run_dir, rank, world, device, b_rank, b_gpu, created, steps, pro
         error = e
     try:
         agree(rank, world, error)
+        if world > 1:  # every rank continues the same state (a node that cannot see rank 0's checkpoint: step 0)
+            seen = [None] * world
+            dist.all_gather_object(seen, None if state is None else int(state["step"]))
+            if len(set(seen)) > 1:
+                which = ", ".join(f"rank {r}: " + ("none" if s is None else f"step {s}") for r, s in enumerate(seen))
+                raise ValueError(f"the processes of this run read different checkpoints in {run_dir} ({which}): "
+                                 f"every node must see the same run directory; put --outdir on a file system all "
+                                 f"nodes share")
     except BaseException:
         if rank == 0 and created and run_dir.exists() and _only_lock_files(run_dir):
             shutil.rmtree(run_dir, ignore_errors=True)  # a failed first start leaves no folder behind
         raise
-    if world > 1:  # every rank continues the same state (a node that cannot see rank 0's checkpoint would start over)
-        seen = [None] * world
-        dist.all_gather_object(seen, None if state is None else int(state["step"]))
-        if len(set(seen)) > 1:
-            which = ", ".join(f"rank {r}: " + ("none" if s is None else f"step {s}") for r, s in enumerate(seen))
-            raise ValueError(f"the processes of this run read different checkpoints in {run_dir} ({which}): every "
-                             f"node must see the same run directory; put --outdir on a file system all nodes share")
     ema = frozen_copy(f).eval()
     opt = make_optimizer(f.parameters(), tc)
     scaler = torch.amp.GradScaler(device.type, enabled=tc.precision == "fp16")
@@ -393,7 +397,8 @@ def _train(cfg, run_dir, rank, world, device, b_rank, b_gpu, created, steps, pro
     compute = dict(state_compute) if state_compute else {"train_seconds": 0.0, "device_seconds": 0.0,
                                                          "since_step": step}
     # start: when the loop begins; peak: CUDA memory peak of the training steps before an evaluation since the last row
-    clock = {"start": time.perf_counter(), "first_step": step, "peak": 0}
+    # eval: seconds of evaluations since the last train row (sec_per_step leaves them out)
+    clock = {"start": time.perf_counter(), "first_step": step, "peak": 0, "eval": 0.0}
     saved_at = None  # the step of this call's last save
 
     def spent() -> dict:
@@ -452,10 +457,56 @@ def _train(cfg, run_dir, rank, world, device, b_rank, b_gpu, created, steps, pro
     if world > 1:  # the same decision on every rank: the save before an evaluation is a collective
         evaluates = bool(all_reduce_max(float(evaluates), device))
     eval_group = dist.new_group(timeout=EVAL_WAIT) if world > 1 and evaluates else None
+
+    def run_eval(save_first: bool) -> Exception | None:
+        """Rank 0 evaluates the EMA weights at `step` (logged as a row of kind 'eval'), after a checkpoint of that
+        state if `save_first`; the time and memory of both are kept out of training's, and the evaluation's random
+        draws out of training's streams. Its error is returned, not raised, so that the other ranks hear of it in the
+        next collective instead of waiting for rank 0."""
+        t_eval = time.perf_counter()
+        peak_before_eval = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
+        if save_first:
+            save()
+        error = None
+        if rank == 0 and eval_fn is not None:
+            try:  # torch-fidelity's DataLoader seeds itself from the global RNG: the same run with or without
+                with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):  # eval_every trains
+                    log({"kind": "eval", "step": step, **eval_fn(step, ema)})                    # the same
+            except Exception as e:
+                error = e
+        t_eval = time.perf_counter() - t_eval
+        clock["start"] += t_eval  # the compute record leaves it out, and so does sec_per_step (clock["eval"])
+        clock["eval"] += t_eval
+        if device.type == "cuda":  # and so does peak_memory_mib: the steps' peak kept, the evaluation's not
+            clock["peak"] = max(clock["peak"], peak_before_eval)
+            torch.cuda.reset_peak_memory_stats(device)
+        return error
+
+    def share(signum: int, failed: Exception | None, group) -> tuple[int, Exception | None]:
+        """In one collective, every rank learns the largest stop signal and whether rank 0's evaluation failed."""
+        if world > 1:
+            flag = torch.tensor([signum, failed is not None], device=device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
+            signum = int(flag[0].item())
+            if failed is None and flag[1].item():
+                failed = RuntimeError(f"rank 0's evaluation at step {step} failed (its error is in its output)")
+        return signum, failed
+
+    # A resumed run whose checkpoint is at an evaluation step without its evaluation (the one before it failed or
+    # was stopped: the checkpoint is written first) evaluates it now.
+    if evaluates and step > 0 and (step % eval_every == 0 or step == end):
+        rows = rundir.read_metrics(metrics_path) if rank == 0 else []
+        missing = not any(r.get("kind") == "eval" and r.get("step") == step for r in rows)
+        if world > 1:
+            missing = bool(all_reduce_max(float(missing), device))
+        if missing:
+            _, failed = share(0, run_eval(save_first=False), eval_group)  # its checkpoint: the one resumed from
+            if failed is not None:
+                raise failed
     bar = tqdm(total=end, initial=step, disable=not progress or rank != 0, desc=f"stage {cfg.stage} [{cfg.name}]",
                dynamic_ncols=True)
     t_last, step_last = time.perf_counter(), step
-    clock["start"] = t_last
+    clock["start"], clock["eval"] = t_last, 0.0
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     with _stop_requests() as stop:
@@ -515,7 +566,8 @@ def _train(cfg, run_dir, rank, world, device, b_rank, b_gpu, created, steps, pro
                 now = time.perf_counter()
                 row = {"kind": "train", "step": step, "stage": cfg.stage, "world": world, "loss": float(loss_value),
                        "lr": lr, "grad_norm": g, "grad_norm_max": norm_max, "ema_beta": beta,
-                       "sec_per_step": (now - t_last) / max(step - step_last, 1), **_diagnostics(outs, edges, device)}
+                       "sec_per_step": (now - t_last - clock["eval"]) / max(step - step_last, 1),
+                       **_diagnostics(outs, edges, device)}
                 row["images_per_sec"] = tc.batch / row["sec_per_step"]
                 row.update(images_seen=step * tc.batch, **{k: v for k, v in spent().items()
                                                             if k != "since_step" or v > 0})  # counted from since_step
@@ -526,30 +578,18 @@ def _train(cfg, run_dir, rank, world, device, b_rank, b_gpu, created, steps, pro
                     clock["peak"] = 0
                 if stage.ratio(i) is not None:
                     row["ratio"] = stage.ratio(i)
-                t_last, step_last, norm_max = now, step, None
+                t_last, step_last, norm_max, clock["eval"] = now, step, None, 0.0
                 bar.set_postfix(loss=f"{row['loss']:.4g}")
                 log(row)
             due_eval = evaluates and (step % eval_every == 0 or step == end)
+            failed = None
             if due_eval:
-                t_eval = time.perf_counter()
-                peak_before_eval = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
-                save()  # the state evaluated is on disk first
-                if rank == 0 and eval_fn is not None:
-                    # the evaluation's random draws (torch-fidelity's DataLoader seeds itself from the global RNG)
-                    # must not change the training that follows: the same run with or without eval_every trains the same
-                    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-                        log({"kind": "eval", "step": step, **eval_fn(step, ema)})
-                t_eval = time.perf_counter() - t_eval
-                t_last += t_eval  # sec_per_step times training steps, not the evaluation and its save; nor does the
-                clock["start"] += t_eval  # compute record
-                if device.type == "cuda":  # and so does peak_memory_mib: the steps' peak kept, the evaluation's not
-                    clock["peak"] = max(clock["peak"], peak_before_eval)
-                    torch.cuda.reset_peak_memory_stats(device)
-            signum = stop[0] if stop else 0
-            if world > 1:  # every rank stops after the same step, or the checkpoint's collectives would hang
-                flag = torch.tensor([signum], device=device)
-                dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=eval_group if due_eval else None)
-                signum = int(flag.item())
+                failed = run_eval(save_first=True)
+            # every rank stops after the same step, or the checkpoint's collectives would hang
+            signum, failed = share(stop[0] if stop else 0, failed, eval_group if due_eval else None)
+            if failed is not None:
+                bar.close()
+                raise failed
             if signum and step < end:  # at `end` the call has done its work: the final save below, then a normal end
                 bar.close()
                 if saved_at != step:

@@ -250,5 +250,7 @@ def test_outputs_of_one_checkpoint_are_never_filed_under_another_run(tmp_path, c
     for cmd in (["evaluate", str(s1 / "other.safetensors"), "--n", "20"], ["sample", str(s1 / "other.safetensors")]):
         assert main([*cmd, "--device", "cpu"]) == 2
         assert "holds another checkpoint" in capsys.readouterr().err
+    assert main(["sample", str(s1 / "other.safetensors"), "--out", str(s1), "--device", "cpu"]) == 2
+    assert "is another run's directory" in capsys.readouterr().err
     assert sorted(p.name for p in s1.iterdir()) == sorted(before + ["other.safetensors"])  # nothing written
     assert main(["sample", str(s1 / "latest.safetensors"), "--n", "4", "--device", "cpu"]) == 0  # its own: fine

@@ -160,6 +160,14 @@ try:
     train(cfg, root / "nan", progress=False)
 except NonFiniteError:
     said.append("nonfinite")
+stages.ect_loss = real
+# 4. rank 0's evaluation fails: every rank raises (the others do not wait for it until the group's timeout)
+def fails(step, ema):
+    raise ArithmeticError("evaluation failed")
+try:
+    train(cfg, root / "evfail", progress=False, eval_fn=fails, eval_every=2)
+except Exception as e:
+    said.append(f"{type(e).__name__}: {e}")
 (root / f"rank{rank}.json").write_text(json.dumps(said))
 dist.destroy_process_group()
 '''
@@ -178,7 +186,10 @@ def test_ranks_agree_on_the_checkpoint_wait_for_evaluations_and_count_all_nonfin
     said = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     for s in said:  # every rank refused, named both ranks' steps and said what to do
         assert "read different checkpoints" in s[0] and "rank 0: step 2, rank 1: none" in s[0] and "share" in s[0]
-        assert s[1:] == ["ev 4", "nonfinite"]
+        assert s[1:3] == ["ev 4", "nonfinite"]
+    assert said[0][3] == "ArithmeticError: evaluation failed"
+    assert said[1][3] == "RuntimeError: rank 0's evaluation at step 2 failed (its error is in its output)"
+    assert load_state(tmp_path / "evfail")[0]["step"] == 2  # saved before the evaluation
     assert load_state(tmp_path / "ahead")[0]["step"] == 2  # nothing trained on
     rows = rundir.read_metrics(tmp_path / "ev" / "metrics.jsonl")
     assert [r["kind"] for r in rows] == ["train", "train", "eval"] and rows[-1]["saved"] == 4

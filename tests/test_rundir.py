@@ -164,6 +164,18 @@ def test_a_start_killed_mid_cut_keeps_no_row_twice(tmp_path, monkeypatch):
     rundir.truncate_metrics(path, 10)
     assert [json.loads(l)["step"] for l in (tmp_path / DISCARDED).read_text().splitlines() if l.endswith("}")] == [
         15, 20, 15, 20]
+    # killed again mid-cut, and the next start goes back further (its checkpoint deleted): a cut of its own
+    with open(path, "a") as fh:
+        fh.write("".join(json.dumps(r) + "\n" for r in rows[2:]))
+    monkeypatch.setattr(rundir.checkpoint, "atomic_write_text", killed)
+    with pytest.raises(KeyboardInterrupt):
+        rundir.truncate_metrics(path, 10)
+    monkeypatch.setattr(rundir.checkpoint, "atomic_write_text", write)
+    rundir.truncate_metrics(path, 0)
+    assert rundir.read_metrics(path) == []
+    lines = (tmp_path / DISCARDED).read_text().splitlines()[-6:]
+    cuts = [(r["step"], r["resumed_from"]) for r in map(json.loads, lines)]
+    assert cuts == [(15, 10), (20, 10), (5, 0), (10, 0), (15, 0), (20, 0)]  # every row of the file went somewhere
 
 
 def test_a_bad_metrics_line_names_the_file(tmp_path):

@@ -57,7 +57,19 @@ def test_a_failed_evaluation_during_training_loses_no_training(tmp_path, ci_runs
     with pytest.raises(RuntimeError, match="evaluation failed"):
         train(cfg, tmp_path / "run", progress=False, eval_fn=fails_at_14, eval_every=7)
     assert load_state(tmp_path / "run")[0]["step"] == 14
-    assert train(cfg, tmp_path / "run", progress=False).step == cfg.train.steps  # and it resumes from there
+    # it resumes from there, and evaluates step 14 first (its checkpoint came before the evaluation that failed)
+    assert train(cfg, tmp_path / "run", progress=False, eval_fn=lambda step, ema: {},
+                 eval_every=7).step == cfg.train.steps
+    rows = rundir.read_metrics(tmp_path / "run" / "metrics.jsonl")
+    assert [r["step"] for r in rows if r["kind"] == "eval"] == [7, 14, 20]
+
+
+def test_an_old_stage2_checkpoint_without_theta0_asks_for_init_from(tmp_path, ci_runs):
+    state = checkpoint.load(ci_runs / "s2" / "latest.safetensors")
+    del state["teacher"]  # as written before θ0 was kept in the run
+    checkpoint.save(tmp_path / "r" / "latest.safetensors", state)
+    with pytest.raises(ValueError, match=r"holds no copy of θ0 \(written by an older tcmlab\): give the stage-1 run"):
+        train(preset("ci", 2), tmp_path / "r", progress=False)
 
 
 def test_sec_per_step_leaves_out_the_time_of_evaluations(tmp_path, ci_runs):
@@ -392,7 +404,7 @@ def test_channels_last_and_compile_change_how_not_what(tmp_path, monkeypatch):
     net = NetConfig(arch="ddpmpp", channels=8, channel_mult=(1, 2), depth=1, attn_resolutions=(4,), dropout=0.1)
     tiny = dict(steps=3, log_every=1, ckpt_every=10, batch=16)
     s1 = preset("ci", 1)
-    s1 = dataclasses.replace(s1, net=net, train=dataclasses.replace(s1.train, **tiny))
+    s1 = dataclasses.replace(s1, net=net, train=dataclasses.replace(s1.train, **tiny), from_scratch=True)
     train(s1, tmp_path / "s1", progress=False)
     s2 = preset("ci", 2, init_from=str(tmp_path / "s1"))
     s2 = dataclasses.replace(s2, net=net, train=dataclasses.replace(s2.train, **tiny))

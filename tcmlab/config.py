@@ -45,7 +45,7 @@ _JSON_TYPES = {
     "str | None": (lambda v: v is None or isinstance(v, str), lambda v: v, "a string or null"),
     "tuple[int, ...]": (lambda v: isinstance(v, (list, tuple)) and all(map(_is_int, v)), tuple, "a list of integers"),
     "tuple[float, float]": (lambda v: isinstance(v, (list, tuple)) and len(v) == 2 and all(map(_is_number, v)),
-                            lambda v: tuple(map(float, v)), "a list of two numbers"),
+                            lambda v: tuple(map(float, v)), "a list of two finite numbers"),
 }
 
 

@@ -98,7 +98,7 @@ def test_json_roundtrip(name):
     ("train.batch", 16.5, "train.batch must be an integer"), ("train.seed", 0.5, "train.seed must be an integer"),
     ("stage", 9, "stage must be 0, 1 or 2, got 9"), ("stage", True, "stage must be 0, 1 or 2"),
     ("train.lr", True, "train.lr must be a finite number, got True"), ("loss.t_prime", "1", "loss.t_prime must be a"),
-    ("train.betas", [0.9], "train.betas must be a list of two numbers"),
+    ("train.betas", [0.9], "train.betas must be a list of two finite numbers"),
     ("net.channel_mult", [1, 2.0], "net.channel_mult must be a list of integers"),
     ("train.cudnn_benchmark", 1, "train.cudnn_benchmark must be true or false, got 1"), ("data", [], "data must be"),
 ])

@@ -17,7 +17,6 @@ import os
 import signal
 import statistics
 import sys
-import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -27,6 +26,7 @@ from filelock import FileLock
 from safetensors import SafetensorError
 
 from . import rundir
+from .checkpoint import check_writable
 from .config import from_dict, preset, with_overrides
 from .model import CKPT_NAME, load_model
 from .sweep import EXECUTORS, Dispatch, load_spec, run_sweep
@@ -116,12 +116,6 @@ def cmd_train(args) -> None:
         print(f"[tcmlab] stage {cfg.stage} at step {r.step}: {r.run_dir}")
 
 
-def _writable(folder: Path) -> None:
-    """Fail before hours of computation if the results cannot be written."""
-    with tempfile.TemporaryFile(dir=folder):
-        pass
-
-
 def cmd_sample(args) -> None:
     m = load_model(args.run, device=args.device)  # a wrong or damaged path fails before any folder is made
     out = Path(args.out) if args.out else own_folder(args.run, "its sample grids")
@@ -132,7 +126,7 @@ def cmd_sample(args) -> None:
         raise ValueError(f"--out {out} is another run's directory: its samples_*.png are that run's (info and resumes "
                          f"read them as such). Give another folder")
     out.mkdir(parents=True, exist_ok=True)
-    _writable(out)
+    check_writable(out)
     for p in sample_grids(m, out, args.t_mid, n=args.n, seed=args.seed, batch=args.batch):
         print(p)
 
@@ -144,7 +138,7 @@ def cmd_evaluate(args) -> None:
     t0 = time.perf_counter()
     m = load_model(args.run, which="raw" if args.raw else "ema", device=args.device)
     run_dir = own_folder(args.run, "its scores (eval.jsonl)")
-    _writable(run_dir)
+    check_writable(run_dir)
     # A checkpoint's stored paths are data: shown, never followed; the CIFAR-10 folder comes from --data-root.
     es = evalsets.eval_set(m.cfg.data, data_root=args.data_root, inception_weights=args.inception_weights)
     es.cuda = torch.device(args.device).type == "cuda"

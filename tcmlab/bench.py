@@ -36,12 +36,12 @@ import shlex
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 
+from . import checkpoint
 from .config import NetConfig, TCMConfig, TrainConfig, preset
 from .model import frozen_copy
 from .nets import build_net
@@ -376,8 +376,7 @@ def main(argv=None) -> dict:
         raise SystemExit(f"--json {path}: " + ("a folder; give a file name" if path.is_dir() else
                                                f"the folder {path.parent} does not exist"))
     try:
-        with tempfile.TemporaryFile(dir=path.parent):
-            pass
+        checkpoint.check_writable(path.parent)
     except OSError as e:
         raise SystemExit(f"--json {path}: cannot write in {path.parent} ({e.strerror}); give another path") from None
     if args.compare_recipes:

@@ -105,6 +105,12 @@ def _temp_beside(path: Path):
             os.unlink(tmp)
 
 
+def check_writable(folder: Path) -> None:
+    """Raise OSError now, before hours of computation, if no file can be written in `folder`."""
+    with tempfile.TemporaryFile(dir=folder):
+        pass
+
+
 def atomic_write_text(path: Path, text: str) -> None:
     atomic_write_files({Path(path): text.encode()})
 

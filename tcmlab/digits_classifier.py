@@ -9,7 +9,6 @@ registered with torch-fidelity as `tcmlab-digits-cnn`. Train (deterministic, sec
 from __future__ import annotations
 
 import argparse
-import tempfile
 from pathlib import Path
 
 import torch
@@ -17,7 +16,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .checkpoint import sha256
+from .checkpoint import check_writable, sha256
 from .data import digits, digits_labels
 
 WEIGHTS = Path(__file__).resolve().parents[1] / "data" / "digits_cnn.safetensors"
@@ -100,8 +99,7 @@ def main(argv=None):
         ap.error(f"--out {out}: {out if out.is_dir() else card} is a folder; give a file name")
     try:  # before the training, not after
         out.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=out.parent):
-            pass
+        check_writable(out.parent)
     except OSError as e:
         ap.error(f"--out {out}: cannot write in {out.parent} ({e.strerror}); give another path")
     torch.set_num_threads(1)  # deterministic reductions

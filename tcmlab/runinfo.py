@@ -98,11 +98,11 @@ def _readable_rows(path: Path) -> tuple[list[dict], str | None]:
         return rows, str(e)
 
 
-def scores_at(path: Path, step: int) -> list[dict]:
-    """The scores eval.jsonl holds for the checkpoint's `step`: the latest row of each eval card (cards that differ
+def scores_at(rows: list[dict], step: int) -> list[dict]:
+    """The scores eval.jsonl's `rows` hold for the checkpoint's `step`: the latest row of each eval card (cards that differ
     in anything, n, weights, seed or draws included, are kept apart), EMA weights first."""
     latest = {}
-    for r in _readable_rows(path)[0]:
+    for r in rows:
         if eval_step(r) == step:
             latest[json.dumps({k: v for k, v in r["card"].items() if k != "step"}, sort_keys=True)] = r
 
@@ -125,11 +125,12 @@ def describe(run: str | Path, verify_init: bool = False) -> dict:
     state, about = checkpoint.load_with_metadata(ckpt)  # a missing or damaged file raises here, saying what to do
     cfg = from_dict(json.loads(state["config"]))
     step = int(state["step"])
+    evals, eval_error = _readable_rows(ckpt.parent / EVAL_NAME)
     return {"path": str(ckpt.parent), "checkpoint": str(ckpt), "stage": cfg.stage, "preset": cfg.name,
             "step": step, "steps": cfg.train.steps, "batch": cfg.train.batch, "changed": preset_diff(cfg), **about,
             "origin": origin(cfg, state.get("init_source"), verify_init), "compute": state.get("compute"),
             "metrics": metrics_summary(ckpt.parent / "metrics.jsonl", step),
-            "eval": scores_at(ckpt.parent / EVAL_NAME, step), "eval_error": _readable_rows(ckpt.parent / EVAL_NAME)[1]}
+            "eval": scores_at(evals, step), "eval_error": eval_error}
 
 
 def finite_or_none(obj):

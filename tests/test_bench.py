@@ -1,6 +1,7 @@
 """`python -m tcmlab.bench`: the JSON record of a tiny run (fields, ratios to stage 1, the command line)."""
 
 import json
+import tempfile
 
 import pytest
 
@@ -196,7 +197,7 @@ def test_a_json_path_that_cannot_be_written_is_refused_before_any_timing(tmp_pat
         bench.main(["--net", "mlp", "--json", str(tmp_path / "nowhere" / "b.json")])
     with pytest.raises(SystemExit, match="a folder; give a file name"):
         bench.main(["--net", "mlp", "--json", str(tmp_path)])
-    monkeypatch.setattr(bench.tempfile, "TemporaryFile", lambda **k: (_ for _ in ()).throw(
+    monkeypatch.setattr(tempfile, "TemporaryFile", lambda **k: (_ for _ in ()).throw(
         PermissionError(13, "Permission denied")))
     with pytest.raises(SystemExit, match="cannot write in .* \\(Permission denied\\); give another path"):
         bench.main(["--net", "mlp", "--json", str(tmp_path / "b.json")])
